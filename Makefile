@@ -1,0 +1,50 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test lint test-sqlite test-postgres venv clean
+
+venv: $(STAMP)
+
+# Reinstall only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: venv
+	$(BIN)/python -m service migrate
+	$(BIN)/python -m service serve --host 127.0.0.1 --port 8000
+
+lint: venv
+	$(BIN)/ruff check service tests alembic bench
+	$(BIN)/mypy --strict service
+
+test: lint test-sqlite test-postgres
+
+test-sqlite: venv
+	@echo "==> pytest on SQLite"
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  DATABASE_URL="sqlite:///$$tmp/test.db" $(BIN)/pytest
+
+# On an existing server: make test-postgres TEST_POSTGRES_URL=postgresql+psycopg2://u:p@host/db
+test-postgres: venv
+	@echo "==> pytest on PostgreSQL"
+	@if [ -n "$$TEST_POSTGRES_URL" ]; then \
+	  DATABASE_URL="$$TEST_POSTGRES_URL" $(BIN)/pytest; \
+	else \
+	  PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh pytest; status=$$?; \
+	  if [ $$status = 3 ]; then \
+	    echo ""; \
+	    echo "!!!!! PostgreSQL pass SKIPPED: no PostgreSQL server installed. Install it with"; \
+	    echo "!!!!!   sudo apt-get install -y postgresql   (or set TEST_POSTGRES_URL=...)"; \
+	    echo ""; \
+	    if [ "$$REQUIRE_POSTGRES" = 1 ]; then echo "REQUIRE_POSTGRES=1: failing."; exit 1; fi; \
+	  else exit $$status; fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""A FastAPI + SQLAlchemy service with a request-scoped database session."""

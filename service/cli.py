@@ -1,0 +1,117 @@
+"""`python -m service <command>`: migrate, serve.
+
+Every command turns the usual set-up mistakes (a malformed DATABASE_URL, a database that
+does not answer) into one line that says what is wrong and how to fix it.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.config import Settings
+from service.db import create_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class CommandError(Exception):
+    """A failure explained to the user; printed without a traceback."""
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        raise CommandError(
+            "Configuration error (environment or .env):\n" + "\n".join(lines)
+        ) from None
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def check_database(settings: Settings) -> None:
+    """Connect once and run `SELECT 1`, or explain why that failed."""
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except ModuleNotFoundError as exc:
+        raise CommandError(
+            f"DATABASE_URL={safe_url(settings.database_url)} needs the driver "
+            f"'{exc.name}', which is not installed."
+        ) from None
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise CommandError(
+            f"Cannot reach the database at {safe_url(settings.database_url)}: {reason}\n"
+            "Check that the server is running and that DATABASE_URL (environment or .env) "
+            "names the right host, port, database, user and password."
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def migrate(args: argparse.Namespace) -> None:
+    """Upgrade the database to the newest migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    settings = load_settings()
+    check_database(settings)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["url"] = settings.database_url
+    command.upgrade(config, "head")
+    print(f"Database {safe_url(settings.database_url)} is at the newest migration.")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve the app with uvicorn."""
+    import uvicorn
+
+    settings = load_settings()
+    check_database(settings)
+    print(f"Serving on http://{args.host}:{args.port} - API docs at http://{args.host}:{args.port}/docs")
+    uvicorn.run(
+        "service.main:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=not args.no_access_log,
+        log_level=settings.log_level.lower(),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("migrate", help=migrate.__doc__).set_defaults(handler=migrate)
+
+    serve_parser = commands.add_parser("serve", help=serve.__doc__)
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--workers", type=int, default=1)
+    serve_parser.add_argument("--no-access-log", action="store_true")
+    serve_parser.set_defaults(handler=serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,95 @@
+"""Counting SQL statements and database time, per unit of work and per test block.
+
+Listeners sit on every `Engine`. A statement is charged to the innermost open scope of the
+context that ran it (`Server-Timing`), and to every `assert_max_queries` block open in the
+process (tests run one at a time, and the app under test may run in another thread).
+Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is not a query and is not counted.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from time import perf_counter
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+
+_TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")
+
+
+class QueryStats:
+    """Statements run and seconds spent in the database by one unit of work."""
+
+    __slots__ = ("count", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        """Add the time of the block (e.g. a COMMIT) to `seconds` without counting a query."""
+        started = perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += perf_counter() - started
+
+    def server_timing(self) -> str:
+        """The `Server-Timing` header value, e.g. `db;dur=1.8;desc="3 queries"`."""
+        noun = "query" if self.count == 1 else "queries"
+        return f'db;dur={self.seconds * 1000:.1f};desc="{self.count} {noun}"'
+
+
+class QueryLog(list[str]):
+    """The SQL statements run inside one `assert_max_queries` block, in order."""
+
+
+current_stats: ContextVar[QueryStats | None] = ContextVar("service_db_stats", default=None)
+_started: ContextVar[float] = ContextVar("service_db_statement_started", default=0.0)
+_logs: list[QueryLog] = []
+
+
+@contextmanager
+def assert_max_queries(limit: int) -> Iterator[QueryLog]:
+    """Fail if the block runs more than `limit` SQL statements, listing them all.
+
+    The N+1 guard for DAO code: counts statements from every engine in the process, including
+    those run by an app under test in another thread. Yields the `QueryLog` so a test can also
+    assert on the statements themselves.
+    """
+    log = QueryLog()
+    _logs.append(log)
+    try:
+        yield log
+    finally:
+        _logs.remove(log)
+    if len(log) > limit:
+        listing = "\n".join(f"{n}. {sql}" for n, sql in enumerate(log, start=1))
+        raise AssertionError(
+            f"expected at most {limit} SQL statement(s), {len(log)} ran:\n{listing}"
+        )
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _before(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+) -> None:
+    if current_stats.get() is not None or _logs:
+        _started.set(perf_counter())
+
+
+@event.listens_for(Engine, "after_cursor_execute")
+def _after(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+) -> None:
+    stats = current_stats.get()
+    if (stats is None and not _logs) or statement.startswith(_TRANSACTION_CONTROL):
+        return
+    if stats is not None:
+        stats.count += 1
+        started = _started.get()
+        if started:
+            stats.seconds += perf_counter() - started
+    for log in _logs:
+        log.append(statement)

@@ -1,0 +1,283 @@
+"""`Database` (the global `db`): which session is current, and how a unit of work ends.
+
+A *scope* is one unit of work: one `Session`, committed or rolled back as a whole, then
+closed. The request middleware opens one per HTTP request; `with db():` opens one anywhere
+else. The current scope lives in a `ContextVar`, so it follows the request into sync routes
+(the threadpool copies the context), background tasks and streaming bodies, and concurrent
+requests never see each other's session.
+"""
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.accounting import QueryStats, current_stats
+from service.db.engine import create_engine
+from service.db.errors import MissingSessionError, SessionNotInitialisedError
+
+logger = logging.getLogger("service.db")
+
+
+class Scope:
+    """One session and what happens when its unit of work ends."""
+
+    __slots__ = ("_hooks", "commit_on_exit", "factory", "session", "stats")
+
+    def __init__(self, factory: sessionmaker[Session], session: Session, commit_on_exit: bool):
+        self.factory = factory
+        self.session = session
+        self.commit_on_exit = commit_on_exit
+        self.stats = QueryStats()
+        self._hooks: list[Callable[[], object]] = []
+
+    def has_work(self) -> bool:
+        """Whether ending the scope needs the database (a transaction or unflushed changes)."""
+        session = self.session
+        return session.in_transaction() or bool(session.new or session.deleted or session.dirty)
+
+    def on_commit(self, hook: Callable[[], object]) -> None:
+        self._hooks.append(hook)
+
+    def commit(self) -> None:
+        """Commit, then run the on-commit hooks. If the commit fails, roll back and re-raise."""
+        try:
+            with self.stats.timing():
+                self.session.commit()
+        except BaseException:
+            self._hooks.clear()
+            self.session.rollback()
+            raise
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("on_commit hook %r failed; the commit stands", hook)
+
+    def rollback(self) -> None:
+        """Roll back and forget the on-commit hooks."""
+        self._hooks.clear()
+        with self.stats.timing():
+            self.session.rollback()
+
+    def end(self, commit: bool) -> None:
+        """Commit (if asked and there is work) or roll back, and always close."""
+        try:
+            if commit and self.has_work():
+                self.commit()
+            elif self.has_work():
+                self.rollback()
+        finally:
+            self._hooks.clear()
+            self.session.close()
+
+
+class Database:
+    """Hands out the current scope's session; `db` is the default instance.
+
+    Make one more instance per extra database an app talks to (`reports = Database("reports")`)
+    and give it to a second `DBSessionMiddleware(..., database=reports)`.
+    """
+
+    def __init__(self, name: str = "db") -> None:
+        self.name = name
+        self._scope: ContextVar[Scope | None] = ContextVar(f"service_db_{name}", default=None)
+        self._default: sessionmaker[Session] | None = None
+        self._owned_engine: Engine | None = None
+        self._test_connection: Connection | None = None
+
+    # -- configuration --------------------------------------------------------------------
+
+    def configure(
+        self,
+        url_or_engine: str | URL | Engine,
+        *,
+        engine_args: dict[str, Any] | None = None,
+        session_args: dict[str, Any] | None = None,
+    ) -> Engine:
+        """Set the engine that `with db():` uses outside requests; returns it.
+
+        A URL gets an engine from `service.db.create_engine` (SQLite made safe for threads
+        and savepoints), which this object owns and disposes of when configured again.
+        Calling it again replaces the default; apps already serving keep their own engine.
+        """
+        if isinstance(url_or_engine, Engine):
+            engine = url_or_engine
+            owned = None
+        else:
+            engine = owned = create_engine(url_or_engine, **(engine_args or {}))
+        if self._owned_engine is not None and self._owned_engine is not engine:
+            self._owned_engine.dispose()
+        self._owned_engine = owned
+        self._default = sessionmaker(bind=engine, **(session_args or {}))
+        return engine
+
+    def adopt_default(self, factory: sessionmaker[Session]) -> None:
+        """Use `factory` outside requests unless a default is configured already.
+
+        Called by each middleware when it is built: the first one wins and is never replaced,
+        so a second app in the process cannot redirect the first one's scripts.
+        """
+        if self._default is None:
+            self._default = factory
+
+    @property
+    def engine(self) -> Engine:
+        """The default engine. Raises `SessionNotInitialisedError` if none is configured."""
+        bind = self._default_factory().kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise SessionNotInitialisedError(self.name)
+        return bind
+
+    @property
+    def is_configured(self) -> bool:
+        return self._default is not None
+
+    def _default_factory(self) -> sessionmaker[Session]:
+        if self._default is None:
+            raise SessionNotInitialisedError(self.name)
+        return self._default
+
+    # -- the current scope ----------------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        """The current scope's session.
+
+        Raises `MissingSessionError` outside a request or `with db():` block, or
+        `SessionNotInitialisedError` if no engine was ever configured.
+        """
+        scope = self._scope.get()
+        if scope is None:
+            if self._default is None:
+                raise SessionNotInitialisedError(self.name)
+            raise MissingSessionError(self.name)
+        return scope.session
+
+    def on_commit(self, hook: Callable[[], object]) -> None:
+        """Run `hook()` after the current scope commits successfully.
+
+        Hooks run in registration order, in the thread that committed, after the COMMIT and
+        (in a request) before the response is sent. A rollback drops them. An exception in a
+        hook is logged at ERROR and changes nothing else. Raises `MissingSessionError`
+        outside a scope.
+        """
+        scope = self._scope.get()
+        if scope is None:
+            raise MissingSessionError(self.name)
+        scope.on_commit(hook)
+
+    def __call__(
+        self,
+        session_args: dict[str, Any] | None = None,
+        commit_on_exit: bool = True,
+        *,
+        independent: bool = False,
+    ) -> "ScopeBlock":
+        """`with db():` - a unit of work outside a request (scripts, CLI, jobs, tests).
+
+        Leaving the block commits (if `commit_on_exit`) or rolls back on an exception, then
+        closes the session. Inside an open scope (a request, another block) the block reuses
+        that session and leaves ending it to the outer scope - no shadowing, no lost writes.
+        `independent=True` opens a separate session with its own transaction instead
+        (e.g. an audit row that must survive the request's rollback); it uses the current
+        scope's engine, or the default one outside any scope.
+        """
+        return ScopeBlock(self, session_args or {}, commit_on_exit, independent)
+
+    # -- used by the middleware, ScopeBlock and the test plugin ---------------------------
+
+    def open_scope(
+        self,
+        factory: sessionmaker[Session],
+        commit_on_exit: bool,
+        session_args: dict[str, Any] | None = None,
+    ) -> Scope:
+        """Create a scope's session (not yet current; see `activate`)."""
+        args = dict(session_args or {})
+        if self._test_connection is not None:
+            # Test isolation: every commit becomes a savepoint release on the test's
+            # connection, and the test's outer transaction is rolled back at the end.
+            args.update(bind=self._test_connection, join_transaction_mode="create_savepoint")
+        return Scope(factory, factory(**args), commit_on_exit)
+
+    def activate(self, scope: Scope) -> tuple[Token[Scope | None], Token[QueryStats | None]]:
+        """Make `scope` current in this context; undo with `deactivate`."""
+        return self._scope.set(scope), current_stats.set(scope.stats)
+
+    def deactivate(self, tokens: tuple[Token[Scope | None], Token[QueryStats | None]]) -> None:
+        self._scope.reset(tokens[0])
+        current_stats.reset(tokens[1])
+
+    def current_scope(self) -> Scope | None:
+        return self._scope.get()
+
+    @contextmanager
+    def bound_to(self, connection: Connection) -> Iterator[Connection]:
+        """Bind every session this object opens to `connection` (test isolation)."""
+        previous, self._test_connection = self._test_connection, connection
+        try:
+            yield connection
+        finally:
+            self._test_connection = previous
+
+
+class ScopeBlock:
+    """The context manager returned by `db(...)`."""
+
+    __slots__ = ("_database", "_independent", "_scope", "_session_args", "_tokens",
+                 "commit_on_exit")
+
+    def __init__(
+        self,
+        database: Database,
+        session_args: dict[str, Any],
+        commit_on_exit: bool,
+        independent: bool,
+    ) -> None:
+        self._database = database
+        self._session_args = session_args
+        self.commit_on_exit = commit_on_exit
+        self._independent = independent
+        self._scope: Scope | None = None
+        self._tokens: tuple[Token[Scope | None], Token[QueryStats | None]] | None = None
+
+    def __enter__(self) -> Database:
+        database = self._database
+        outer = database.current_scope()
+        if outer is not None and not self._independent:
+            if self._session_args:
+                raise ValueError(
+                    "session_args cannot change the session of the scope already open here; "
+                    "pass independent=True for a separate session"
+                )
+            return database
+        factory = outer.factory if outer is not None else database._default_factory()
+        self._scope = database.open_scope(factory, self.commit_on_exit, self._session_args)
+        self._tokens = database.activate(self._scope)
+        return database
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._scope is None or self._tokens is None:
+            return  # a reused outer scope: the outer scope ends the unit of work
+        try:
+            self._scope.end(commit=exc_type is None and self.commit_on_exit)
+        finally:
+            self._database.deactivate(self._tokens)
+            self._scope = self._tokens = None
+
+
+db = Database()
+"""The default database: `db.session` in routers, services and DAOs."""

@@ -1,0 +1,53 @@
+"""Test helpers for code that uses `db`, shipped as a pytest plugin (loaded automatically
+once the package is installed; entry point `service_db`).
+
+Fixtures:
+
+- `db_isolation`: the test runs inside one outer transaction on one connection of the
+  default engine (`db.engine`). Every session `db` opens meanwhile - in requests served by
+  `DBSessionMiddleware` and in `with db():` - joins it, and each of their commits becomes a
+  savepoint release. The outer transaction is rolled back after the test, so nothing a test
+  commits is seen by the next. Works on PostgreSQL and SQLite (savepoints switched on
+  for pysqlite). Requests of one test share that connection: don't run them concurrently.
+- `assert_max_queries`: `with assert_max_queries(2): client.get(...)` fails with the list of
+  statements when more ran - the N+1 guard.
+
+Outside pytest, `isolated(database)` is the same isolation as a context manager.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import Connection
+
+from service.db.accounting import assert_max_queries as _assert_max_queries
+from service.db.engine import enable_sqlite_savepoints
+from service.db.scope import Database, db
+
+
+@contextmanager
+def isolated(database: Database = db) -> Iterator[Connection]:
+    """Run the block in an outer transaction that is rolled back at the end."""
+    engine = database.engine
+    enable_sqlite_savepoints(engine)
+    with engine.connect() as connection:
+        outer = connection.begin()
+        try:
+            with database.bound_to(connection):
+                yield connection
+        finally:
+            outer.rollback()
+
+
+@pytest.fixture
+def db_isolation() -> Iterator[Connection]:
+    """Roll back everything the test commits through `db` (see the module docstring)."""
+    with isolated(db) as connection:
+        yield connection
+
+
+@pytest.fixture
+def assert_max_queries() -> type[_assert_max_queries]:  # type: ignore[valid-type]
+    """The `assert_max_queries(n)` context manager, as a fixture."""
+    return _assert_max_queries  # type: ignore[return-value]

@@ -1,0 +1,25 @@
+"""Liveness and readiness probes."""
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.db import db
+from service.handlers import problem_response, problem_responses
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+
+@router.get("/live", summary="The process is up")
+def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="The database answers", responses=problem_responses(503))
+def ready() -> JSONResponse:
+    try:
+        db.session.execute(text("SELECT 1"))
+    except SQLAlchemyError:
+        return problem_response(503, "The database is not reachable.")
+    return JSONResponse({"status": "ok"})

@@ -1,0 +1,1 @@
+"""Items: the service's first resource."""

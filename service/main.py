@@ -1,0 +1,45 @@
+"""The application: `create_app(settings)`, and `app` for `uvicorn service.main:app`."""
+
+import logging
+
+from fastapi import FastAPI
+from fastapi_pagination import add_pagination
+
+from service.config import Settings, get_settings
+from service.db import DBSessionMiddleware, db
+from service.handlers import install_problem_handlers, problem_responses
+from service.health import router as health_router
+from service.items.router import router as items_router
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app on `settings` (default: the environment).
+
+    Also makes the settings' database the default of `db`, so `with db():` in scripts and
+    tests reaches the same database as the app's requests.
+    """
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level)
+    engine = db.configure(settings.database_url, engine_args=settings.engine_args())
+    app = FastAPI(
+        title="Items service",
+        version="0.1.0",
+        responses=problem_responses(500),
+    )
+    app.add_middleware(
+        DBSessionMiddleware, custom_engine=engine, server_timing=settings.db_server_timing
+    )
+    install_problem_handlers(app)
+    app.include_router(health_router)
+    app.include_router(items_router)
+    add_pagination(app)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `app` is built on first access (uvicorn's `service.main:app`), not at import, so
+    # importing this module never reads the environment or touches a database.
+    if name == "app":
+        app = globals()["app"] = create_app()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

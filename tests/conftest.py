@@ -1,0 +1,96 @@
+"""Fixtures shared by every test: the database under test (chosen by DATABASE_URL, default a
+temporary SQLite file), migrated once per run through Alembic, and the app on top of it.
+
+`make test` runs the suite twice: DATABASE_URL=sqlite:///... and a throwaway PostgreSQL.
+Fixtures from the `service.db.testing` plugin (`db_isolation`, `assert_max_queries`) are
+available too.
+"""
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from fastapi import FastAPI
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from service.config import Settings
+from service.db import create_engine
+from service.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header() -> str:
+    url = os.environ.get("DATABASE_URL")
+    shown = make_url(url).render_as_string(hide_password=True) if url else "temporary SQLite"
+    return f"database under test: {shown}"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return os.environ.get("DATABASE_URL") or (
+        f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    )
+
+
+@pytest.fixture(scope="session")
+def backend(database_url: str) -> str:
+    """'sqlite' or 'postgresql'."""
+    return make_url(database_url).get_backend_name()
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["url"] = url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+@pytest.fixture(scope="session")
+def migrated_url(database_url: str) -> str:
+    """The database URL, after `alembic upgrade head` (the schema never comes from create_all)."""
+    command.upgrade(alembic_config(database_url), "head")
+    return database_url
+
+
+@pytest.fixture(scope="session")
+def engine(migrated_url: str) -> Iterator[Engine]:
+    engine = create_engine(migrated_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _empty_tables(engine: Engine) -> Iterator[None]:
+    """Tests that commit for real leave empty tables behind for the next one."""
+    yield
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM items"))
+
+
+@pytest.fixture
+def settings(migrated_url: str) -> Settings:
+    return Settings(database_url=migrated_url, db_pool_size=5, db_max_overflow=10)
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that runs the whole ASGI call, background tasks included, per request."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
