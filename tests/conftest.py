@@ -70,10 +70,19 @@ def engine(migrated_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def db_isolation_engine(engine: Engine) -> Engine:
+    """The engine `db_isolation` (service.db.testing) opens its outer transaction on."""
+    return engine
+
+
 @pytest.fixture(autouse=True)
-def _empty_tables(engine: Engine) -> Iterator[None]:
-    """Tests that commit for real leave empty tables behind for the next one."""
+def _empty_tables(engine: Engine, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests that commit for real leave empty tables behind for the next one. Tests under
+    `db_isolation` are left alone: the isolation alone must keep their rows from leaking."""
     yield
+    if "db_isolation" in request.fixturenames:
+        return
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM items"))
 

@@ -3,8 +3,9 @@ once the package is installed; entry point `service_db`).
 
 Fixtures:
 
-- `db_isolation`: the test runs inside one outer transaction on one connection of the
-  default engine (`db.engine`). Every session `db` opens meanwhile - in requests served by
+- `db_isolation`: the test runs inside one outer transaction on one connection of
+  `db_isolation_engine` (default: `db.engine`; override that fixture in your conftest to
+  name your test engine). Every session `db` opens meanwhile - in requests served by
   `DBSessionMiddleware` and in `with db():` - joins it, and each of their commits becomes a
   savepoint release. The outer transaction is rolled back after the test, so nothing a test
   commits is seen by the next. Works on PostgreSQL and SQLite (savepoints switched on
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from service.db.accounting import assert_max_queries as _assert_max_queries
 from service.db.engine import enable_sqlite_savepoints
@@ -27,9 +28,10 @@ from service.db.scope import Database, db
 
 
 @contextmanager
-def isolated(database: Database = db) -> Iterator[Connection]:
-    """Run the block in an outer transaction that is rolled back at the end."""
-    engine = database.engine
+def isolated(database: Database = db, engine: Engine | None = None) -> Iterator[Connection]:
+    """Run the block in an outer transaction on a connection of `engine` (default: the
+    database's default engine) that is rolled back at the end."""
+    engine = engine or database.engine
     enable_sqlite_savepoints(engine)
     with engine.connect() as connection:
         outer = connection.begin()
@@ -41,9 +43,15 @@ def isolated(database: Database = db) -> Iterator[Connection]:
 
 
 @pytest.fixture
-def db_isolation() -> Iterator[Connection]:
+def db_isolation_engine() -> Engine:
+    """The engine whose connection `db_isolation` uses; override it in a conftest."""
+    return db.engine
+
+
+@pytest.fixture
+def db_isolation(db_isolation_engine: Engine) -> Iterator[Connection]:
     """Roll back everything the test commits through `db` (see the module docstring)."""
-    with isolated(db) as connection:
+    with isolated(db, db_isolation_engine) as connection:
         yield connection
 
 

@@ -1,0 +1,185 @@
+"""Many requests at once through the real ASGI stack (behaviours 10 and 14 of service.db)."""
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import anyio.to_thread
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
+from sqlalchemy import Engine, event, func, select
+
+from service.db import DBSessionMiddleware, create_engine, db
+from service.items.models import Item
+from tests.db.conftest import add_item, client_for, stored_names
+
+pytestmark = pytest.mark.anyio
+REQUESTS = 200
+
+
+class Written(BaseModel):
+    name: str
+    own_session: bool
+    only_own_rows: bool
+
+
+@pytest.fixture
+def small_pool_engine(migrated_url: str) -> Iterator[Engine]:
+    """5 + 5 connections: fewer than the threadpool's 40 workers."""
+    engine = create_engine(migrated_url, pool_size=5, max_overflow=5, pool_timeout=5)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def issue_pool_engine(migrated_url: str) -> Iterator[Engine]:
+    """10 + 30 connections, the size where the naive design deadlocks."""
+    engine = create_engine(migrated_url, pool_size=10, max_overflow=30, pool_timeout=5)
+    yield engine
+    engine.dispose()
+
+
+async def all_within(
+    seconds: float, requests: list[Coroutine[Any, Any, httpx.Response]]
+) -> list[httpx.Response]:
+    """All responses; a deadlock fails the test instead of hanging the suite."""
+    return await asyncio.wait_for(asyncio.gather(*requests), timeout=seconds)
+
+
+def pending_names() -> set[str]:
+    return {obj.name for obj in db.session.identity_map.values() if isinstance(obj, Item)}
+
+
+def writer_app(engine: Engine, backend: str) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+
+    @app.post("/async/{name}")
+    async def write_async(name: str) -> Written:
+        session = db.session
+        await asyncio.sleep(0)  # let other requests in between
+        item = add_item(name)  # held: the identity map keeps objects only weakly
+        db.session.flush()
+        if backend != "sqlite":
+            # SQLite's single writer lock would stall the loop here; PostgreSQL interleaves.
+            await asyncio.sleep(0.001)
+        return Written(
+            name=item.name,
+            own_session=db.session is session,
+            only_own_rows=pending_names() == {name},
+        )
+
+    @app.post("/sync/{name}")
+    def write_sync(name: str) -> Written:
+        session = db.session
+        item = add_item(name)  # held: the identity map keeps objects only weakly
+        db.session.flush()
+        time.sleep(0.001)  # other threads run meanwhile
+        return Written(
+            name=item.name,
+            own_session=db.session is session,
+            only_own_rows=pending_names() == {name},
+        )
+
+    return app
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_200_concurrent_writers_each_see_only_their_own_session_and_rows(
+    small_pool_engine: Engine, backend: str, kind: str
+) -> None:
+    app = writer_app(small_pool_engine, backend)
+    async with client_for(app) as client:
+        responses = await all_within(
+            60, [client.post(f"/{kind}/{kind}-{n}") for n in range(REQUESTS)]
+        )
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    bodies = [Written.model_validate(r.json()) for r in responses]
+    assert all(b.own_session and b.only_own_rows for b in bodies)
+    assert stored_names(small_pool_engine) == {f"{kind}-{n}" for n in range(REQUESTS)}
+    assert small_pool_engine.pool.checkedout() == 0
+
+
+async def test_sync_routes_do_not_deadlock_when_requests_outnumber_connections(
+    issue_pool_engine: Engine, backend: str
+) -> None:
+    # Without admission control, handler threads blocked in the pool's checkout hold every
+    # worker thread, while requests holding connections wait for a thread to validate their
+    # response and commit: each waiter fails with "QueuePool limit ... timed out".
+    app = writer_app(issue_pool_engine, backend)
+    async with client_for(app) as client:
+        responses = await all_within(
+            60, [client.post(f"/sync/row-{n}") for n in range(REQUESTS)]
+        )
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    with issue_pool_engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(Item)) == REQUESTS
+    assert issue_pool_engine.pool.checkedout() == 0
+
+
+async def test_commit_does_not_block_the_event_loop(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        add_item(name)
+
+        def slow_commit(session: object) -> None:
+            time.sleep(0.3)  # a slow COMMIT, as over a bad network
+
+        event.listen(db.session, "before_commit", slow_commit)
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        await client.post("/items/lamp")
+    finally:
+        ticking.cancel()
+    # The loop kept running while the commit slept in another thread (~30 ticks).
+    assert ticks >= 10
+    assert stored_names(engine) == {"lamp"}
+
+
+async def test_commit_does_not_wait_for_a_worker_thread(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    release = threading.Event()
+    busy = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    @app.get("/busy")
+    def occupy_the_only_worker() -> None:
+        loop.call_soon_threadsafe(busy.set)
+        release.wait(10)
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        add_item(name)
+
+    saved_tokens, limiter.total_tokens = limiter.total_tokens, 1
+    try:
+        blocker = asyncio.create_task(client.get("/busy"))
+        await busy.wait()
+        # Every threadpool worker is taken; the write must still commit and answer.
+        response = await asyncio.wait_for(client.post("/items/lamp"), timeout=5)
+        assert response.status_code == 200
+        assert stored_names(engine) == {"lamp"}
+    finally:
+        release.set()
+        await blocker
+        limiter.total_tokens = saved_tokens

@@ -1,0 +1,227 @@
+"""Where the session is visible, and that every request gives its connection back
+(behaviours 1, 2 and 5 of service.db)."""
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.responses import StreamingResponse
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from service.db import DBSessionMiddleware, MissingSessionError, db
+from service.items.models import Item
+from tests.db.conftest import MakeApp, add_item, client_for, stored_names
+
+pytestmark = pytest.mark.anyio
+
+
+def test_middleware_is_pure_asgi(engine: Engine) -> None:
+    middleware = DBSessionMiddleware(FastAPI(), custom_engine=engine)
+    assert not isinstance(middleware, BaseHTTPMiddleware)
+
+
+async def test_lifespan_passes_through_without_a_session(make_app: MakeApp) -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            db.session  # noqa: B018 - the point is that it raises
+        except MissingSessionError:
+            events.append("startup without session")
+        yield
+        events.append("shutdown")
+
+    app = make_app()
+    app.router.lifespan_context = lifespan
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert events == ["startup without session", "shutdown"]
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_session_is_visible_in_async_and_sync_routes_and_dependencies(
+    app_client: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, client = app_client
+
+    async def async_dependency() -> Session:
+        return db.session
+
+    def sync_dependency() -> Iterator[Session]:
+        yield db.session
+
+    @app.get("/async")
+    async def in_async_route(
+        a: Session = Depends(async_dependency), s: Session = Depends(sync_dependency)
+    ) -> dict[str, bool]:
+        return {"same": a is s is db.session}
+
+    @app.get("/sync")
+    def in_sync_route(
+        a: Session = Depends(async_dependency), s: Session = Depends(sync_dependency)
+    ) -> dict[str, bool]:
+        return {"same": a is s is db.session}
+
+    assert (await client.get("/async")).json() == {"same": True}
+    assert (await client.get("/sync")).json() == {"same": True}
+
+
+async def test_each_request_gets_a_new_session(
+    app_client: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, client = app_client
+    sessions: list[Session] = []
+
+    @app.get("/")
+    def remember() -> None:
+        sessions.append(db.session)
+
+    await client.get("/")
+    await client.get("/")
+    assert sessions[0] is not sessions[1]
+
+
+async def test_in_memory_sqlite_url_works_with_sync_routes() -> None:
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, db_url="sqlite://")
+
+    @app.post("/setup")
+    def setup() -> None:
+        db.session.execute(text("CREATE TABLE notes (body TEXT)"))
+
+    @app.post("/notes/{body}")
+    def write(body: str) -> None:
+        db.session.execute(text("INSERT INTO notes VALUES (:b)"), {"b": body})
+
+    @app.get("/notes")
+    def read() -> list[str]:
+        return list(db.session.scalars(text("SELECT body FROM notes ORDER BY body")))
+
+    async with client_for(app) as client:
+        assert (await client.post("/setup")).status_code == 200
+        await asyncio.gather(*(client.post(f"/notes/n{i}") for i in range(10)))
+        response = await client.get("/notes")
+    assert response.status_code == 200
+    assert response.json() == sorted(f"n{i}" for i in range(10))
+
+
+async def test_no_connection_is_left_checked_out_after_any_outcome(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    @app.get("/read")
+    def read() -> int:
+        return db.session.scalar(select(func.count()).select_from(Item)) or 0
+
+    @app.post("/write/{name}")
+    def write(name: str) -> None:
+        add_item(name)
+
+    @app.post("/fail/{name}")
+    def fail(name: str) -> None:
+        add_item(name)
+        db.session.flush()
+        raise ValueError("boom")
+
+    await client.get("/read")
+    await client.post("/write/a")
+    with pytest.raises(ValueError):
+        await client.post("/fail/b")
+    assert engine.pool.checkedout() == 0
+
+
+async def test_client_disconnect_mid_stream_returns_the_connection(
+    make_app: MakeApp, engine: Engine
+) -> None:
+    app = make_app()
+    finished = asyncio.Event()
+
+    @app.get("/export")
+    async def export() -> StreamingResponse:
+        async def rows() -> AsyncIterator[bytes]:
+            try:
+                # A transaction is open (a connection checked out) while the body streams.
+                yield str(db.session.scalar(select(func.count()).select_from(Item))).encode()
+                await asyncio.sleep(30)
+                yield b"never sent"
+            finally:
+                finished.set()
+
+        return StreamingResponse(rows())
+
+    requests = iter(
+        [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
+    )
+    first_chunk = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        message = next(requests)
+        if message["type"] == "http.disconnect":
+            await first_chunk.wait()
+        return message
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/export", "raw_path": b"/export", "query_string": b"",
+        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    assert finished.is_set()
+    assert engine.pool.checkedout() == 0
+
+
+async def test_cancelled_request_returns_the_connection(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+    in_handler = asyncio.Event()
+
+    @app.post("/slow/{name}")
+    async def slow(name: str) -> None:
+        add_item(name)
+        db.session.flush()  # holds a connection and an open transaction
+        in_handler.set()
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(client.post("/slow/lamp"))
+    await in_handler.wait()
+    assert engine.pool.checkedout() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.pool.checkedout() == 0
+    assert stored_names(engine) == set()
+
+
+async def test_scope_is_reset_after_the_request(
+    app_client: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, client = app_client
+
+    @app.get("/")
+    async def touch() -> None:
+        db.session  # noqa: B018
+
+    await client.get("/")
+    with pytest.raises(MissingSessionError):
+        db.session  # noqa: B018

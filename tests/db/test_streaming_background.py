@@ -1,0 +1,196 @@
+"""Work done after the response started: streaming bodies and BackgroundTasks
+(behaviours 6 and 7 of service.db)."""
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from fastapi import BackgroundTasks, FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import Engine, func, select
+
+from service.db import db
+from service.items.models import Item
+from tests.db.conftest import add_item, stored_names
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_async_stream_can_read_and_its_writes_are_committed(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    @app.post("/import")
+    async def bulk_import() -> StreamingResponse:
+        add_item("before-response")
+
+        async def progress() -> AsyncIterator[bytes]:
+            for n in range(3):
+                add_item(f"streamed-{n}")
+                db.session.flush()
+                count = db.session.scalar(select(func.count()).select_from(Item))
+                yield f"{count}\n".encode()
+
+        return StreamingResponse(progress())
+
+    response = await client.post("/import")
+    assert response.status_code == 200
+    # The session stayed usable: each chunk saw the rows written so far.
+    assert response.text.split() == ["2", "3", "4"]
+    assert stored_names(engine) == {"before-response", "streamed-0", "streamed-1", "streamed-2"}
+    assert engine.pool.checkedout() == 0
+
+
+async def test_sync_stream_writes_are_committed(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    @app.post("/import")
+    def bulk_import() -> StreamingResponse:
+        def progress() -> Iterator[bytes]:  # iterated in the threadpool
+            for n in range(3):
+                add_item(f"streamed-{n}")
+                yield b"."
+
+        return StreamingResponse(progress())
+
+    response = await client.post("/import")
+    assert response.text == "..."
+    assert stored_names(engine) == {"streamed-0", "streamed-1", "streamed-2"}
+
+
+async def test_failed_commit_after_stream_is_logged_at_error(
+    app_client: tuple[FastAPI, httpx.AsyncClient],
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, client = app_client
+
+    @app.post("/import")
+    async def bulk_import() -> StreamingResponse:
+        async def progress() -> AsyncIterator[bytes]:
+            add_item("twin")
+            add_item("TWIN")  # the unique violation surfaces at the final commit
+            yield b"done"
+
+        return StreamingResponse(progress())
+
+    with caplog.at_level(logging.ERROR, logger="service.db"):
+        response = await client.post("/import", headers={"x-request-id": "import-7"})
+    assert response.status_code == 200  # already on the wire when the commit failed
+    assert stored_names(engine) == set()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("POST /import" in r.getMessage() and "import-7" in r.getMessage() for r in errors)
+    assert engine.pool.checkedout() == 0
+
+
+async def test_stream_of_an_error_response_commits_nothing(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    @app.post("/import")
+    async def bulk_import() -> StreamingResponse:
+        async def progress() -> AsyncIterator[bytes]:
+            add_item("late")
+            yield b"error report"
+
+        return StreamingResponse(progress(), status_code=400)
+
+    assert (await client.post("/import")).status_code == 400
+    assert stored_names(engine) == set()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_background_task_writes_are_committed(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine, kind: str
+) -> None:
+    app, client = app_client
+    seen_by_task: list[set[str]] = []
+
+    def audit_sync(name: str) -> None:
+        seen_by_task.append(stored_names(engine))
+        add_item(f"audit-{name}")
+
+    async def audit_async(name: str) -> None:
+        seen_by_task.append(stored_names(engine))
+        add_item(f"audit-{name}")
+
+    @app.post("/items/{name}")
+    def create(name: str, tasks: BackgroundTasks) -> None:
+        add_item(name)
+        tasks.add_task(audit_sync if kind == "sync" else audit_async, name)
+
+    response = await client.post("/items/lamp")
+    assert response.status_code == 200
+    # The task ran after the request's own transaction was committed ...
+    assert seen_by_task == [{"lamp"}]
+    # ... and what it wrote was committed in a transaction of its own.
+    assert stored_names(engine) == {"lamp", "audit-lamp"}
+    assert engine.pool.checkedout() == 0
+
+
+async def test_failing_background_task_is_logged_and_rolled_back(
+    app_client: tuple[FastAPI, httpx.AsyncClient],
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, client = app_client
+
+    def broken_task() -> None:
+        add_item("half-done")
+        db.session.flush()
+        raise RuntimeError("task bug")
+
+    @app.post("/items/{name}")
+    def create(name: str, tasks: BackgroundTasks) -> None:
+        add_item(name)
+        tasks.add_task(broken_task)
+
+    with caplog.at_level(logging.ERROR, logger="service.db"), pytest.raises(RuntimeError):
+        await client.post("/items/lamp")
+    # The request's own work stands; the task's is rolled back and the failure logged.
+    assert stored_names(engine) == {"lamp"}
+    assert any("POST /items/lamp" in r.getMessage() for r in caplog.records)
+    assert engine.pool.checkedout() == 0
+
+
+async def test_background_task_of_a_rolled_back_request_writes_nothing(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    def audit() -> None:
+        add_item("audit")
+
+    @app.post("/items/{name}")
+    def create(name: str, tasks: BackgroundTasks) -> Response:
+        add_item(name)
+        tasks.add_task(audit)
+        return JSONResponse({}, status_code=400, background=tasks)
+
+    assert (await client.post("/items/lamp")).status_code == 400
+    # An error response rolls back the whole scope, work done after it included.
+    assert stored_names(engine) == set()
+
+
+async def test_background_task_can_keep_its_work_with_an_independent_scope(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    def audit() -> None:
+        with db(independent=True):
+            add_item("audit")
+
+    @app.post("/items/{name}")
+    def create(name: str, tasks: BackgroundTasks) -> Response:
+        add_item(name)
+        tasks.add_task(audit)
+        return JSONResponse({}, status_code=400, background=tasks)
+
+    assert (await client.post("/items/lamp")).status_code == 400
+    assert stored_names(engine) == {"audit"}
