@@ -15,6 +15,8 @@ from weakref import WeakKeyDictionary
 from sqlalchemy import Engine
 from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
 
+DEFAULT_WAIT = 30.0  # seconds, where the pool names no timeout of its own
+
 
 def pool_capacity(engine: Engine) -> int | None:
     """How many connections `engine` can hand out at once; None if it has no limit."""
@@ -27,24 +29,39 @@ def pool_capacity(engine: Engine) -> int | None:
     return None
 
 
-class ConnectionSlots:
-    """At most `limit` holders at once (no limit if None); one semaphore per event loop."""
+def pool_wait(engine: Engine) -> float:
+    """How long a request may wait for a slot: the pool's own checkout timeout."""
+    pool = engine.pool
+    return pool.timeout() if isinstance(pool, QueuePool) else DEFAULT_WAIT
 
-    def __init__(self, limit: int | None) -> None:
+
+class NoSlot(Exception):
+    """No slot came free within the wait; the caller answers 503."""
+
+
+class ConnectionSlots:
+    """At most `limit` holders at once (no limit if None), each waiting at most `wait`
+    seconds; one semaphore per event loop (tests and servers may run several)."""
+
+    def __init__(self, limit: int | None, wait: float) -> None:
         self.limit = limit
+        self.wait = wait
         self._semaphores: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             WeakKeyDictionary()
         )
 
     async def acquire(self) -> asyncio.Semaphore | None:
-        """Wait for a slot; returns what `release` needs."""
+        """Wait for a slot; returns what `release` needs. Raises `NoSlot` after `wait`."""
         if self.limit is None:
             return None
         loop = asyncio.get_running_loop()
         semaphore = self._semaphores.get(loop)
         if semaphore is None:
             semaphore = self._semaphores[loop] = asyncio.Semaphore(self.limit)
-        await semaphore.acquire()
+        try:
+            await asyncio.wait_for(semaphore.acquire(), self.wait)
+        except TimeoutError:
+            raise NoSlot from None
         return semaphore
 
     @staticmethod

@@ -23,7 +23,7 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Engine
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.db.admission import ConnectionSlots, pool_capacity
+from service.db.admission import ConnectionSlots, NoSlot, pool_capacity, pool_wait
 from service.db.engine import create_engine
 from service.db.scope import Database
 from service.db.scope import Scope as UnitOfWork
@@ -51,15 +51,20 @@ def commit_below_400(status: int) -> bool:
     return status < 400
 
 
-class _Response:
-    """What the middleware has seen of the response so far."""
+class _Request:
+    """One request's unit of work and what the middleware has seen of its response."""
 
-    __slots__ = ("commits", "replaced", "started")
+    __slots__ = ("commits", "job", "replaced", "scope", "started", "unit")
 
-    def __init__(self) -> None:
+    def __init__(self, unit: UnitOfWork, scope: Scope) -> None:
+        self.unit = unit
+        self.scope = scope
         self.started = False  # http.response.start went out
         self.commits = False  # its status committed, so later writes commit too
         self.replaced = False  # the commit failed and an error response was sent instead
+        # The last COMMIT/ROLLBACK/CLOSE handed to a thread. The next one waits for it, so
+        # the session is never used by two threads at once (e.g. after a cancellation).
+        self.job: Future[Any] | None = None
 
 
 class DBSessionMiddleware:
@@ -77,7 +82,8 @@ class DBSessionMiddleware:
     - `commit_policy`: `status -> bool`, which responses commit.
     - `server_timing`: add `Server-Timing: db;dur=<ms>;desc="<n> queries"` to responses.
     - `max_concurrent_sessions`: requests admitted at once; "auto" = the pool's capacity
-      (pool_size + max_overflow, 1 for a single shared connection), None = no limit.
+      (pool_size + max_overflow, 1 for a single shared connection), None = no limit. A
+      request that finds no slot within the pool's timeout gets 503 with `Retry-After`.
 
     The first middleware built also becomes the database's default for `with db():`
     outside requests, unless one was configured already (`db.configure`). WebSocket and
@@ -114,7 +120,7 @@ class DBSessionMiddleware:
             if max_concurrent_sessions == "auto"
             else max_concurrent_sessions
         )
-        self.slots = ConnectionSlots(limit)
+        self.slots = ConnectionSlots(limit, pool_wait(self.engine))
         # One lifecycle thread per admitted request, so commits never queue behind each other.
         self._executor = ThreadPoolExecutor(
             max_workers=min(limit, 64) if limit else 32,
@@ -126,57 +132,65 @@ class DBSessionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        slot = await self.slots.acquire()
+        try:
+            slot = await self.slots.acquire()
+        except NoSlot:
+            logger.warning(
+                "%s: no database connection came free within %.0f s; answering 503",
+                _describe(scope), self.slots.wait,
+            )
+            await _send_problem(
+                send, 503, "The database is busy; try again shortly.", [(b"retry-after", b"1")]
+            )
+            return
         try:
             await self._serve(scope, receive, send)
         finally:
             self.slots.release(slot)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        unit = self.database.open_scope(self.sessionmaker, self.commit_on_exit)
-        tokens = self.database.activate(unit)
-        response = _Response()
+        request = _Request(self.database.open_scope(self.sessionmaker, self.commit_on_exit), scope)
+        tokens = self.database.activate(request.unit)
 
         async def send_after_commit(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response.started = True
-                start = await self._settle(unit, message, response, scope, send)
+                request.started = True
+                start = await self._settle(request, message, send)
                 if start is not None:
                     await send(start)
-            elif not response.replaced:
+            elif not request.replaced:
                 await send(message)
 
         try:
             await self.app(scope, receive, send_after_commit)
         except BaseException as exc:
-            if response.started and isinstance(exc, Exception):
+            if request.started and isinstance(exc, Exception):
                 logger.error(
                     "%s failed after its response started; its later writes were rolled back",
                     _describe(scope),
                     exc_info=exc,
                 )
-            await self._end(unit, commit=False, scope=scope)
+            await self._end(request, commit=False)
             raise
         else:
-            await self._end(unit, commit=response.commits, scope=scope)
+            await self._end(request, commit=request.commits)
         finally:
             self.database.deactivate(tokens)
 
-    async def _settle(
-        self, unit: UnitOfWork, start: Message, response: _Response, scope: Scope, send: Send
-    ) -> Message | None:
+    async def _settle(self, request: _Request, start: Message, send: Send) -> Message | None:
         """Commit or roll back for the response `start`; returns the message to forward."""
+        unit = request.unit
         if self.commit_on_exit and self.commit_policy(start["status"]):
             if unit.has_work():
                 try:
-                    await self._in_thread(unit.commit)
+                    await self._in_thread(request, unit.commit)
                 except Exception as exc:
-                    response.replaced = True
-                    await self._send_commit_failure(exc, start["status"], scope, send)
+                    request.replaced = True
+                    await self._send_commit_failure(exc, start["status"], request.scope, send)
                     return None
-            response.commits = True
+            request.commits = True
         elif unit.has_work():
-            await self._in_thread(unit.rollback)
+            await self._in_thread(request, unit.rollback)
         if not self.server_timing:
             return start
         timing = (b"server-timing", unit.stats.server_timing().encode())
@@ -195,40 +209,60 @@ class DBSessionMiddleware:
             "%s: commit failed, answering %d instead of %d", _describe(scope), code, status,
             exc_info=exc,
         )
-        body = problem_bytes(code, detail)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": code,
-                "headers": [
-                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_problem(send, code, detail)
 
-    async def _end(self, unit: UnitOfWork, commit: bool, scope: Scope) -> None:
+    async def _end(self, request: _Request, commit: bool) -> None:
         """Finish the unit of work off the event loop; never raises but for cancellation."""
-        if not unit.has_work():
+        unit = request.unit
+        idle = request.job is None or request.job.done()
+        if idle and not unit.has_work():
             unit.session.close()  # nothing open: no I/O, no thread needed
             return
         try:
-            await self._in_thread(unit.end, commit)
+            await self._in_thread(request, unit.end, commit)
         except Exception:
             logger.error(
-                "%s: %s after the response started failed; those writes were not stored",
-                _describe(scope),
+                "%s: %s of the work done after the response started failed; "
+                "that work was not stored",
+                _describe(request.scope),
                 "commit" if commit else "rollback",
                 exc_info=True,
             )
 
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        # The job finishes even if this request is cancelled meanwhile (shield), so the
-        # session is never abandoned half-closed and its connection always returns.
+    async def _in_thread(self, request: _Request, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the lifecycle threads, after the request's previous job.
+
+        The job runs to its end even if the request is cancelled meanwhile (shield), so a
+        session is never abandoned half-closed and its connection always returns.
+        """
+        previous = request.job
         context = contextvars.copy_context()
-        future = self._executor.submit(context.run, fn, *args)
-        return await asyncio.shield(asyncio.wrap_future(future))
+
+        def job() -> T:
+            if previous is not None:
+                wait([previous])
+            return context.run(fn, *args)
+
+        request.job = self._executor.submit(job)
+        return await asyncio.shield(asyncio.wrap_future(request.job))
+
+
+async def _send_problem(
+    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = problem_bytes(status, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _describe(scope: Scope) -> str:

@@ -2,6 +2,8 @@
 (behaviours 1, 2 and 5 of service.db)."""
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,11 +12,11 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.orm import Session
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from service.db import DBSessionMiddleware, MissingSessionError, db
+from service.db import DBSessionMiddleware, MissingSessionError, create_engine, db
 from service.items.models import Item
 from tests.db.conftest import MakeApp, add_item, client_for, stored_names
 
@@ -225,3 +227,53 @@ async def test_scope_is_reset_after_the_request(
     await client.get("/")
     with pytest.raises(MissingSessionError):
         db.session  # noqa: B018
+
+
+async def test_request_cancelled_during_its_commit_returns_the_connection(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+    committing = threading.Event()
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        add_item(name)
+
+        def slow_commit(session: object) -> None:
+            committing.set()
+            time.sleep(0.3)
+
+        event.listen(db.session, "before_commit", slow_commit)
+
+    task = asyncio.create_task(client.post("/items/lamp"))
+    await asyncio.to_thread(committing.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The commit ran to its end in its thread, then the session was closed after it.
+    assert engine.pool.checkedout() == 0
+    assert stored_names(engine) == {"lamp"}
+
+
+async def test_request_that_finds_no_free_connection_gets_503(migrated_url: str) -> None:
+    engine = create_engine(migrated_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    release = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold() -> None:
+        db.session.execute(text("SELECT 1"))
+        await release.wait()
+
+    async with client_for(app) as client:
+        holder = asyncio.create_task(client.get("/hold"))
+        await asyncio.sleep(0.05)
+        refused = await client.get("/hold")
+        release.set()
+        assert (await holder).status_code == 200
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["status"] == 503
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
