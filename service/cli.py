@@ -1,13 +1,19 @@
-"""`python -m service <command>`: migrate, serve.
+"""`python -m service <command>`: migrate, serve, seed.
 
 Every command turns the usual set-up mistakes (a malformed DATABASE_URL, a database that
 does not answer) into one line that says what is wrong and how to fix it.
 """
 
 import argparse
+import itertools
+import random
 import sys
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -15,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.config import Settings
-from service.db import create_engine
+from service.db import create_engine, db
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +97,62 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def seed(args: argparse.Namespace) -> None:
+    """Insert made-up items (in batches, each committed on its own)."""
+    from service.items.seed import fake_items, insert_items, run_token
+
+    settings = load_settings()
+    check_database(settings)
+    db.configure(settings.database_url, engine_args=settings.engine_args())
+    rows = fake_items(args.items, run_token(), random.Random())
+    # SQLite lets one transaction write at a time: more writers would only queue.
+    sqlite = make_url(settings.database_url).get_backend_name() == "sqlite"
+    writers = 1 if sqlite else args.writers
+
+    def store(batch: list[dict[str, Any]]) -> int:
+        with db():  # one transaction per batch, on the writer thread
+            insert_items(batch)
+        return len(batch)
+
+    started = time.perf_counter()
+    done = 0
+    # The database stores one batch while this thread makes up the next.
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        pending: deque[Future[int]] = deque()
+        while batch := list(itertools.islice(rows, args.batch)):
+            pending.append(pool.submit(store, batch))
+            while len(pending) > writers or (pending and pending[0].done()):
+                done += pending.popleft().result()
+                _progress(done, args.items, started)
+        while pending:
+            done += pending.popleft().result()
+            _progress(done, args.items, started)
+    elapsed = time.perf_counter() - started
+    print(file=sys.stderr)  # end the progress line
+    print(
+        f"Inserted {done:,} items into {safe_url(settings.database_url)} in {elapsed:.1f} s "
+        f"({done / max(elapsed, 1e-9):,.0f} rows/s)."
+    )
+
+
+def _progress(done: int, total: int, started: float) -> None:
+    """One line on stderr, rewritten in place: how far, how fast."""
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    print(
+        f"\rseeding items: {done:,}/{total:,} ({done / total:.0%}), {rate:,.0f} rows/s",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--workers", type=int, default=1)
     serve_parser.add_argument("--no-access-log", action="store_true")
     serve_parser.set_defaults(handler=serve)
+
+    seed_parser = commands.add_parser("seed", help=seed.__doc__)
+    seed_parser.add_argument(
+        "--items", type=_positive, required=True, metavar="N", help="how many items to add"
+    )
+    seed_parser.add_argument(
+        "--batch", type=_positive, default=5000, metavar="B",
+        help="items per transaction (default 5000)",
+    )
+    seed_parser.add_argument(
+        "--writers", type=_positive, default=2, metavar="W",
+        help="batches stored at once on PostgreSQL, each on its own connection (default 2)",
+    )
+    seed_parser.set_defaults(handler=seed)
     return parser
 
 

@@ -3,7 +3,7 @@
 from functools import lru_cache
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     db_echo: bool = Field(False, description="Log every SQL statement.")
     db_server_timing: bool = Field(True, description="Send the Server-Timing header.")
     log_level: str = Field("INFO", description="Python logging level name.")
+    cursor_secret: SecretStr = Field(
+        SecretStr("dev-only-cursor-secret"),
+        description="Key that signs the scroll cursors handed to clients, so a cursor that "
+        "was altered is refused. Set your own in production; every worker must share it.",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -26,3 +26,7 @@ class PreconditionFailed(DomainError):
 
 class BadRequest(DomainError):
     status = 400
+
+
+class PreconditionRequired(DomainError):
+    status = 428

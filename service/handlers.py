@@ -53,6 +53,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries declaring the problem body for `statuses`."""
+    # `model` registers the schema (FastAPI files it under application/json); the explicit
+    # entry puts it under the media type the errors are really sent as.
+    schema = {"schema": {"$ref": f"#/components/schemas/{Problem.__name__}"}}
     return {
-        status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in statuses
+        status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: schema}} for status in statuses
     }

@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         responses=problem_responses(500),
     )
+    app.state.settings = settings
     app.add_middleware(
         DBSessionMiddleware, custom_engine=engine, server_timing=settings.db_server_timing
     )

@@ -1,5 +1,171 @@
-"""HTTP routes of items (filled in by the items API)."""
+"""HTTP routes of items: parse the request, call `service.items.service`, shape the response.
 
-from fastapi import APIRouter
+Concurrency: every item response carries `ETag: "<id>-<version>"`. An update (PATCH) must
+say which version it was made against - `If-Match: "<id>-<version>"` or `"version": n` in
+the body, else 428; a stale one gets 412 and changes nothing. `If-Match: *` updates
+whatever the current version is. DELETE honours If-Match when sent and needs none.
 
-router = APIRouter(prefix="/items", tags=["items"])
+Reads and writes live on two routers, joined into `router` at the end of the module, so
+that writes alone can be guarded later: `writes = APIRouter(dependencies=[...])`.
+"""
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+
+from service.config import Settings
+from service.handlers import problem_responses
+from service.items import service
+from service.items.models import Item
+from service.items.schemas import (
+    ItemCreate,
+    ItemFilters,
+    ItemOut,
+    ItemPage,
+    ItemScroll,
+    ItemSort,
+    ItemUpdate,
+)
+from service.items.service import ANY_VERSION, VersionMatch
+
+reads = APIRouter(prefix="/items", tags=["items"])
+writes = APIRouter(prefix="/items", tags=["items"])
+
+ItemId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The item's id.")]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description='The ETag you read, e.g. "17-3" (several, comma-separated, or *).',
+    ),
+]
+Filters = Annotated[ItemFilters, Query()]
+Sort = Annotated[
+    ItemSort,
+    Query(description="`field` or `-field` (descending); ties are ordered by id."),
+]
+
+_ENTITY_TAG = re.compile(r'"(\d+)-(\d+)"')
+
+
+def etag(item: Item) -> str:
+    """The strong ETag of the item's current representation: `"<id>-<version>"`."""
+    return f'"{item.id}-{item.version}"'
+
+
+def version_match(item_id: int, if_match: str | None) -> VersionMatch | None:
+    """The versions of item `item_id` that an If-Match header accepts; None without one.
+
+    Tags of other items, weak tags and unparsable ones accept nothing (RFC 9110: If-Match
+    compares strongly), so they lead to 412, not to an update.
+    """
+    if if_match is None:
+        return None
+    if if_match.strip() == "*":
+        return ANY_VERSION
+    versions = set()
+    for tag in if_match.split(","):
+        match = _ENTITY_TAG.fullmatch(tag.strip())
+        if match and int(match[1]) == item_id:
+            versions.add(int(match[2]))
+    return VersionMatch(frozenset(versions))
+
+
+def cursor_secret(request: Request) -> bytes:
+    settings: Settings = request.app.state.settings
+    return settings.cursor_secret.get_secret_value().encode()
+
+
+def _item_response(response: Response, item: Item) -> ItemOut:
+    response.headers["ETag"] = etag(item)
+    return ItemOut.model_validate(item)
+
+
+@reads.get(
+    "",
+    response_model=ItemPage,
+    summary="List items, a page at a time",
+    responses=problem_responses(422),
+)
+def list_items(filters: Filters, sort: Sort = ItemSort.id_asc) -> Any:
+    """Numbered pages with a total count (two queries per page). For reading far into a
+    large list, `GET /items/scroll` stays fast at any depth."""
+    return service.list_items(filters, sort)
+
+
+@reads.get(
+    "/scroll",
+    summary="Scroll through items with a cursor",
+    responses=problem_responses(400, 422),
+)
+def scroll_items(
+    filters: Filters,
+    secret: Annotated[bytes, Depends(cursor_secret)],
+    sort: Sort = ItemSort.id_asc,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=1000, description="`next_page` of the previous page; none to start."),
+    ] = None,
+    size: Annotated[int, Query(ge=1, le=100, description="Items per page, 1-100.")] = 20,
+) -> ItemScroll:
+    """Keyset pagination: no total, one query per page at any depth, and rows added or
+    removed meanwhile never make a page repeat or skip an item. A cursor belongs to its
+    sort; a malformed, altered or mismatched one gets 400."""
+    return service.scroll_items(filters, sort, cursor, size, secret)
+
+
+@reads.get(
+    "/{item_id}",
+    summary="Get an item",
+    response_description="The item, with its ETag.",
+    responses=problem_responses(404, 422),
+)
+def get_item(item_id: ItemId, response: Response) -> ItemOut:
+    return _item_response(response, service.get_item(item_id))
+
+
+@writes.post(
+    "",
+    status_code=201,
+    summary="Create an item",
+    response_description="The item, with its Location and ETag.",
+    responses=problem_responses(409, 422),
+)
+def create_item(data: ItemCreate, request: Request, response: Response) -> ItemOut:
+    item = service.create_item(data)
+    response.headers["Location"] = str(request.url_for("get_item", item_id=item.id))
+    return _item_response(response, item)
+
+
+@writes.patch(
+    "/{item_id}",
+    summary="Update some fields of an item",
+    response_description="The updated item, with its new ETag.",
+    responses=problem_responses(404, 409, 412, 422, 428),
+)
+def update_item(
+    item_id: ItemId, update: ItemUpdate, response: Response, if_match: IfMatch = None
+) -> ItemOut:
+    """Needs `If-Match` or the body's `version` (428 without either); 412 if the item has
+    changed since, 409 if the new name is taken."""
+    item = service.update_item(item_id, update, version_match(item_id, if_match))
+    return _item_response(response, item)
+
+
+@writes.delete(
+    "/{item_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete an item",
+    responses=problem_responses(404, 412, 422),
+)
+def delete_item(item_id: ItemId, if_match: IfMatch = None) -> Response:
+    """With `If-Match`, only if the item is still at that version (else 412)."""
+    service.delete_item(item_id, version_match(item_id, if_match))
+    return Response(status_code=204)
+
+
+router = APIRouter()
+router.include_router(reads)
+router.include_router(writes)

@@ -1,0 +1,197 @@
+"""What the items API reads and writes: input bodies, the output item, filters and sorts."""
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from fastapi import Query
+from fastapi_pagination import Page
+from fastapi_pagination.customization import CustomizedPage, UseName, UseParamsFields
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    field_validator,
+)
+
+CENT = Decimal("0.01")
+
+
+def _two_places(value: Decimal) -> Decimal:
+    # "5", "5.0" and "5.00" are the same price; "-0" is 0.
+    return value.quantize(CENT) if value else Decimal("0.00")
+
+
+def _as_utc(value: datetime) -> datetime:
+    """Naive datetimes are UTC; aware ones are converted to UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("datetime is out of range once converted to UTC") from None
+
+
+_OFFSET_SEEN_AS_SPACE = re.compile(r" (\d{2}:?\d{2})$")
+
+
+def _restore_plus(value: Any) -> Any:
+    # An unencoded "+02:00" in a query string arrives as " 02:00".
+    return _OFFSET_SEEN_AS_SPACE.sub(r"+\1", value) if isinstance(value, str) else value
+
+
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    Field(
+        description="1-200 characters, surrounding whitespace removed. Unique regardless "
+        "of case.",
+        examples=["Walnut desk lamp"],
+    ),
+]
+Description = Annotated[str | None, Field(description="Free text.", examples=["Warm light."])]
+Price = Annotated[
+    Decimal,
+    Field(
+        ge=0,
+        max_digits=12,
+        decimal_places=2,
+        description="Non-negative, at most 2 decimal places and 10 whole digits; a JSON "
+        'number or a string ("12.5", "12.50"). NaN and Infinity are refused.',
+        examples=["49.90"],
+    ),
+    AfterValidator(_two_places),
+]
+# Prices go out as strings with exactly two places, so no client rounds them through a float.
+PriceOut = Annotated[
+    Decimal,
+    PlainSerializer(lambda value: f"{value:.2f}", return_type=str, when_used="json"),
+    Field(examples=["49.90"]),
+]
+UTCDateTimeIn = Annotated[datetime, BeforeValidator(_restore_plus), AfterValidator(_as_utc)]
+
+
+class ItemCreate(BaseModel):
+    """A new item."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    description: Description = None
+    price: Price
+
+
+class ItemUpdate(BaseModel):
+    """A partial update: fields left out keep their value. `description: null` clears it;
+    `name` and `price` cannot be null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    description: Description = None
+    price: Price | None = None
+    version: int | None = Field(
+        None,
+        ge=1,
+        description="The version you read. The update applies only if the item is still at "
+        "this version (the alternative to the If-Match header).",
+    )
+
+    @field_validator("name", "price")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        # Runs only for values the client sent: a left-out field keeps its default.
+        if value is None:
+            raise ValueError("may be left out but not set to null")
+        return value
+
+    def changes(self) -> dict[str, Any]:
+        """The item fields the client sent, by name (`version` is a precondition, not a
+        change)."""
+        return {name: getattr(self, name) for name in self.model_fields_set - {"version"}}
+
+
+class ItemOut(BaseModel):
+    """An item as stored."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    description: str | None
+    price: PriceOut
+    created_at: datetime = Field(description="ISO 8601, UTC.")
+    updated_at: datetime = Field(description="ISO 8601, UTC.")
+    version: int = Field(
+        description="Bumped by every update; send it back (or the ETag as If-Match) to update."
+    )
+
+
+class ItemFilters(BaseModel):
+    """Query filters of the item lists; all optional, combined with AND."""
+
+    q: str | None = Field(
+        None,
+        max_length=200,
+        description="Part of the name, case-insensitive; % and _ match themselves.",
+    )
+    min_price: Decimal | None = Field(
+        None, ge=0, max_digits=12, decimal_places=2, description="Price at least this."
+    )
+    max_price: Decimal | None = Field(
+        None, ge=0, max_digits=12, decimal_places=2, description="Price at most this."
+    )
+    created_after: UTCDateTimeIn | None = Field(
+        None, description="Created at or after this ISO 8601 time (no offset = UTC)."
+    )
+    created_before: UTCDateTimeIn | None = Field(
+        None, description="Created strictly before this ISO 8601 time (no offset = UTC)."
+    )
+
+
+class ItemSort(StrEnum):
+    """`field` ascending or `-field` descending; ties are broken by id in the same
+    direction, so the order is total and pages are stable."""
+
+    id_asc = "id"
+    id_desc = "-id"
+    name_asc = "name"
+    name_desc = "-name"
+    price_asc = "price"
+    price_desc = "-price"
+    created_at_asc = "created_at"
+    created_at_desc = "-created_at"
+
+    @property
+    def field(self) -> str:
+        return self.value.removeprefix("-")
+
+    @property
+    def descending(self) -> bool:
+        return self.value.startswith("-")
+
+
+ItemPage = CustomizedPage[
+    Page[ItemOut],
+    UseName("ItemPage"),
+    UseParamsFields(
+        # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
+        page=Query(1, ge=1, le=2**31 - 1, description="Page number, from 1."),
+        size=Query(20, ge=1, le=100, description="Items per page, 1-100."),
+    ),
+]
+
+
+class ItemScroll(BaseModel):
+    """One page of a keyset scroll."""
+
+    items: list[ItemOut]
+    next_page: str | None = Field(
+        description="Cursor of the next page (pass it as `cursor`); null on the last page."
+    )

@@ -1,0 +1,172 @@
+"""The rules of items: unique names, optimistic concurrency, stable scrolling.
+
+Raises domain errors (`service.errors`), which the app answers as problem documents:
+404 unknown item, 409 name taken, 412 stale version, 428 update without a precondition,
+400 bad cursor.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from fastapi_pagination.bases import AbstractPage
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from service.cursors import InvalidCursor, read_cursor, sign_cursor
+from service.errors import Conflict, NotFound, PreconditionFailed, PreconditionRequired
+from service.items import dao
+from service.items.models import Item
+from service.items.schemas import (
+    ItemCreate,
+    ItemFilters,
+    ItemOut,
+    ItemScroll,
+    ItemSort,
+    ItemUpdate,
+)
+
+
+@dataclass(frozen=True)
+class VersionMatch:
+    """The versions of an item a client agrees to overwrite (from If-Match or the body);
+    `versions=None` means any version (`If-Match: *`)."""
+
+    versions: frozenset[int] | None
+
+    def accepts(self, version: int) -> bool:
+        return self.versions is None or version in self.versions
+
+
+ANY_VERSION = VersionMatch(None)
+
+
+def create_item(data: ItemCreate) -> Item:
+    item = Item(name=data.name, description=data.description, price=data.price)
+    try:
+        dao.add(item)
+    except IntegrityError as error:
+        if dao.is_name_taken_error(error):
+            raise _name_taken(item.name) from None
+        raise
+    return item
+
+
+def get_item(item_id: int) -> Item:
+    item = dao.get(item_id)
+    if item is None:
+        raise NotFound(f"There is no item {item_id}.")
+    return item
+
+
+def update_item(item_id: int, update: ItemUpdate, if_match: VersionMatch | None) -> Item:
+    """Apply `update` if every precondition sent (If-Match, body `version`) accepts the
+    item's current version; one is required. Bumps the version if anything changed."""
+    item = get_item(item_id)
+    preconditions = [if_match] if if_match is not None else []
+    if update.version is not None:
+        preconditions.append(VersionMatch(frozenset({update.version})))
+    if not preconditions:
+        raise PreconditionRequired(
+            "Updating an item needs a precondition, so that no one's change is lost: send "
+            "the ETag you got as If-Match, or the `version` you read in the body."
+        )
+    if not all(precondition.accepts(item.version) for precondition in preconditions):
+        raise _changed_since_read(item)
+    changes = update.changes()
+    for field, value in changes.items():
+        setattr(item, field, value)
+    try:
+        # The UPDATE says `WHERE version = <read version>`: a request that changed the item
+        # since we read it makes it match no row.
+        dao.save_changes()
+    except StaleDataError:
+        raise PreconditionFailed(
+            f"Item {item_id} was changed by another request meanwhile; GET it again and "
+            "re-apply your change."
+        ) from None
+    except IntegrityError as error:
+        if dao.is_name_taken_error(error):
+            raise _name_taken(changes["name"]) from None
+        raise
+    return item
+
+
+def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
+    """Delete the item; if `if_match` is given, only at a version it accepts."""
+    versions = if_match.versions if if_match is not None else None
+    if not dao.delete_item(item_id, versions):
+        raise _changed_since_read(get_item(item_id))  # or NotFound, if it is not there
+
+
+def list_items(filters: ItemFilters, sort: ItemSort) -> AbstractPage[Item]:
+    """The page of the request's `page`/`size`, with the total count."""
+    return dao.page_of_items(filters, sort)
+
+
+def scroll_items(
+    filters: ItemFilters, sort: ItemSort, cursor: str | None, size: int, secret: bytes
+) -> ItemScroll:
+    """`size` items after the cursor's position (from the start without one) and the cursor
+    of the next page. Rows inserted or deleted meanwhile never shift the position."""
+    after = _position(cursor, sort, secret) if cursor is not None else None
+    items = dao.items_after(filters, sort, after, limit=size + 1)  # one more: is there a next?
+    page, more = items[:size], len(items) > size
+    next_page = _cursor_after(page[-1], sort, secret) if more else None
+    return ItemScroll(items=[ItemOut.model_validate(item) for item in page], next_page=next_page)
+
+
+# -- cursors: {"sort": "-price", "after": ["12.50", 4711]}, signed (service.cursors) ------
+
+
+def _cursor_after(item: Item, sort: ItemSort, secret: bytes) -> str:
+    value = getattr(item, sort.field)
+    if isinstance(value, Decimal | datetime):
+        value = value.isoformat() if isinstance(value, datetime) else str(value)
+    return sign_cursor({"sort": sort.value, "after": [value, item.id]}, secret)
+
+
+def _position(cursor: str, sort: ItemSort, secret: bytes) -> tuple[Any, int]:
+    payload = read_cursor(cursor, secret)
+    if payload.get("sort") != sort.value:
+        made_for = payload.get("sort")
+        raise InvalidCursor(
+            f"This cursor continues a scroll sorted by {made_for!r}, not {sort.value!r}; "
+            f"repeat sort={made_for} or start again without a cursor."
+        )
+    after = payload.get("after")
+    if not isinstance(after, list) or len(after) != 2 or type(after[1]) is not int:
+        raise InvalidCursor("The cursor does not name a position; start again without one.")
+    try:
+        return _sort_value(sort.field, after[0]), after[1]
+    except (TypeError, ValueError, InvalidOperation):
+        raise InvalidCursor(
+            "The cursor does not name a position; start again without one."
+        ) from None
+
+
+def _sort_value(field: str, raw: object) -> Any:
+    """The cursor's JSON value of `field` as the Python value the column compares with."""
+    if field == "id" and type(raw) is int:
+        return raw
+    if field == "name" and isinstance(raw, str):
+        return raw
+    if field == "price" and isinstance(raw, str):
+        return Decimal(raw)
+    if field == "created_at" and isinstance(raw, str):
+        moment = datetime.fromisoformat(raw)
+        if moment.tzinfo is not None:
+            return moment
+    raise ValueError(f"not a {field} value: {raw!r}")
+
+
+def _changed_since_read(item: Item) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"Item {item.id} is at version {item.version}, not the one your precondition names; "
+        "GET it again and re-apply your change."
+    )
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(f"An item named {name!r} exists already (names ignore case).")

@@ -1,0 +1,77 @@
+"""DELETE /items/{id}: 204, 404; If-Match is honoured when sent, not required."""
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from tests.items.conftest import CreateItem
+from tests.items.helpers import stored
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_delete_returns_204_and_the_item_is_gone(
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem
+) -> None:
+    item = await create_item("Lamp")
+    other = await create_item("Rug")
+
+    response = await client.delete(f"/items/{item['id']}")
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert list(stored(engine)) == [other["id"]]
+    assert (await client.get(f"/items/{item['id']}")).status_code == 404
+
+
+async def test_delete_of_an_unknown_item_returns_404(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/items/424242")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_deleting_twice_returns_404_the_second_time(
+    client: httpx.AsyncClient, create_item: CreateItem
+) -> None:
+    item = await create_item("Lamp")
+    await client.delete(f"/items/{item['id']}")
+
+    response = await client.delete(f"/items/{item['id']}")
+
+    assert response.status_code == 404
+
+
+async def test_delete_with_current_if_match_deletes(
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem
+) -> None:
+    item = await create_item("Lamp")
+
+    response = await client.delete(
+        f"/items/{item['id']}", headers={"If-Match": f'"{item["id"]}-1"'}
+    )
+
+    assert response.status_code == 204
+    assert stored(engine) == {}
+
+
+async def test_delete_with_stale_if_match_returns_412_and_keeps_the_item(
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem
+) -> None:
+    item = await create_item("Lamp")
+    await client.patch(f"/items/{item['id']}", json={"price": "2", "version": 1})
+
+    response = await client.delete(
+        f"/items/{item['id']}", headers={"If-Match": f'"{item["id"]}-1"'}
+    )
+
+    assert response.status_code == 412
+    assert stored(engine)[item["id"]]["version"] == 2
+
+
+async def test_delete_with_if_match_of_an_unknown_item_returns_404(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.delete("/items/424242", headers={"If-Match": '"424242-1"'})
+
+    assert response.status_code == 404

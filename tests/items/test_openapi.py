@@ -1,0 +1,68 @@
+"""Every error an items route can answer is declared in OpenAPI, as the problem body."""
+
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+PROBLEM = {"$ref": "#/components/schemas/Problem"}
+
+DECLARED = {
+    ("/items", "get"): {"422"},
+    ("/items", "post"): {"409", "422"},
+    ("/items/scroll", "get"): {"400", "422"},
+    ("/items/{item_id}", "get"): {"404", "422"},
+    ("/items/{item_id}", "patch"): {"404", "409", "412", "422", "428"},
+    ("/items/{item_id}", "delete"): {"404", "412", "422"},
+}
+
+
+@pytest.fixture
+async def openapi(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    schema: dict[str, Any] = response.json()
+    return schema
+
+
+@pytest.mark.parametrize(("path", "method"), list(DECLARED))
+async def test_each_route_declares_its_errors_as_problem_documents(
+    openapi: dict[str, Any], path: str, method: str
+) -> None:
+    responses = openapi["paths"][path][method]["responses"]
+
+    errors = {status for status in responses if status >= "400"}
+    assert errors == DECLARED[(path, method)] | {"500"}
+    for status in errors:
+        assert responses[status]["content"]["application/problem+json"]["schema"] == PROBLEM
+
+
+async def test_fastapis_own_validation_error_body_is_not_advertised(
+    openapi: dict[str, Any],
+) -> None:
+    assert "HTTPValidationError" not in openapi["components"]["schemas"]
+
+
+async def test_list_parameters_are_documented_with_their_limits(
+    openapi: dict[str, Any],
+) -> None:
+    parameters = {p["name"]: p for p in openapi["paths"]["/items"]["get"]["parameters"]}
+
+    assert set(parameters) == {
+        "q", "min_price", "max_price", "created_after", "created_before", "sort", "page",
+        "size",
+    }
+    assert parameters["size"]["schema"]["maximum"] == 100
+    assert parameters["size"]["schema"]["default"] == 20
+    sort_schema = openapi["components"]["schemas"]["ItemSort"]
+    assert sort_schema["enum"] == [
+        "id", "-id", "name", "-name", "price", "-price", "created_at", "-created_at"
+    ]
+
+
+async def test_patch_documents_the_if_match_header(openapi: dict[str, Any]) -> None:
+    parameters = openapi["paths"]["/items/{item_id}"]["patch"]["parameters"]
+
+    assert any(p["name"] == "If-Match" and p["in"] == "header" for p in parameters)
