@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint test-sqlite test-postgres venv clean
+.PHONY: run test lint test-sqlite test-postgres venv bench clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,14 @@ test-postgres: venv
 	    if [ "$$REQUIRE_POSTGRES" = 1 ]; then echo "REQUIRE_POSTGRES=1: failing."; exit 1; fi; \
 	  else exit $$status; fi; \
 	fi
+
+# make bench (a few minutes) | make bench FULL=1 (adds 1M rows): writes bench/RESULTS.md
+bench: venv
+	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@for tool in wrk hey; do command -v $$tool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
+	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
+	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python bench/run.py $(if $(FULL),--full)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
