@@ -19,7 +19,14 @@ DEFAULT_WAIT = 30.0  # seconds, where the pool names no timeout of its own
 
 
 def pool_capacity(engine: Engine) -> int | None:
-    """How many connections `engine` can hand out at once; None if it has no limit."""
+    """How many requests may hold a session of `engine` at once; None if there is no limit.
+
+    SQLite gets 1: it has one writer at a time, and a transaction that has read and then
+    writes after another one committed fails at once ("database is locked") instead of
+    waiting, so requests on SQLite take turns - in the event loop, not in the threadpool.
+    """
+    if engine.dialect.name == "sqlite":
+        return 1
     pool = engine.pool
     if isinstance(pool, QueuePool):
         overflow: int = pool._max_overflow

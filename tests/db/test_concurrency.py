@@ -15,7 +15,7 @@ from sqlalchemy import Engine, event, func, select
 
 from service.db import DBSessionMiddleware, create_engine, db
 from service.items.models import Item
-from tests.db.conftest import add_item, client_for, stored_names
+from tests.db.conftest import MakeApp, add_item, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 REQUESTS = 200
@@ -154,9 +154,11 @@ async def test_commit_does_not_block_the_event_loop(
 
 
 async def test_commit_does_not_wait_for_a_worker_thread(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+    make_app: MakeApp, engine: Engine
 ) -> None:
-    app, client = app_client
+    # Two slots even on SQLite (which takes one request at a time): the blocker holds one.
+    app = make_app(max_concurrent_sessions=2)
+    client = client_for(app)
     limiter = anyio.to_thread.current_default_thread_limiter()
     release = threading.Event()
     busy = asyncio.Event()
@@ -183,3 +185,21 @@ async def test_commit_does_not_wait_for_a_worker_thread(
         release.set()
         await blocker
         limiter.total_tokens = saved_tokens
+
+
+async def test_concurrent_read_then_write_requests_all_succeed(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    # On SQLite a transaction that read, then writes after another one committed, fails at
+    # once ("database is locked"); the middleware lets SQLite requests take turns.
+    app, client = app_client
+
+    @app.post("/items/{name}")
+    async def create_after_reading(name: str) -> None:
+        db.session.scalar(select(func.count()).select_from(Item))
+        await asyncio.sleep(0.001)
+        add_item(name)
+
+    responses = await all_within(60, [client.post(f"/items/n{n}") for n in range(20)])
+    assert [r.status_code for r in responses] == [200] * 20
+    assert len(stored_names(engine)) == 20

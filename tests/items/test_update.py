@@ -16,9 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import Connection, Engine, event, update
 from sqlalchemy.orm import Mapper
 
-from service.config import Settings
 from service.items.models import Item
-from service.main import create_app
 from tests.items.conftest import CreateItem
 from tests.items.helpers import stored
 
@@ -329,20 +327,10 @@ async def test_patch_that_loses_the_race_after_its_check_returns_412_and_changes
     assert (row["price"], row["version"]) == (Decimal("10.00"), 1)
 
 
-@pytest.fixture
-def racing_app(settings: Settings, backend: str) -> FastAPI:
-    """The app as deployed on PostgreSQL. On SQLite, with one connection: a file database
-    refuses a transaction that read before another one committed ("database is locked"),
-    so writers must take turns (see the report on service.db)."""
-    if backend == "sqlite":
-        settings = settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
-    return create_app(settings)
-
-
 async def test_ten_concurrent_patches_with_the_same_version_exactly_one_wins(
-    racing_app: FastAPI, engine: Engine
+    app: FastAPI, engine: Engine
 ) -> None:
-    transport = httpx.ASGITransport(app=racing_app)
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         item = (await client.post("/items", json={"name": "Lamp", "price": "1"})).json()
 
