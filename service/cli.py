@@ -5,15 +5,10 @@ does not answer) into one line that says what is wrong and how to fix it.
 """
 
 import argparse
-import itertools
-import random
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -98,35 +93,21 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def seed(args: argparse.Namespace) -> None:
-    """Insert made-up items (in batches, each committed on its own)."""
-    from service.items.seed import fake_items, insert_items, run_token
+    """Insert made-up items (see service/items/seed.py for how)."""
+    from service.items.seed import seed_items
 
     settings = load_settings()
     check_database(settings)
     db.configure(settings.database_url, engine_args=settings.engine_args())
-    rows = fake_items(args.items, run_token(), random.Random())
-    # SQLite lets one transaction write at a time: more writers would only queue.
-    sqlite = make_url(settings.database_url).get_backend_name() == "sqlite"
-    writers = 1 if sqlite else args.writers
-
-    def store(batch: list[dict[str, Any]]) -> int:
-        with db():  # one transaction per batch, on the writer thread
-            insert_items(batch)
-        return len(batch)
-
     started = time.perf_counter()
     done = 0
-    # The database stores one batch while this thread makes up the next.
-    with ThreadPoolExecutor(max_workers=writers) as pool:
-        pending: deque[Future[int]] = deque()
-        while batch := list(itertools.islice(rows, args.batch)):
-            pending.append(pool.submit(store, batch))
-            while len(pending) > writers or (pending and pending[0].done()):
-                done += pending.popleft().result()
-                _progress(done, args.items, started)
-        while pending:
-            done += pending.popleft().result()
-            _progress(done, args.items, started)
+
+    def progress(stored: int) -> None:
+        nonlocal done
+        done += stored
+        _progress(done, args.items, started)
+
+    seed_items(args.items, args.batch, args.writers, progress)
     elapsed = time.perf_counter() - started
     print(file=sys.stderr)  # end the progress line
     print(
