@@ -15,7 +15,11 @@ API-compatible with fastapi-sqlalchemy 0.2.1; see `DBSessionMiddleware` for the 
 
 from service.db.accounting import QueryLog, QueryStats, assert_max_queries
 from service.db.engine import create_engine, enable_sqlite_savepoints
-from service.db.errors import MissingSessionError, SessionNotInitialisedError
+from service.db.errors import (
+    MissingSessionError,
+    SessionNotInitialisedError,
+    database_unavailable,
+)
 from service.db.middleware import CommitPolicy, DBSessionMiddleware, commit_below_400
 from service.db.scope import Database, db
 
@@ -30,6 +34,7 @@ __all__ = [
     "assert_max_queries",
     "commit_below_400",
     "create_engine",
+    "database_unavailable",
     "db",
     "enable_sqlite_savepoints",
 ]

@@ -5,7 +5,8 @@ acts on `http.response.start`, before forwarding it:
 
 - status accepted by the commit policy (default: below 400) -> COMMIT, then send. If the
   commit fails, roll back and send a problem response instead (409 for integrity errors,
-  500 otherwise) - the client never sees a 2xx for work that was not stored;
+  503 with Retry-After when the database became unavailable, 500 otherwise) - the client
+  never sees a 2xx for work that was not stored;
 - any other status -> ROLLBACK, then send;
 - writes made after the response started (streaming bodies, BackgroundTasks) are committed
   when the app returns, in a transaction of their own; a failure there is logged at ERROR
@@ -35,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.admission import ConnectionSlots, NoSlot, pool_capacity, pool_wait
 from service.db.engine import create_engine
+from service.db.errors import database_unavailable
 from service.db.scope import Database
 from service.db.scope import Scope as UnitOfWork
 from service.db.scope import db as default_database
@@ -203,13 +205,19 @@ class DBSessionMiddleware:
             code, detail = 409, "The change conflicts with data already stored; nothing was saved."
         elif isinstance(exc, StaleDataError):
             code, detail = 409, "The record was changed or deleted meanwhile; nothing was saved."
+        elif database_unavailable(exc):
+            # The connection broke during COMMIT: whether the server committed is unknown.
+            code, detail = 503, (
+                "The database became unavailable while saving; the change may not have been "
+                "stored. Check before repeating it."
+            )
         else:
             code, detail = 500, "The change could not be saved; nothing was stored."
         logger.error(
             "%s: commit failed, answering %d instead of %d", _describe(scope), code, status,
             exc_info=exc,
         )
-        await _send_problem(send, code, detail)
+        await _send_problem(send, code, detail, [(b"retry-after", b"1")] if code == 503 else None)
 
     async def _end(self, request: _Request, commit: bool) -> None:
         """Finish the unit of work off the event loop; never raises but for cancellation."""

@@ -43,6 +43,7 @@ class Scope:
         return session.in_transaction() or bool(session.new or session.deleted or session.dirty)
 
     def on_commit(self, hook: Callable[[], object]) -> None:
+        """Run `hook()` after this scope's next successful commit."""
         self._hooks.append(hook)
 
     def commit(self) -> None:
@@ -138,6 +139,7 @@ class Database:
 
     @property
     def is_configured(self) -> bool:
+        """Whether `with db():` has an engine to use outside requests."""
         return self._default is not None
 
     def _default_factory(self) -> sessionmaker[Session]:
@@ -213,10 +215,12 @@ class Database:
         return self._scope.set(scope), current_stats.set(scope.stats)
 
     def deactivate(self, tokens: tuple[Token[Scope | None], Token[QueryStats | None]]) -> None:
+        """Make current again what was current before `activate` returned `tokens`."""
         self._scope.reset(tokens[0])
         current_stats.reset(tokens[1])
 
     def current_scope(self) -> Scope | None:
+        """The scope open in this context, if any (no error, unlike `session`)."""
         return self._scope.get()
 
     @contextmanager

@@ -9,6 +9,7 @@ import pytest
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
 
 from service.db import db
 from service.items.models import Item
@@ -354,3 +355,30 @@ async def test_price_check_violation_at_commit_answers_409(
 
     assert (await client.post("/items/lamp")).status_code == 409
     assert stored_names(engine) == set()
+
+
+async def test_failed_commit_because_the_database_went_away_answers_503(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+
+    @app.post("/items/{name}")
+    def create(name: str) -> dict[str, str]:
+        add_item(name)
+
+        def connection_lost(session: object) -> None:
+            raise OperationalError(
+                "COMMIT", {}, Exception("server closed the connection unexpectedly"),
+                connection_invalidated=True,
+            )
+
+        event.listen(db.session, "before_commit", connection_lost)
+        return {"status": "created"}
+
+    response = await client.post("/items/lamp")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 503
+    assert stored_names(engine) == set()
+    assert engine.pool.checkedout() == 0
