@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint test-sqlite test-postgres venv bench clean
+.PHONY: run test lint test-sqlite test-postgres test-faults venv bench clean
 
 venv: $(STAMP)
 
@@ -46,10 +46,20 @@ test-postgres: venv
 	  else exit $$status; fi; \
 	fi
 
+# The load test (20,000 requests, 64 clients; a few minutes per database): SQLite, then a
+# throwaway PostgreSQL. CI runs it after `make test`.
+test-faults: venv
+	@echo "==> slow fault tests on SQLite"
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  DATABASE_URL="sqlite:///$$tmp/test.db" $(BIN)/pytest -m slow
+	@echo "==> slow fault tests on PostgreSQL"
+	@if [ -n "$$TEST_POSTGRES_URL" ]; then DATABASE_URL="$$TEST_POSTGRES_URL" $(BIN)/pytest -m slow; \
+	else PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh pytest -m slow; fi
+
 # make bench (a few minutes) | make bench FULL=1 (adds 1M rows): writes bench/RESULTS.md
 bench: venv
 	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[dev,bench]'
-	@for tool in wrk hey; do command -v $$tool >/dev/null || { \
+	@for tool in wrk; do command -v $$tool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
 	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python bench/run.py $(if $(FULL),--full)

@@ -4,6 +4,10 @@
 # Starts a server in a temporary directory (initdb as the `postgres` user when run as root;
 # a random free port on 127.0.0.1; fsync off), exports DATABASE_URL for the command, and
 # stops and deletes the server afterwards, whatever the command's outcome.
+# For tests that stop and restart that same server (tests/faults) it also exports
+# TEST_PG_BINDIR, TEST_PG_DATADIR, TEST_PG_LOG and TEST_PG_OWNER (the user pg_ctl must run
+# as - `postgres` when run as root, else empty); the server's settings live in its
+# postgresql.conf, so a plain `pg_ctl -D "$TEST_PG_DATADIR" -w start` brings it back as it was.
 # Exit status: the command's; 3 if no PostgreSQL server binaries are installed.
 set -euo pipefail
 
@@ -52,12 +56,23 @@ trap stop EXIT
 
 as_owner "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
   || { cat "$dir/initdb.log" >&2; exit 1; }
-as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-  -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=${PG_MAX_CONNECTIONS:-200}" \
-  start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+cat >>"$dir/data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+max_connections = ${PG_MAX_CONNECTIONS:-200}
+EOF
+as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null \
+  || { cat "$dir/server.log" >&2; exit 1; }
 as_owner "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres service
 
 export DATABASE_URL="postgresql+psycopg2://postgres@127.0.0.1:$port/service"
+export TEST_PG_BINDIR="$bindir" TEST_PG_DATADIR="$dir/data" TEST_PG_LOG="$dir/server.log"
+export TEST_PG_OWNER=""
+[ "$(id -u)" = 0 ] && TEST_PG_OWNER=postgres
 echo "with-postgres: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
 set +e
 "$@"

@@ -5,6 +5,8 @@ does not answer) into one line that says what is wrong and how to fix it.
 """
 
 import argparse
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +44,7 @@ def safe_url(url: str) -> str:
 
 def check_database(settings: Settings) -> None:
     """Connect once and run `SELECT 1`, or explain why that failed."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, **settings.engine_args())
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -81,6 +83,15 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     check_database(settings)
+    if not settings.api_token_list():
+        token = development_token()
+        print(
+            "No API_TOKENS configured: generated a development token for this run only "
+            "(writes need it; it is not shown again):\n"
+            f"    Authorization: Bearer {token}\n"
+            "Set API_TOKENS (environment or .env) to choose your own.",
+            flush=True,
+        )
     print(f"Serving on http://{args.host}:{args.port} - API docs at http://{args.host}:{args.port}/docs")
     uvicorn.run(
         "service.main:app",
@@ -90,6 +101,14 @@ def serve(args: argparse.Namespace) -> None:
         access_log=not args.no_access_log,
         log_level=settings.log_level.lower(),
     )
+
+
+def development_token() -> str:
+    """A random API token, handed to the app (and any uvicorn workers) via the environment:
+    the app refuses to start without one, so writes are never open to anyone."""
+    token = secrets.token_urlsafe(32)
+    os.environ["API_TOKENS"] = token
+    return token
 
 
 def seed(args: argparse.Namespace) -> None:

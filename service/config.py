@@ -1,20 +1,25 @@
 """Every setting of the service, read from the environment and `.env`."""
 
+import secrets
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite:///./service.db"
+MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
     """Configuration; each field is read from the upper-case environment variable of its name."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # Errors never echo the value they refuse: it may be a token or a URL with a password.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
@@ -27,10 +32,43 @@ class Settings(BaseSettings):
     db_echo: bool = Field(False, description="Log every SQL statement.")
     db_server_timing: bool = Field(True, description="Send the Server-Timing header.")
     log_level: str = Field("INFO", description="Python logging level name.")
+    # -- who may call, and what a request may carry (service.auth, service.body_limit) --
+    api_tokens: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer tokens that may write (POST, PATCH, DELETE), comma-separated, "
+        f"each at least {MIN_TOKEN_LENGTH} characters. Only their SHA-256 hashes are kept "
+        "by the app. Required: `python -m service serve` generates one for a run without.",
+    )
+    read_requires_token: bool = Field(False, description="Require a token for reads too.")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1, description="Largest request body accepted; larger ones get 413."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins browsers may call from, comma-separated (e.g. "
+        "https://shop.example.com); empty = no CORS headers. `*` = any origin, but not "
+        "together with CORS_ALLOW_CREDENTIALS.",
+    )
+    cors_allow_credentials: bool = Field(
+        False, description="Let browsers send cookies and Authorization cross-origin."
+    )
+    db_connect_timeout: int = Field(
+        2,
+        ge=1,
+        description="Seconds to wait for a new PostgreSQL connection (libpq's connect_timeout, "
+        "which counts anything below 2 as 2), so an unreachable database fails fast.",
+    )
     cursor_secret: SecretStr = Field(
-        SecretStr("dev-only-cursor-secret"),
+        default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="Key that signs the scroll cursors handed to clients, so a cursor that "
-        "was altered is refused. Set your own in production; every worker must share it.",
+        "was altered is refused. Unset, each process makes up its own, and cursors stop "
+        "working across restarts and between workers: set one in production.",
+    )
+    count_threshold: int = Field(
+        10_000,
+        ge=0,
+        description="GET /items with count=estimated counts exactly up to this many "
+        "matching items, and estimates above it.",
     )
 
     @field_validator("database_url")
@@ -54,6 +92,35 @@ class Settings(BaseSettings):
             raise ValueError("LOG_LEVEL must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG")
         return level
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _long_enough_tokens(cls, value: SecretStr) -> SecretStr:
+        if any(len(token) < MIN_TOKEN_LENGTH for token in _split(value.get_secret_value())):
+            # The message names no token: settings errors are printed.
+            raise ValueError(
+                f"every API token must be at least {MIN_TOKEN_LENGTH} characters; generate one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any_origin(self) -> "Settings":
+        if "*" in self.cors_origins and self.cors_allow_credentials:
+            raise ValueError(
+                "CORS_ORIGINS=* cannot be combined with CORS_ALLOW_CREDENTIALS=true: that would "
+                "let every website act with the user's credentials; list the origins instead"
+            )
+        return self
+
+    def api_token_list(self) -> list[str]:
+        """The configured API tokens (empty if none)."""
+        return _split(self.api_tokens.get_secret_value())
+
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for `service.db.create_engine` (which drops the pool sizes where
         the backend has no pool, as for in-memory SQLite)."""
@@ -63,7 +130,18 @@ class Settings(BaseSettings):
             "pool_size": self.db_pool_size,
             "max_overflow": self.db_max_overflow,
             "pool_timeout": self.db_pool_timeout,
+            **self._connect_args(),
         }
+
+    def _connect_args(self) -> dict[str, Any]:
+        if make_url(self.database_url).get_backend_name() != "postgresql":
+            return {}
+        return {"connect_args": {"connect_timeout": self.db_connect_timeout}}
+
+
+def _split(value: str) -> list[str]:
+    """`"a, b,,c"` -> `["a", "b", "c"]`."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 @lru_cache

@@ -4,7 +4,10 @@ import logging
 
 from fastapi import FastAPI
 from fastapi_pagination import add_pagination
+from starlette.middleware.cors import CORSMiddleware
 
+from service.auth import TokenCheck
+from service.body_limit import BodySizeLimit
 from service.config import Settings, get_settings
 from service.db import DBSessionMiddleware, db
 from service.handlers import install_problem_handlers, problem_responses
@@ -16,20 +19,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app on `settings` (default: the environment).
 
     Also makes the settings' database the default of `db`, so `with db():` in scripts and
-    tests reaches the same database as the app's requests.
+    tests reaches the same database as the app's requests. Raises `NoApiTokens` when the
+    settings name no API token: the app never serves with writes open to anyone.
     """
     settings = settings or get_settings()
+    token_check = TokenCheck.from_settings(settings)
     logging.basicConfig(level=settings.log_level)
     engine = db.configure(settings.database_url, engine_args=settings.engine_args())
     app = FastAPI(
         title="Items service",
         version="0.1.0",
-        responses=problem_responses(500),
+        responses=problem_responses(413, 500, 503),
     )
     app.state.settings = settings
+    app.state.token_check = token_check
+    # The last added runs first: CORS, then the body limit, then the database session - so
+    # a request takes a connection slot only once its whole body is in (and not too large).
     app.add_middleware(
         DBSessionMiddleware, custom_engine=engine, server_timing=settings.db_server_timing
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "X-Request-ID"],
+            expose_headers=["ETag", "Location", "Retry-After"],
+        )
     install_problem_handlers(app)
     app.include_router(health_router)
     app.include_router(items_router)

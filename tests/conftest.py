@@ -23,6 +23,9 @@ from service.db import create_engine
 from service.main import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+# The API token of the test apps; `client` sends it, so tests/items/* can write.
+TEST_TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
 def pytest_report_header() -> str:
@@ -89,7 +92,12 @@ def _empty_tables(engine: Engine, request: pytest.FixtureRequest) -> Iterator[No
 
 @pytest.fixture
 def settings(migrated_url: str) -> Settings:
-    return Settings(database_url=migrated_url, db_pool_size=5, db_max_overflow=10)
+    return Settings(
+        database_url=migrated_url,
+        db_pool_size=5,
+        db_max_overflow=10,
+        api_tokens=TEST_TOKEN,
+    )
 
 
 @pytest.fixture
@@ -99,7 +107,10 @@ def app(settings: Settings) -> FastAPI:
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """A client that runs the whole ASGI call, background tasks included, per request."""
+    """A client that runs the whole ASGI call, background tasks included, per request, and
+    sends the test API token (pass `headers={"Authorization": ...}` to send another)."""
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=AUTH
+    ) as client:
         yield client

@@ -10,8 +10,6 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
-from fastapi_pagination.bases import AbstractPage
-from fastapi_pagination.ext.sqlalchemy import paginate
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -21,6 +19,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     select,
     tuple_,
 )
@@ -138,10 +137,38 @@ def is_name_taken_error(error: IntegrityError) -> bool:
     return UNIQUE_NAME_INDEX in str(error.orig)
 
 
-def page_of_items(filters: ItemFilters, sort: ItemSort) -> AbstractPage[Item]:
-    """The page of the current request's page parameters: one COUNT, one SELECT."""
-    page: AbstractPage[Item] = paginate(db.session, _ordered(_filtered(filters), sort))
-    return page
+def page_rows(filters: ItemFilters, sort: ItemSort, limit: int, offset: int) -> list[Item]:
+    """One page of items in `sort` order: one SELECT."""
+    statement = _ordered(_filtered(filters), sort).limit(limit).offset(offset)
+    return list(db.session.scalars(statement))
+
+
+def count(filters: ItemFilters) -> int:
+    """How many items match: `SELECT count(*)`, which reads every one of them."""
+    statement = _filtered(filters).with_only_columns(func.count(), maintain_column_froms=True)
+    return db.session.scalar(statement) or 0
+
+
+def count_up_to(filters: ItemFilters, limit: int) -> int:
+    """How many items match, counting no further than `limit`: reads at most `limit` rows."""
+    matching: Select[Any] = _filtered(filters).with_only_columns(
+        literal_column("1"), maintain_column_froms=True
+    )
+    matching = matching.limit(limit)
+    return db.session.scalar(select(func.count()).select_from(matching.subquery())) or 0
+
+
+def estimated_count(filters: ItemFilters) -> int | None:
+    """The query planner's estimate of how many items match (PostgreSQL's EXPLAIN: reads no
+    rows, only statistics); None where the database has no such estimate (SQLite)."""
+    connection = db.session.connection()
+    if connection.dialect.name != "postgresql":
+        return None
+    compiled = _filtered(filters).compile(dialect=connection.dialect)
+    plan = connection.exec_driver_sql(
+        f"EXPLAIN (FORMAT JSON) {compiled.string}", compiled.params
+    ).scalar_one()
+    return int(plan[0]["Plan"]["Plan Rows"])
 
 
 def items_after(

@@ -14,11 +14,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
+from service.auth import require_token, require_token_for_reads
 from service.config import Settings
 from service.handlers import problem_responses
 from service.items import service
 from service.items.models import Item
 from service.items.schemas import (
+    CountMode,
     ItemCreate,
     ItemFilters,
     ItemOut,
@@ -29,8 +31,15 @@ from service.items.schemas import (
 )
 from service.items.service import ANY_VERSION, VersionMatch
 
-reads = APIRouter(prefix="/items", tags=["items"])
-writes = APIRouter(prefix="/items", tags=["items"])
+reads = APIRouter(
+    prefix="/items", tags=["items"], dependencies=[Depends(require_token_for_reads)]
+)
+writes = APIRouter(
+    prefix="/items",
+    tags=["items"],
+    dependencies=[Depends(require_token)],
+    responses=problem_responses(401),
+)
 
 ItemId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The item's id.")]
 IfMatch = Annotated[
@@ -88,10 +97,48 @@ def _item_response(response: Response, item: Item) -> ItemOut:
     summary="List items, a page at a time",
     responses=problem_responses(422),
 )
-def list_items(filters: Filters, sort: Sort = ItemSort.id_asc) -> Any:
-    """Numbered pages with a total count (two queries per page). For reading far into a
-    large list, `GET /items/scroll` stays fast at any depth."""
-    return service.list_items(filters, sort)
+def list_items(
+    filters: Filters,
+    request: Request,
+    response: Response,
+    sort: Sort = ItemSort.id_asc,
+    count: Annotated[
+        CountMode | None,
+        Query(
+            description="How to count `total`: `exact` (every match; slow on big tables), "
+            "`estimated` (exact up to a threshold, 10,000 by default, then an estimate; "
+            "`total_is_exact` says which) or `none` (no total). Default: the request's "
+            "`Prefer: count=...` header, else `estimated`."
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(description="RFC 7240 preferences; `count=exact|estimated|none` is honoured."),
+    ] = None,
+) -> Any:
+    """Numbered pages with a total. For reading far into a large list, `GET /items/scroll`
+    stays fast at any depth."""
+    mode = count
+    if mode is None and (preferred := preferred_count(prefer)) is not None:
+        mode = preferred
+        response.headers["Preference-Applied"] = f"count={mode.value}"
+    settings: Settings = request.app.state.settings
+    return service.list_items(
+        filters, sort, mode or CountMode.estimated, settings.count_threshold
+    )
+
+
+def preferred_count(prefer: str | None) -> CountMode | None:
+    """The `count=` preference of a `Prefer` header; an unknown value is ignored, as RFC 7240
+    asks of preferences a server does not understand."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "count":
+            try:
+                return CountMode(value.strip().strip('"').lower())
+            except ValueError:
+                return None
+    return None
 
 
 @reads.get(

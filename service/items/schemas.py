@@ -1,6 +1,7 @@
 """What the items API reads and writes: input bodies, the output item, filters and sorts."""
 
 import re
+import unicodedata
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -8,7 +9,13 @@ from typing import Annotated, Any
 
 from fastapi import Query
 from fastapi_pagination import Page
-from fastapi_pagination.customization import CustomizedPage, UseName, UseParamsFields
+from fastapi_pagination.customization import (
+    CustomizedPage,
+    UseAdditionalFields,
+    UseName,
+    UseOptionalFields,
+    UseParamsFields,
+)
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -46,16 +53,38 @@ def _restore_plus(value: Any) -> Any:
     return _OFFSET_SEEN_AS_SPACE.sub(r"+\1", value) if isinstance(value, str) else value
 
 
+def _one_line(value: str) -> str:
+    """Names and searches are one line of printable text: no control characters (NUL
+    included, which PostgreSQL cannot store), line separators or lone surrogates."""
+    if any(unicodedata.category(char) in {"Cc", "Cs", "Zl", "Zp"} for char in value):
+        raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+def _text(value: str) -> str:
+    """Free text may break lines and use tabs, but holds no other control character."""
+    if any(unicodedata.category(c) in {"Cc", "Cs"} and c not in "\t\n\r" for c in value):
+        raise ValueError("must not contain control characters other than tab and line breaks")
+    return value
+
+
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(_one_line),
     Field(
-        description="1-200 characters, surrounding whitespace removed. Unique regardless "
-        "of case.",
+        description="1-200 characters, surrounding whitespace removed, no control "
+        "characters. Unique regardless of case.",
         examples=["Walnut desk lamp"],
     ),
 ]
-Description = Annotated[str | None, Field(description="Free text.", examples=["Warm light."])]
+Description = Annotated[
+    Annotated[str, AfterValidator(_text)] | None,
+    Field(
+        description="Free text; tabs and line breaks but no other control characters.",
+        examples=["Warm light."],
+    ),
+]
 Price = Annotated[
     Decimal,
     Field(
@@ -136,7 +165,7 @@ class ItemOut(BaseModel):
 class ItemFilters(BaseModel):
     """Query filters of the item lists; all optional, combined with AND."""
 
-    q: str | None = Field(
+    q: Annotated[str, AfterValidator(_one_line)] | None = Field(
         None,
         max_length=200,
         description="Part of the name, case-insensitive; % and _ match themselves.",
@@ -153,6 +182,14 @@ class ItemFilters(BaseModel):
     created_before: UTCDateTimeIn | None = Field(
         None, description="Created strictly before this ISO 8601 time (no offset = UTC)."
     )
+
+
+class CountMode(StrEnum):
+    """How `GET /items` counts its `total` (PostgREST's `Prefer: count=...` modes)."""
+
+    exact = "exact"  # every matching row: exact, but its cost grows with the table
+    estimated = "estimated"  # exact up to a threshold, then the planner's estimate
+    none = "none"  # no count: total and pages are null
 
 
 class ItemSort(StrEnum):
@@ -180,6 +217,18 @@ class ItemSort(StrEnum):
 ItemPage = CustomizedPage[
     Page[ItemOut],
     UseName("ItemPage"),
+    # With count=none there is no total, so no number of pages either.
+    UseOptionalFields(fields=("total", "pages")),
+    UseAdditionalFields(
+        total_is_exact=Annotated[
+            bool,
+            Field(
+                description="Whether `total` (and so `pages`) is the exact number of matching "
+                "items: false when it is the planner's estimate or a lower bound "
+                "(`count=estimated` above the threshold) or absent (`count=none`)."
+            ),
+        ]
+    ),
     UseParamsFields(
         # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
         page=Query(1, ge=1, le=2**31 - 1, description="Page number, from 1."),

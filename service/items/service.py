@@ -10,7 +10,8 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from fastapi_pagination.bases import AbstractPage
+from fastapi_pagination import create_page, resolve_params
+from fastapi_pagination.bases import AbstractPage, AbstractParams
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -19,6 +20,7 @@ from service.errors import Conflict, NotFound, PreconditionFailed, PreconditionR
 from service.items import dao
 from service.items.models import Item
 from service.items.schemas import (
+    CountMode,
     ItemCreate,
     ItemFilters,
     ItemOut,
@@ -100,9 +102,35 @@ def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
         raise _changed_since_read(get_item(item_id))  # or NotFound, if it is not there
 
 
-def list_items(filters: ItemFilters, sort: ItemSort) -> AbstractPage[Item]:
-    """The page of the request's `page`/`size`, with the total count."""
-    return dao.page_of_items(filters, sort)
+def list_items(
+    filters: ItemFilters, sort: ItemSort, count: CountMode, threshold: int
+) -> AbstractPage[Item]:
+    """The page of the request's `page`/`size`, with a total counted as `count` says:
+
+    - exact: `SELECT count(*)` (2 statements);
+    - estimated: exact up to `threshold` matching items, with a count that stops there;
+      above it, on PostgreSQL, the planner's estimate of the same filtered query, else
+      the threshold itself as a lower bound (2 statements, 3 above the threshold);
+    - none: no total and no page count (1 statement).
+    """
+    params: AbstractParams = resolve_params()
+    window = params.to_raw_params().as_limit_offset()
+    total, exact = _total(filters, count, threshold)
+    items = dao.page_rows(filters, sort, limit=window.limit or 0, offset=window.offset or 0)
+    return create_page(items, total=total, params=params, total_is_exact=exact)
+
+
+def _total(filters: ItemFilters, count: CountMode, threshold: int) -> tuple[int | None, bool]:
+    """The total to report, and whether it is exact."""
+    if count is CountMode.none:
+        return None, False
+    if count is CountMode.exact:
+        return dao.count(filters), True
+    counted = dao.count_up_to(filters, threshold + 1)
+    if counted <= threshold:
+        return counted, True
+    # More than the threshold: never report fewer than the rows known to be there.
+    return max(dao.estimated_count(filters) or 0, threshold), False
 
 
 def scroll_items(

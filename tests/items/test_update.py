@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, event, update
 from sqlalchemy.orm import Mapper
 
 from service.items.models import Item
+from tests.conftest import AUTH
 from tests.items.conftest import CreateItem
 from tests.items.helpers import stored
 
@@ -331,7 +332,9 @@ async def test_ten_concurrent_patches_with_the_same_version_exactly_one_wins(
     app: FastAPI, engine: Engine
 ) -> None:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=AUTH
+    ) as client:
         item = (await client.post("/items", json={"name": "Lamp", "price": "1"})).json()
 
         responses = await asyncio.gather(

@@ -1,0 +1,162 @@
+"""GET /items `count=exact | estimated | none` and `Prefer: count=...` (bounded-cost totals).
+
+The threshold is lowered to 5 so both sides of it fit in a test; the production default is
+10,000 (COUNT_THRESHOLD).
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
+from math import ceil
+from typing import Any, Protocol
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import Engine, text
+
+from service.config import Settings
+from service.db import QueryLog
+from service.main import create_app
+from tests.items.helpers import insert_items
+
+pytestmark = pytest.mark.anyio
+THRESHOLD = 5
+
+
+class MaxQueries(Protocol):
+    def __call__(self, limit: int) -> AbstractContextManager[QueryLog]: ...
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings.model_copy(update={"count_threshold": THRESHOLD}))
+
+
+@pytest.fixture
+async def reader(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+def add(engine: Engine, names: list[str], backend: str) -> None:
+    insert_items(engine, *({"name": name, "price": "1.00"} for name in names))
+    if backend == "postgresql":
+        with engine.begin() as connection:  # fresh statistics for the planner's estimate
+            connection.execute(text("ANALYZE items"))
+
+
+def totals(body: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return body["total"], body["pages"], body["total_is_exact"]
+
+
+async def test_default_is_estimated_and_exact_below_the_threshold(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, assert_max_queries: MaxQueries
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(THRESHOLD)], backend)
+    with assert_max_queries(2):  # the bounded count and the rows
+        response = await reader.get("/items", params={"size": 2})
+    assert response.status_code == 200
+    assert totals(response.json()) == (THRESHOLD, 3, True)
+    assert "preference-applied" not in response.headers
+
+
+async def test_estimated_above_the_threshold_is_not_exact(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, assert_max_queries: MaxQueries
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    # Above the threshold: the bounded count, the planner's estimate (PostgreSQL), the rows.
+    with assert_max_queries(3 if backend == "postgresql" else 2):
+        response = await reader.get("/items", params={"size": 5})
+    total, pages, exact = totals(response.json())
+    assert exact is False
+    assert len(response.json()["items"]) == 5
+    if backend == "postgresql":
+        assert total == 12  # freshly analysed: the planner knows
+    else:
+        assert total == THRESHOLD  # no estimate on SQLite: the threshold, a lower bound
+    assert pages == ceil(total / 5)
+
+
+async def test_estimated_applies_to_the_filtered_query_on_both_sides(
+    reader: httpx.AsyncClient, engine: Engine, backend: str
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(3)] + [f"chair {n}" for n in range(9)], backend)
+
+    lamps = (await reader.get("/items", params={"q": "lamp"})).json()
+    assert totals(lamps) == (3, 1, True)
+
+    chairs = (await reader.get("/items", params={"q": "chair", "size": 4})).json()
+    total, pages, exact = totals(chairs)
+    assert exact is False
+    assert total >= THRESHOLD  # an estimate never reports fewer than the rows counted
+    assert pages == ceil(total / 4)
+    assert [item["name"] for item in chairs["items"]] == [f"chair {n}" for n in range(4)]
+
+
+async def test_exactly_the_threshold_is_still_exact(
+    reader: httpx.AsyncClient, engine: Engine, backend: str
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(THRESHOLD + 1)], backend)
+    at = (await reader.get("/items", params={"q": "lamp 1"})).json()  # "lamp 1" only
+    assert totals(at)[2] is True
+    above = (await reader.get("/items")).json()
+    assert totals(above)[2] is False
+
+
+async def test_count_exact_counts_every_row_in_two_statements(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, assert_max_queries: MaxQueries
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    with assert_max_queries(2):
+        response = await reader.get("/items", params={"count": "exact", "size": 5})
+    assert totals(response.json()) == (12, 3, True)
+
+
+async def test_count_none_runs_one_statement_and_reports_no_total(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, assert_max_queries: MaxQueries
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    with assert_max_queries(1):
+        response = await reader.get("/items", params={"count": "none", "size": 5, "page": 2})
+    body = response.json()
+    assert totals(body) == (None, None, False)
+    assert (body["page"], body["size"]) == (2, 5)
+    assert [item["name"] for item in body["items"]] == [f"lamp {n}" for n in range(5, 10)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "none"])
+async def test_prefer_header_chooses_the_mode_and_is_acknowledged(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, mode: str
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    response = await reader.get("/items", headers={"Prefer": f"return=minimal, count={mode}"})
+    assert response.headers["preference-applied"] == f"count={mode}"
+    assert response.json()["total"] == (12 if mode == "exact" else None)
+
+
+async def test_query_parameter_wins_over_prefer(
+    reader: httpx.AsyncClient, engine: Engine, backend: str
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    response = await reader.get(
+        "/items", params={"count": "exact"}, headers={"Prefer": "count=none"}
+    )
+    assert totals(response.json())[0::2] == (12, True)
+    assert "preference-applied" not in response.headers
+
+
+async def test_unknown_prefer_value_is_ignored(reader: httpx.AsyncClient) -> None:
+    response = await reader.get("/items", headers={"Prefer": "count=planned"})
+    assert response.status_code == 200
+    assert response.json()["total_is_exact"] is True  # estimated, on an empty table
+    assert "preference-applied" not in response.headers
+
+
+async def test_unknown_count_parameter_is_a_422_listing_the_modes(
+    reader: httpx.AsyncClient,
+) -> None:
+    response = await reader.get("/items", params={"count": "planned"})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "exact" in str(response.json()["errors"])

@@ -1,0 +1,269 @@
+"""Hostile input: bodies over the limit get 413; malformed JSON, wrong types, NaN and
+Infinity prices, 10 kB names and control characters get 422 with field errors; SQL
+metacharacters in `q` and `sort` are data, never SQL. Nothing is stored on any rejected
+request.
+"""
+
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import AUTH
+from tests.items.helpers import ids, insert_items, stored
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+
+
+def assert_field_errors(response: httpx.Response, *locs: list[Any]) -> list[dict[str, Any]]:
+    """A 422 problem document whose field errors name exactly `locs` (as lists)."""
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert (body["status"], body["title"]) == (422, "Unprocessable Entity")
+    errors: list[dict[str, Any]] = body["errors"]
+    assert sorted(map(str, (e["loc"] for e in errors))) == sorted(map(str, locs)), errors
+    return errors
+
+
+@pytest.fixture
+def lamp(engine: Engine) -> int:
+    [item_id] = insert_items(engine, {"name": "Lamp", "price": Decimal("9.90")})
+    return item_id
+
+
+# -- 413 -------------------------------------------------------------------------------
+
+
+async def test_body_over_one_mib_answers_413_and_stores_nothing(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    body = json.dumps({"name": "Lamp", "price": "1", "description": "x" * MiB}).encode()
+
+    response = await client.post(
+        "/items", content=body, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 413
+    assert stored(engine) == {}
+
+
+async def test_body_just_under_one_mib_is_accepted(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    body = {"name": "Lamp", "price": "1", "description": "x" * (MiB - 100)}
+    response = await client.post("/items", json=body)
+    assert response.status_code == 201, response.text[:300]
+    assert len(stored(engine)) == 1
+
+
+async def test_chunked_body_over_the_limit_answers_413_and_stores_nothing(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"name": "Lamp", "price": "1", "description": "'
+        for _ in range(20):
+            yield b"x" * 64 * 1024
+        yield b'"}'
+
+    response = await client.post(
+        "/items", content=chunks(), headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 413, response.text[:300]
+    assert response.json()["status"] == 413
+    assert stored(engine) == {}
+
+
+async def test_the_body_limit_is_configurable(
+    settings: Settings, engine: Engine, lamp: int
+) -> None:
+    app = create_app(settings.model_copy(update={"max_body_bytes": 100}))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test", headers=AUTH
+    ) as client:
+        small = await client.patch(f"/items/{lamp}", json={"price": "2", "version": 1})
+        large = await client.patch(
+            f"/items/{lamp}", json={"description": "x" * 100, "version": 2}
+        )
+
+    assert small.status_code == 200, small.text
+    assert large.status_code == 413
+    assert stored(engine)[lamp]["description"] is None
+
+
+# -- 422 -------------------------------------------------------------------------------
+
+MALFORMED = [
+    b'{"name": "Lamp", "price": ',
+    b"{'name': 'Lamp', 'price': 1}",
+    b'{"name": "Lamp", "price": 1,}',
+    b"\xff\xfe{}",  # not UTF-8
+]
+
+
+@pytest.mark.parametrize("body", MALFORMED)
+async def test_malformed_json_answers_422_and_stores_nothing(
+    client: httpx.AsyncClient, engine: Engine, body: bytes
+) -> None:
+    response = await client.post(
+        "/items", content=body, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    [error] = response.json()["errors"]
+    assert (error["loc"][0], error["type"]) == ("body", "json_invalid")  # loc[1]: the offset
+    assert stored(engine) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "wrong"),
+    [
+        ({"name": 5, "price": "1"}, "name"),
+        ({"name": ["Lamp"], "price": "1"}, "name"),
+        ({"name": "Lamp", "price": True}, "price"),
+        ({"name": "Lamp", "price": [1]}, "price"),
+        ({"name": "Lamp", "price": {"amount": 1}}, "price"),
+        ({"name": "Lamp", "price": "1", "description": 7}, "description"),
+        ({"name": "Lamp", "price": "-1"}, "price"),
+        ({"name": "Lamp", "price": "1.001"}, "price"),
+        ({"name": "Lamp", "price": "1e20"}, "price"),
+        ({"name": "Lamp", "price": "1", "id": 99}, "id"),
+    ],
+)
+async def test_wrong_types_answer_422_with_the_field_and_store_nothing(
+    client: httpx.AsyncClient, engine: Engine, body: dict[str, Any], wrong: str
+) -> None:
+    response = await client.post("/items", json=body)
+
+    assert_field_errors(response, ["body", wrong])
+    assert stored(engine) == {}
+
+
+NOT_FINITE = [
+    *(("number", value) for value in ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]),
+    *(("string", f'"{value}"') for value in ["NaN", "-NaN", "sNaN", "Infinity", "-inf", "1e400"]),
+]
+
+
+@pytest.mark.parametrize(("kind", "value"), NOT_FINITE, ids=[f"{k}-{v}" for k, v in NOT_FINITE])
+async def test_nan_and_infinite_prices_answer_422_and_store_nothing(
+    client: httpx.AsyncClient, engine: Engine, lamp: int, kind: str, value: str
+) -> None:
+    headers = {"content-type": "application/json", "If-Match": "*"}
+    create = await client.post(
+        "/items", content=f'{{"name": "Rug", "price": {value}}}', headers=headers
+    )
+    update = await client.patch(f"/items/{lamp}", content=f'{{"price": {value}}}', headers=headers)
+
+    assert_field_errors(create, ["body", "price"])
+    assert_field_errors(update, ["body", "price"])
+    assert stored(engine)[lamp]["price"] == Decimal("9.90")
+    assert len(stored(engine)) == 1
+
+
+async def test_a_10_kb_name_answers_422_and_stores_nothing(
+    client: httpx.AsyncClient, engine: Engine, lamp: int
+) -> None:
+    name = "n" * 10_000
+
+    create = await client.post("/items", json={"name": name, "price": "1"})
+    update = await client.patch(f"/items/{lamp}", json={"name": name, "version": 1})
+
+    [error] = assert_field_errors(create, ["body", "name"])
+    assert error["type"] == "string_too_long"
+    assert_field_errors(update, ["body", "name"])
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]
+
+
+CONTROL = ["\x00", "\x01", "\x08", "\x1b[31m", "\x7f", "\u2028"]
+
+
+@pytest.mark.parametrize("control", CONTROL, ids=[repr(c) for c in CONTROL])
+async def test_control_characters_in_a_name_answer_422_and_store_nothing(
+    client: httpx.AsyncClient, engine: Engine, lamp: int, control: str
+) -> None:
+    name = f"Desk{control}lamp"
+
+    create = await client.post("/items", json={"name": name, "price": "1"})
+    update = await client.patch(f"/items/{lamp}", json={"name": name, "version": 1})
+
+    assert_field_errors(create, ["body", "name"])
+    assert_field_errors(update, ["body", "name"])
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]
+
+
+async def test_control_characters_in_a_description_answer_422_but_line_breaks_are_text(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    refused = await client.post(
+        "/items", json={"name": "Rug", "price": "1", "description": "Wool\x00\x07"}
+    )
+    accepted = await client.post(
+        "/items", json={"name": "Mat", "price": "1", "description": "Wool.\n\tHand-made.\r\n"}
+    )
+
+    assert_field_errors(refused, ["body", "description"])
+    assert accepted.status_code == 201, accepted.text
+    assert [row["name"] for row in stored(engine).values()] == ["Mat"]
+
+
+@pytest.mark.parametrize("path", ["/items", "/items/scroll"])
+async def test_control_characters_in_q_answer_422(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path, params={"q": "lamp\x00"})
+    assert_field_errors(response, ["query", "q"])
+
+
+# -- SQL metacharacters are data -------------------------------------------------------
+
+NAMES = ["O'Brien's lamp", "100% wool rug", "under_score", 'say "hi"', "back\\slash", "plain"]
+METACHARACTERS = [
+    ("'", ["O'Brien's lamp"]),
+    ("%", ["100% wool rug"]),
+    ("_", ["under_score"]),
+    ('"', ['say "hi"']),
+    ("\\", ["back\\slash"]),
+    ("'; DROP TABLE items; --", []),
+    ("' OR '1'='1", []),
+    ("%' OR 1=1 --", []),
+    ("lamp' UNION SELECT * FROM items --", []),
+]
+
+
+@pytest.mark.parametrize(("q", "expected"), METACHARACTERS)
+@pytest.mark.parametrize("path", ["/items", "/items/scroll"])
+async def test_sql_metacharacters_in_q_are_searched_for_literally(
+    client: httpx.AsyncClient, engine: Engine, path: str, q: str, expected: list[str]
+) -> None:
+    rows = insert_items(engine, *({"name": n, "price": Decimal("1")} for n in NAMES))
+    by_id = dict(zip(rows, NAMES, strict=True))
+
+    response = await client.get(path, params={"q": q})
+
+    assert [by_id[i] for i in ids(response)] == expected
+    assert sorted(row["name"] for row in stored(engine).values()) == sorted(NAMES)
+
+
+@pytest.mark.parametrize(
+    "sort",
+    ["name; DROP TABLE items", "name DESC", "(SELECT 1)", "id--", "price,name", "1", "NAME"],
+)
+@pytest.mark.parametrize("path", ["/items", "/items/scroll"])
+async def test_sql_in_sort_answers_422_and_touches_nothing(
+    client: httpx.AsyncClient, engine: Engine, lamp: int, path: str, sort: str
+) -> None:
+    response = await client.get(path, params={"sort": sort})
+
+    assert_field_errors(response, ["query", "sort"])
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]

@@ -1,0 +1,210 @@
+"""Who may write: bearer tokens from API_TOKENS (service.auth).
+
+Writes without a token, or with a wrong one, get 401 with `WWW-Authenticate: Bearer` as a
+problem document and change nothing; reads stay public unless READ_REQUIRES_TOKEN=true; the
+app refuses to start without a token; no token reaches a log line or a response body.
+"""
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import Engine
+
+from service.auth import NoApiTokens
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import ROOT, TEST_TOKEN
+from tests.items.helpers import insert_items, stored
+
+pytestmark = pytest.mark.anyio
+
+OTHER_TOKEN = "second-token-fedcba9876543210"
+WRONG_TOKEN = "wrong-token-0000000000000000"
+
+
+WRITES = [
+    ("POST", "/items", {"name": "Lamp", "price": "9.90"}),
+    ("PATCH", "/items/{id}", {"price": "1.00", "version": 1}),
+    ("DELETE", "/items/{id}", None),
+]
+
+
+def assert_unauthorized(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert (body["status"], body["title"]) == (401, "Unauthorized")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), WRITES)
+@pytest.mark.parametrize(
+    "authorization",
+    ["", f"Bearer {WRONG_TOKEN}", f"Basic {TEST_TOKEN}", f"Bearer {TEST_TOKEN}x", "Bearer"],
+    ids=["missing", "wrong", "not-bearer", "extended", "empty"],
+)
+async def test_write_without_a_valid_token_answers_401_and_changes_nothing(
+    client: httpx.AsyncClient,
+    engine: Engine,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    authorization: str,
+) -> None:
+    [item_id] = insert_items(engine, {"name": "Kettle", "price": Decimal("5.00")})
+    before = stored(engine)
+
+    response = await client.request(
+        method,
+        path.format(id=item_id),
+        json=body,
+        headers={"Authorization": authorization, "If-Match": "*"},
+    )
+
+    assert_unauthorized(response)
+    assert stored(engine) == before
+
+
+@pytest.mark.parametrize("token", [TEST_TOKEN, OTHER_TOKEN])
+async def test_every_configured_token_may_write(
+    settings: Settings, engine: Engine, token: str
+) -> None:
+    app = create_app(settings.model_copy(update={"api_tokens": _secret(TEST_TOKEN, OTHER_TOKEN)}))
+    async with _client(app) as client:
+        response = await client.post(
+            "/items",
+            json={"name": "Lamp", "price": "9.90"},
+            headers={"Authorization": f"bearer {token}"},  # the scheme ignores case
+        )
+    assert response.status_code == 201, response.text
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]
+
+
+async def test_reads_are_public_by_default(client: httpx.AsyncClient, engine: Engine) -> None:
+    [item_id] = insert_items(engine, {"name": "Kettle", "price": Decimal("5.00")})
+    for path in ("/items", "/items/scroll", f"/items/{item_id}", "/health/live"):
+        response = await client.get(path, headers={"Authorization": ""})
+        assert response.status_code == 200, (path, response.text)
+
+
+async def test_reads_need_a_token_when_read_requires_token(
+    settings: Settings, engine: Engine
+) -> None:
+    [item_id] = insert_items(engine, {"name": "Kettle", "price": Decimal("5.00")})
+    app = create_app(settings.model_copy(update={"read_requires_token": True}))
+    async with _client(app) as client:
+        for path in ("/items", "/items/scroll", f"/items/{item_id}"):
+            assert_unauthorized(await client.get(path))
+            wrong = await client.get(path, headers={"Authorization": f"Bearer {WRONG_TOKEN}"})
+            assert_unauthorized(wrong)
+            allowed = await client.get(path, headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+            assert allowed.status_code == 200, allowed.text
+        # Probes stay open: an orchestrator has no token.
+        assert (await client.get("/health/live")).status_code == 200
+
+
+def test_the_app_refuses_to_start_without_a_token(migrated_url: str) -> None:
+    for tokens in ("", " , "):
+        with pytest.raises(NoApiTokens, match="API_TOKENS"):
+            create_app(Settings(database_url=migrated_url, api_tokens=tokens))  # type: ignore[arg-type]
+
+
+def test_short_tokens_are_refused_without_being_shown() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(api_tokens=f"{TEST_TOKEN},short-secret")  # type: ignore[arg-type]
+    assert "at least 16 characters" in str(refused.value)
+    assert "short-secret" not in str(refused.value)
+    assert TEST_TOKEN not in str(refused.value)
+
+
+def test_the_app_keeps_only_sha256_digests_of_the_tokens(settings: Settings) -> None:
+    kept = vars(create_app(settings).state.token_check)
+    assert TEST_TOKEN not in repr(kept)
+    assert [len(digest) for digest in kept["_digests"]] == [32]
+    assert TEST_TOKEN not in repr(settings) and TEST_TOKEN not in str(settings.model_dump())
+
+
+async def test_tokens_never_appear_in_logs_or_error_bodies(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        responses = [
+            await client.post("/items", json={"name": "Lamp", "price": "9.90"}),
+            await client.post("/items", json={"name": "Lamp", "price": "9.90"}),  # 409
+            await client.post("/items", json={"name": 5}),  # 422
+            await client.post(
+                "/items",
+                json={"name": "Rug", "price": "1"},
+                headers={"Authorization": f"Bearer {WRONG_TOKEN}"},
+            ),
+        ]
+    assert [r.status_code for r in responses] == [201, 409, 422, 401]
+    for response in responses:
+        assert TEST_TOKEN not in response.text and WRONG_TOKEN not in response.text
+    logged = "\n".join(record.getMessage() for record in caplog.records) + caplog.text
+    assert TEST_TOKEN not in logged and WRONG_TOKEN not in logged
+
+
+def test_serve_without_tokens_generates_one_prints_it_once_and_requires_it(
+    migrated_url: str, engine: Engine
+) -> None:
+    """`make run` is `python -m service migrate` then `python -m service serve`."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"API_TOKENS", "READ_REQUIRES_TOKEN"}}
+    env["DATABASE_URL"] = migrated_url
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--no-access-log"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        output = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            output.append(line)
+            if "Application startup complete" in line or server.poll() is not None:
+                break
+        printed = "".join(output)
+        assert "generated a development token" in printed, printed
+        [token] = re.findall(r"Authorization: Bearer (\S+)", printed)
+
+        base = f"http://127.0.0.1:{port}"
+        item = {"name": "Lamp", "price": "9.90"}
+        assert httpx.post(f"{base}/items", json=item, timeout=5).status_code == 401
+        wrong = httpx.post(f"{base}/items", json=item, headers={"Authorization": "Bearer x" * 3})
+        assert wrong.status_code == 401
+        allowed = httpx.post(
+            f"{base}/items", json=item, headers={"Authorization": f"Bearer {token}"}, timeout=5
+        )
+        assert allowed.status_code == 201, allowed.text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        rest, _ = server.communicate(timeout=15)
+    assert printed.count(token) + rest.count(token) == 1  # printed once, never logged
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]
+
+
+def _secret(*tokens: str) -> SecretStr:
+    return SecretStr(",".join(tokens))
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
