@@ -8,8 +8,9 @@ framework's ceiling. Every app gets the same engine settings (the service's own)
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI
-from fastapi_pagination import add_pagination
+from fastapi import Depends, FastAPI, Query
+from fastapi_pagination import Page, add_pagination
+from fastapi_pagination.customization import CustomizedPage, UseParamsFields
 from fastapi_pagination.ext.sqlalchemy import paginate
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import get_settings
 from service.db import DBSessionMiddleware, create_engine, db
 from service.items.models import Item
-from service.items.schemas import ItemPage
+from service.items.schemas import ItemOut
+
+# The items page as the service had it before its count modes: Page + size 1-100.
+ItemPage = CustomizedPage[Page[ItemOut], UseParamsFields(size=Query(20, ge=1, le=100))]
 
 PAGE_QUERY = select(Item).order_by(Item.id)
 

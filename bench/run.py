@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CURSOR_SECRET = "benchmark-only-cursor-secret"
+API_TOKEN = "benchmark-only-api-token"
 
-QUICK = {"rounds": 3, "load_seconds": 4, "latency_seconds": 2, "connections": 16}
+QUICK = {"rounds": 3, "load_seconds": 3, "latency_seconds": 2, "connections": 16}
 
 
 def log(message: str) -> None:
@@ -51,6 +52,7 @@ def server_env() -> dict[str, str]:
     return {
         **os.environ,
         "CURSOR_SECRET": CURSOR_SECRET,
+        "API_TOKENS": API_TOKEN,
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(ROOT),
     }
@@ -241,7 +243,7 @@ def scroll_path(engine: Engine, page: int, size: int = 20) -> str:
 
 def statements_of(path: str) -> list[tuple[str, Any]]:
     """The SQL statements (with parameters) the service runs for `path`."""
-    os.environ["CURSOR_SECRET"] = CURSOR_SECRET
+    os.environ.update(CURSOR_SECRET=CURSOR_SECRET, API_TOKENS=API_TOKEN, LOG_LEVEL="WARNING")
     from service.config import Settings
     from service.main import create_app
 
@@ -290,12 +292,31 @@ def raw_sql(url: str, statements: list[tuple[str, Any]], seconds: float) -> dict
     }
 
 
-def hey(server: Server, path: str, requests: int, connections: int) -> None:
-    subprocess.run(
-        ["hey", "-n", str(requests), "-c", str(connections), server.url(path)],
-        capture_output=True,
-        check=True,
+COUNT_MODES = {
+    "count=estimated (default)": "/items?size=20",
+    "count=exact": "/items?size=20&count=exact",
+    "count=none": "/items?size=20&count=none",
+    "cursor page (/items/scroll)": "/items/scroll?size=20",
+}
+
+
+def count_modes(service: Server, cfg: dict[str, Any]) -> dict[str, Series]:
+    lat = cfg["latency_seconds"]
+    return interleaved(
+        cfg["rounds"],
+        {name: lambda p=path: wrk(service, p, 1, lat) for name, path in COUNT_MODES.items()},
     )
+
+
+def count_checks(engine: Engine, service: Server) -> dict[str, tuple[str, bool]]:
+    """count=exact is exact; count=none is one statement (the Server-Timing header)."""
+    total = httpx.get(service.url("/items?size=1&count=exact")).json()["total"]
+    rows = count_rows(engine)
+    timing = httpx.get(service.url("/items?size=20&count=none")).headers["server-timing"]
+    return {
+        "count=exact returns the exact number": (f"{total:,} of {rows:,}", total == rows),
+        "count=none costs one statement": (timing, '"1 query"' in timing),
+    }
 
 
 # -- report -------------------------------------------------------------------------------
@@ -411,11 +432,20 @@ def main() -> None:
                     seed_rates.append(rate)
                 depth_scan = depth(engine, service, cfg)
 
+        # -- totals: count modes on the largest table -----------------------------------
+        final_rows = count_rows(engine)
+        counting = count_modes(service, cfg)
+        checks = count_checks(engine, service)
+
         # -- memory ------------------------------------------------------------------------
         log("memory: RSS after 1k and after 100k requests")
-        hey(service, scroll, 1_000, 8)
+        with httpx.Client() as client:
+            for _ in range(1_000):
+                client.get(service.url(scroll)).raise_for_status()
         rss_1k = service.rss_mib()
-        hey(service, scroll, 99_000, 16)
+        served = 1_000
+        while served < 100_000:
+            served += wrk(service, scroll, 16, 5).requests
         rss_100k = service.rss_mib()
     finally:
         for server in servers.values():
@@ -432,6 +462,9 @@ def main() -> None:
         depth=depth_scan,
         depth_rows=depth_rows,
         size=size_scan,
+        final_rows=final_rows,
+        counting=counting,
+        checks=checks,
         rss=(rss_1k, rss_100k),
         seed=seed_rates,
         seconds=time.monotonic() - started,
@@ -469,6 +502,9 @@ class Report:
     depth: dict[str, Series]
     depth_rows: int
     size: dict[int, Series]
+    final_rows: int
+    counting: dict[str, Series]
+    checks: dict[str, tuple[str, bool]]
     rss: tuple[float, float]
     seed: list[float]
     seconds: float
@@ -483,6 +519,8 @@ class Report:
         overhead = p50 - self.floor_page["page_ms"]
         rss_1k, rss_100k = self.rss
         seed = statistics.median(self.seed) if self.seed else 0.0
+        estimated = self.counting["count=estimated (default)"].median("p50_ms")
+        cursor = self.counting["cursor page (/items/scroll)"].median("p50_ms")
         return [
             (
                 "ours vs Depends(get_db): throughput loss <= 3 %",
@@ -511,6 +549,13 @@ class Report:
                 rss_100k / rss_1k <= 1.1,
             ),
             ("seed >= 50,000 rows/s", f"{seed:,.0f} rows/s", seed >= 50_000),
+            (
+                f"/items (count=estimated) p50 <= 2x cursor page p50, {self.final_rows:,} rows"
+                + ("" if self.final_rows >= 1_000_000 else " (the target names 1M: FULL=1)"),
+                f"{estimated / cursor:.2f}x ({estimated:.2f} / {cursor:.2f} ms)",
+                estimated <= 2 * cursor,
+            ),
+            *((name, value, ok) for name, (value, ok) in self.checks.items()),
         ]
 
     def write(self, markdown: Path, plot: Path) -> None:
@@ -581,6 +626,17 @@ class Report:
             *(
                 f"| {rows:,} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} |"
                 for rows, s in self.size.items()
+            ),
+            "",
+            f"## Totals: GET /items?size=20 by count mode ({self.final_rows:,} rows), "
+            "one connection",
+            "",
+            "| request | p50 ms | p99 ms | server CPU ms/req |",
+            "| --- | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} | "
+                f"{s.median('cpu_ms_per_request'):.2f} |"
+                for name, s in self.counting.items()
             ),
             "",
             "## Memory and seeding",
