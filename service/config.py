@@ -25,8 +25,15 @@ class Settings(BaseSettings):
         DEFAULT_DATABASE_URL,
         description="SQLAlchemy URL, e.g. postgresql+psycopg2://user:pass@host:5432/dbname",
     )
-    db_pool_size: int = Field(10, ge=1, description="Connections kept open in the pool.")
-    db_max_overflow: int = Field(30, ge=0, description="Extra connections opened under load.")
+    db_pool_size: int = Field(
+        20,
+        ge=1,
+        description="Connections kept open. Size it to the requests you expect at once: "
+        "connections beyond it are opened for one request and closed after it.",
+    )
+    db_max_overflow: int = Field(
+        10, ge=0, description="Extra connections opened (and closed again) under peaks."
+    )
     db_pool_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a connection.")
     db_pool_pre_ping: bool = Field(True, description="Test a pooled connection before using it.")
     db_echo: bool = Field(False, description="Log every SQL statement.")
