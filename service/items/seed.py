@@ -5,25 +5,26 @@ Every name ends in the run's token and a counter, so seeding again never collide
 earlier runs (names are unique regardless of case).
 
 How the rows get in, fastest first:
-- PostgreSQL, adding at least as many rows as the table holds: one transaction that drops
-  the secondary indexes, COPYs every batch and builds the indexes again (a bulk build is
-  far cheaper than maintaining five indexes row by row, and the unique index is checked
-  over everything when it is rebuilt). Other sessions wait for the table meanwhile; if
-  anything fails, nothing of it stays.
-- PostgreSQL otherwise: batches COPYed by `writers` connections at once, each batch its
-  own transaction, while this thread makes up the next ones.
-- SQLite: batches of multi-row INSERTs, one writer.
+- PostgreSQL makes the rows up itself (`dao.insert_made_up`: one INSERT ... SELECT per
+  batch, nothing but the words crosses the wire).
+  - Adding at least as many rows as the table holds: one transaction that drops the
+    secondary indexes, inserts every batch and builds the indexes again (a bulk build is
+    far cheaper than maintaining four indexes row by row, and the unique index is checked
+    over everything when it is rebuilt). Other sessions wait for the table meanwhile; if
+    anything fails, nothing of it stays.
+  - Otherwise: batches inserted by `writers` connections at once, each batch its own
+    transaction.
+- SQLite: rows made up here (`fake_items`, the same kinds of rows), batches of multi-row
+  INSERTs, one writer.
 """
 
 import itertools
 import random
 import secrets
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
-from queue import Full, Queue
 from typing import Any
 
 from service.db import db
@@ -85,59 +86,43 @@ def seed_items(count: int, batch: int, writers: int, progress: Progress) -> None
 
     Needs `db` configured. See the module docstring for how the rows get in.
     """
-    rows = fake_items(count, run_token(), random.Random())
-    batches = iter(lambda: list(itertools.islice(rows, batch)), [])
+    token = run_token()
+    numbered = [range(first, min(first + batch, count + 1)) for first in range(1, count + 1, batch)]
     with db():
-        bulk = dao.bulk_load_supported()
-        rebuild = bulk and count >= dao.count_all()
+        made_in_database = dao.bulk_load_supported()
+        rebuild = made_in_database and count >= dao.count_all()
+
+    def store(numbers: range) -> int:
+        dao.insert_made_up(
+            numbers, token, styles=_STYLES, materials=_MATERIALS, things=_THINGS,
+            features=_FEATURES,
+        )
+        return len(numbers)
+
     if rebuild:
-        _store_in_one_transaction(batches, progress)
+        with db(), dao.secondary_indexes_dropped():
+            for numbers in numbered:
+                progress(store(numbers))
+    elif made_in_database:
+        _in_parallel(numbered, store, writers, progress)
     else:
         # SQLite lets one transaction write at a time: more writers would only queue.
-        _store_in_parallel(batches, writers if bulk else 1, progress)
+        rows = fake_items(count, token, random.Random())
+        for numbers in numbered:
+            with db():
+                dao.insert_many(list(itertools.islice(rows, len(numbers))))
+            progress(len(numbers))
 
 
-def _store_in_one_transaction(
-    batches: Iterator[list[dict[str, Any]]], progress: Progress
+def _in_parallel(
+    batches: list[range], store: Callable[[range], int], writers: int, progress: Progress
 ) -> None:
-    """One writer thread loads every batch in one transaction, indexes dropped, while this
-    thread makes up the next batch (the database works meanwhile)."""
-    handoff: Queue[list[dict[str, Any]] | None] = Queue(maxsize=2)
+    """`store` every batch, each in its own transaction, `writers` at a time."""
 
-    def load() -> None:
-        with db(), dao.secondary_indexes_dropped():
-            while (rows := handoff.get()) is not None:
-                dao.insert_many(rows)
-                progress(len(rows))
+    def store_in_transaction(numbers: range) -> int:
+        with db():
+            return store(numbers)
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        loading = pool.submit(load)
-        for rows in itertools.chain(batches, [None]):
-            while not loading.done():  # a failed loader takes no more: stop making rows
-                try:
-                    handoff.put(rows, timeout=0.1)
-                    break
-                except Full:
-                    continue
-            if loading.done():
-                break
-        loading.result()  # the loader's error, if any
-
-
-def _store_in_parallel(
-    batches: Iterator[list[dict[str, Any]]], writers: int, progress: Progress
-) -> None:
-    def store(rows: list[dict[str, Any]]) -> int:
-        with db():  # one transaction per batch, on the writer thread
-            dao.insert_many(rows)
-        return len(rows)
-
-    # The database stores batches while this thread makes up the next one.
     with ThreadPoolExecutor(max_workers=writers) as pool:
-        pending: deque[Future[int]] = deque()
-        for rows in batches:
-            pending.append(pool.submit(store, rows))
-            while len(pending) > writers or (pending and pending[0].done()):
-                progress(pending.popleft().result())
-        while pending:
-            progress(pending.popleft().result())
+        for stored in pool.map(store_in_transaction, batches):
+            progress(stored)

@@ -1,6 +1,8 @@
 """`python -m service seed --items N`: adds N plausible items, again on every run."""
 
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -28,7 +30,14 @@ def test_seed_inserts_n_items_and_reports_progress(
     assert all(Decimal("0.50") <= row["price"] <= Decimal("2000.00") for row in rows)
     assert all(row["price"] == row["price"].quantize(Decimal("0.01")) for row in rows)
     assert len({row["description"] for row in rows}) > 50
-    assert all(row["created_at"].tzinfo is not None for row in rows)
+    assert 10 <= sum(row["description"] is None for row in rows) <= 60  # one in eight
+    # "<style> <material> <thing> <run token>-<number>", numbered 1..N within the run.
+    assert sorted(int(row["name"].rsplit("-", 1)[1]) for row in rows) == list(range(1, 251))
+    assert len({row["name"].rsplit(" ", 1)[1].split("-")[0] for row in rows}) == 1
+    assert all(len(row["name"].split()) >= 4 for row in rows)
+    now = datetime.now(UTC)
+    assert all(now - timedelta(days=366) <= row["created_at"] <= now for row in rows)
+    assert all(row["updated_at"] == row["created_at"] for row in rows)
     assert all(row["version"] == 1 for row in rows)
     output = capsys.readouterr()
     assert "250/250 (100%)" in output.err
@@ -74,3 +83,34 @@ def test_seeding_keeps_every_index_and_the_unique_name_rule(engine: Engine) -> N
     finally:
         fresh.dispose()
     assert len(stored(engine)) == 250
+
+
+@pytest.mark.usefixtures("database_env")
+def test_a_seed_failing_halfway_keeps_only_whole_batches(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.items import dao
+
+    batches = 0
+
+    def third_batch_fails(original: Any) -> Any:
+        def insert(*args: Any, **kwargs: Any) -> None:
+            nonlocal batches
+            batches += 1
+            if batches == 3:
+                raise RuntimeError("the disk is full")
+            original(*args, **kwargs)
+
+        return insert
+
+    monkeypatch.setattr(dao, "insert_made_up", third_batch_fails(dao.insert_made_up))
+    monkeypatch.setattr(dao, "insert_many", third_batch_fails(dao.insert_many))
+
+    with pytest.raises(RuntimeError, match="disk is full"):
+        main(["seed", "--items", "500", "--batch", "100"])
+
+    if engine.dialect.name == "postgresql":
+        # Into an empty table: one transaction, indexes dropped and rebuilt - all or nothing.
+        assert stored(engine) == {}
+    else:
+        assert len(stored(engine)) == 200  # each batch its own transaction
