@@ -65,6 +65,9 @@ class ConnectionSlots:
         semaphore = self._semaphores.get(loop)
         if semaphore is None:
             semaphore = self._semaphores[loop] = asyncio.Semaphore(self.limit)
+        if not semaphore.locked():  # a slot is free and nobody queues: no timer, no task
+            await semaphore.acquire()
+            return semaphore
         try:
             await asyncio.wait_for(semaphore.acquire(), self.wait)
         except TimeoutError:
