@@ -12,7 +12,9 @@ router = APIRouter(prefix="/health", tags=["health"])
 
 
 @router.get("/live", summary="The process is up")
-def live() -> dict[str, str]:
+async def live() -> dict[str, str]:
+    # On the event loop, not the threadpool: the probe answers while every worker thread is
+    # busy, as long as the process itself is responsive.
     return {"status": "ok"}
 
 

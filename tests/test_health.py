@@ -1,3 +1,7 @@
+import threading
+
+import anyio
+import anyio.to_thread
 import httpx
 import pytest
 
@@ -8,6 +12,24 @@ async def test_live_answers_200(client: httpx.AsyncClient) -> None:
     response = await client.get("/health/live")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+async def test_live_answers_while_every_worker_thread_is_busy(client: httpx.AsyncClient) -> None:
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    saved, limiter.total_tokens = limiter.total_tokens, 1
+    release = threading.Event()
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(anyio.to_thread.run_sync, release.wait)  # takes the only thread
+            await anyio.sleep(0.05)
+            try:
+                with anyio.fail_after(2):
+                    response = await client.get("/health/live")
+            finally:
+                release.set()
+    finally:
+        limiter.total_tokens = saved
+    assert response.status_code == 200
 
 
 async def test_ready_answers_200_when_the_database_answers(client: httpx.AsyncClient) -> None:
