@@ -68,14 +68,18 @@ _INSERT_MADE_UP = text(
            w.created_at, w.created_at, 1
     FROM (
         SELECT n,
-               (CAST(:styles AS text[]))[1 + floor(random() * :style_count)::int] AS style,
-               (CAST(:materials AS text[]))[1 + floor(random() * :material_count)::int] AS material,
-               (CAST(:things AS text[]))[1 + floor(random() * :thing_count)::int] AS thing,
-               (CAST(:features AS text[]))[1 + floor(random() * :feature_count)::int] AS feature,
+               styles[1 + floor(random() * cardinality(styles))::int] AS style,
+               materials[1 + floor(random() * cardinality(materials))::int] AS material,
+               things[1 + floor(random() * cardinality(things))::int] AS thing,
+               features[1 + floor(random() * cardinality(features))::int] AS feature,
                random() AS no_description,
                random() AS price_draw,
                now() - random() * interval '365 days' AS created_at
-        FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS n
+        FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS n,
+             (SELECT CAST(:styles AS text[]) AS styles,
+                     CAST(:materials AS text[]) AS materials,
+                     CAST(:things AS text[]) AS things,
+                     CAST(:features AS text[]) AS features) AS words
     ) AS w
     """
 )
@@ -102,13 +106,9 @@ def insert_made_up(
             "first": numbers.start,
             "last": numbers.stop - 1,
             "styles": list(styles),
-            "style_count": len(styles),
             "materials": list(materials),
-            "material_count": len(materials),
             "things": list(things),
-            "thing_count": len(things),
             "features": list(features),
-            "feature_count": len(features),
         },
     )
 
