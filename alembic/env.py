@@ -11,7 +11,7 @@ from sqlalchemy import Connection
 
 from service.config import get_settings
 from service.db.engine import create_engine
-from service.models import metadata
+from service.metadata import metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -17,7 +17,7 @@ Bodies are at most `max_bytes` (default 1 MiB), so holding one in memory is boun
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.handlers import problem_response
+from service.problems import problem_response
 
 
 class BodySizeLimit:

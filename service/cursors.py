@@ -13,7 +13,7 @@ import hmac
 import json
 from typing import Any
 
-from service.errors import BadRequest
+from service.domain_errors import BadRequest
 
 # 128 bits of the SHA-256 MAC are plenty to detect tampering and keep cursors short.
 _SIGNATURE_BYTES = 16

@@ -1,4 +1,7 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes.
+
+The liveness probe is one of the app's `sessionless_paths`: it gets no database session and
+never waits for a connection slot, so it answers while the database work is saturated."""
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -6,9 +9,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.db import db
-from service.handlers import problem_response, problem_responses
+from service.problems import problem_response, problem_responses
 
 router = APIRouter(prefix="/health", tags=["health"])
+LIVENESS_PATH = "/health/live"
 
 
 @router.get("/live", summary="The process is up")

@@ -10,9 +10,10 @@ from service.auth import TokenCheck
 from service.body_limit import BodySizeLimit
 from service.config import Settings, get_settings
 from service.db import DBSessionMiddleware, db
-from service.handlers import install_problem_handlers, problem_responses
+from service.health import LIVENESS_PATH
 from service.health import router as health_router
 from service.items.router import router as items_router
+from service.problems import failure_problem, install_problem_handlers, problem_responses
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,7 +37,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first: CORS, then the body limit, then the database session - so
     # a request takes a connection slot only once its whole body is in (and not too large).
     app.add_middleware(
-        DBSessionMiddleware, custom_engine=engine, server_timing=settings.db_server_timing
+        DBSessionMiddleware,
+        custom_engine=engine,
+        server_timing=settings.db_server_timing,
+        sessionless_paths=sessionless_paths(app),
+        error_response=failure_problem,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
@@ -53,6 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(items_router)
     add_pagination(app)
     return app
+
+
+def sessionless_paths(app: FastAPI) -> set[str]:
+    """Paths that never touch the database, so they never wait for a connection slot: the
+    liveness probe and the API docs."""
+    docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
+    return {LIVENESS_PATH, *(path for path in docs if path)}
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -1,16 +1,31 @@
-"""The one error body of the service: RFC 9457 problem details.
+"""The one error body of the service: RFC 9457 problem details, and the handlers that
+produce it.
 
-Every 4xx/5xx response, whether raised by a router, by validation or by the database
-session middleware, is a `Problem` serialised as `application/problem+json`.
+Every 4xx/5xx response - raised by a router, by validation, by the body limit or by the
+database session middleware - is built by `problem_response` and sent as
+`application/problem+json`. Which status a database failure gets is decided in one place,
+`service.db.failures`; this module only renders it.
 """
 
-import json
+import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm.exc import StaleDataError
+from starlette.exceptions import HTTPException
+
+from service.db.failures import Failure, failure_of_statement
+from service.domain_errors import DomainError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+logger = logging.getLogger("service")
 
 
 class FieldError(BaseModel):
@@ -33,18 +48,91 @@ class Problem(BaseModel):
     )
 
 
-def problem_body(status: int, detail: str | None = None, **extra: Any) -> dict[str, Any]:
-    """A problem-details document for `status`, with `title` taken from the HTTP reason."""
+def problem_response(
+    status: int, detail: str | None, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """A problem-details response for `status`, with `title` taken from the HTTP reason."""
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
+        **extra,
     }
-    body.update(extra)
-    return body
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
-def problem_bytes(status: int, detail: str | None = None) -> bytes:
-    """`problem_body` encoded for the wire, for code that speaks raw ASGI."""
-    return json.dumps(problem_body(status, detail)).encode()
+def failure_problem(failure: Failure) -> JSONResponse:
+    """A database failure (`service.db.failures`) as a problem response; what
+    `DBSessionMiddleware(error_response=...)` sends for a failed COMMIT or a busy pool."""
+    return problem_response(failure.status, failure.detail, headers=failure.headers)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries declaring the problem body for `statuses`."""
+    # `model` registers the schema (FastAPI files it under application/json); the explicit
+    # entry puts it under the media type the errors are really sent as.
+    schema = {"schema": {"$ref": f"#/components/schemas/{Problem.__name__}"}}
+    return {
+        status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: schema}} for status in statuses
+    }
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Answer HTTP errors, validation errors, domain errors, database failures (409, 503)
+    and unhandled exceptions (500) with problem details."""
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(StaleDataError, _database_error)
+    app.add_exception_handler(Exception, _unhandled_error)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    undecodable = exc.__cause__
+    if exc.status_code == 400 and isinstance(undecodable, UnicodeDecodeError):
+        # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is malformed
+        # JSON like any other, so it gets the same 422 as a syntax error.
+        error = {"loc": ["body", undecodable.start], "msg": "JSON decode error: the body is "
+                 "not UTF-8", "type": "json_invalid"}
+        return problem_response(422, "The request is not valid; see errors.", errors=[error])
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    return problem_response(exc.status_code, detail, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": [str(part) if not isinstance(part, int) else part for part in error["loc"]],
+         "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors()
+    ]
+    return problem_response(422, "The request is not valid; see errors.", errors=errors)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return problem_response(exc.status, exc.detail)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A database failure the route did not handle, answered as `service.db.failures` says;
+    one it cannot explain (500) is a bug and goes the way of every unhandled exception."""
+    failure = failure_of_statement(exc)
+    if failure.status == 500:
+        raise exc
+    if failure.status == 503:
+        # The driver's first line says why (refused, timed out, terminated); it names host
+        # and port, never the password, and stays in the log.
+        orig = getattr(exc, "orig", None)
+        reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
+        logger.warning("%s %s: database unavailable (%s); answering 503",
+                       request.method, request.url.path, reason)
+    return failure_problem(failure)
+
+
+async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the exception and re-raises it after this response is sent.
+    return failure_problem(failure_of_statement(exc))

@@ -13,20 +13,32 @@
 API-compatible with fastapi-sqlalchemy 0.2.1; see `DBSessionMiddleware` for the differences.
 """
 
-from service.db.accounting import QueryLog, QueryStats, assert_max_queries
+from service.db.accounting import QueryLog, QueryStats, assert_max_queries, instrument
+from service.db.database import Database, db
 from service.db.engine import create_engine, enable_sqlite_savepoints
-from service.db.errors import (
-    MissingSessionError,
-    SessionNotInitialisedError,
+from service.db.failures import (
+    BUSY,
+    Failure,
     database_unavailable,
+    failure_of_commit,
+    failure_of_statement,
 )
-from service.db.middleware import CommitPolicy, DBSessionMiddleware, commit_below_400
-from service.db.scope import Database, db
+from service.db.middleware import (
+    CommitPolicy,
+    DBSessionMiddleware,
+    ErrorResponse,
+    commit_below_400,
+    detail_json,
+)
+from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
 
 __all__ = [
+    "BUSY",
     "CommitPolicy",
     "DBSessionMiddleware",
     "Database",
+    "ErrorResponse",
+    "Failure",
     "MissingSessionError",
     "QueryLog",
     "QueryStats",
@@ -36,5 +48,9 @@ __all__ = [
     "create_engine",
     "database_unavailable",
     "db",
+    "detail_json",
     "enable_sqlite_savepoints",
+    "failure_of_commit",
+    "failure_of_statement",
+    "instrument",
 ]

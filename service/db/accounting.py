@@ -1,9 +1,12 @@
 """Counting SQL statements and database time, per unit of work and per test block.
 
-Listeners sit on every `Engine`. A statement is charged to the innermost open scope of the
-context that ran it (`Server-Timing`), and to every `assert_max_queries` block open in the
-process (tests run one at a time, and the app under test may run in another thread).
-Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is not a query and is not counted.
+Listeners sit only on the engines `service.db` works with (`instrument`: every engine made
+by `service.db.create_engine`, given to a `DBSessionMiddleware` or to `db.configure`), so other
+engines in the process pay nothing. A statement is charged to the innermost open unit of
+work of the context that ran it (`Server-Timing`), and to every `assert_max_queries` block
+open in the process (tests run one at a time, and the app under test may run in another
+thread). Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is not a query and is not
+counted.
 """
 
 from collections.abc import Iterator
@@ -54,9 +57,9 @@ _logs: list[QueryLog] = []
 def assert_max_queries(limit: int) -> Iterator[QueryLog]:
     """Fail if the block runs more than `limit` SQL statements, listing them all.
 
-    The N+1 guard for DAO code: counts statements from every engine in the process, including
-    those run by an app under test in another thread. Yields the `QueryLog` so a test can also
-    assert on the statements themselves.
+    The N+1 guard for DAO code: counts the statements of every instrumented engine (see the
+    module docstring), including those run by an app under test in another thread. Yields
+    the `QueryLog` so a test can also assert on the statements themselves.
     """
     log = QueryLog()
     _logs.append(log)
@@ -71,7 +74,14 @@ def assert_max_queries(limit: int) -> Iterator[QueryLog]:
         )
 
 
-@event.listens_for(Engine, "before_cursor_execute")
+def instrument(engine: Engine) -> Engine:
+    """Count `engine`'s statements from now on (idempotent); returns the engine."""
+    if not event.contains(engine, "after_cursor_execute", _after):
+        event.listen(engine, "before_cursor_execute", _before)
+        event.listen(engine, "after_cursor_execute", _after)
+    return engine
+
+
 def _before(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:
@@ -79,7 +89,6 @@ def _before(
         _started.set(perf_counter())
 
 
-@event.listens_for(Engine, "after_cursor_execute")
 def _after(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:

@@ -1,6 +1,7 @@
 """Engines that behave the same on every backend we support.
 
-`create_engine` is SQLAlchemy's, plus what SQLite needs to act like a real database:
+`create_engine` is SQLAlchemy's, with statement accounting attached (`accounting`), plus
+what SQLite needs to act like a real database:
 
 - in-memory SQLite (`sqlite://`) gets one shared connection (`StaticPool`) usable from any
   thread, so sync routes running in the threadpool see the same database;
@@ -18,15 +19,17 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
+from service.db.accounting import instrument
+
 # Pool sizing makes no sense for a single shared connection.
 _POOL_SIZING_ARGS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle")
 
 
 def create_engine(url: str | URL, **engine_args: Any) -> Engine:
-    """Create an engine for `url` with the SQLite fixes above applied where relevant."""
+    """Create an engine for `url`, instrumented, with the SQLite fixes above where relevant."""
     url = make_url(url)
     if url.get_backend_name() != "sqlite":
-        return sqlalchemy.create_engine(url, **engine_args)
+        return instrument(sqlalchemy.create_engine(url, **engine_args))
     if _is_memory(url):
         for name in _POOL_SIZING_ARGS:
             engine_args.pop(name, None)
@@ -36,7 +39,7 @@ def create_engine(url: str | URL, **engine_args: Any) -> Engine:
         engine_args["connect_args"] = connect_args
     engine = sqlalchemy.create_engine(url, **engine_args)
     enable_sqlite_savepoints(engine, wal=not _is_memory(url))
-    return engine
+    return instrument(engine)
 
 
 def enable_sqlite_savepoints(engine: Engine, *, wal: bool = False) -> None:

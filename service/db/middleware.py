@@ -4,9 +4,9 @@ Pure ASGI, in the manner of Starlette's own middleware: it watches the app's `se
 acts on `http.response.start`, before forwarding it:
 
 - status accepted by the commit policy (default: below 400) -> COMMIT, then send. If the
-  commit fails, roll back and send a problem response instead (409 for integrity errors,
-  503 with Retry-After when the database became unavailable, 500 otherwise) - the client
-  never sees a 2xx for work that was not stored;
+  commit fails, roll back and send an error response instead (409 for integrity errors,
+  503 with Retry-After when the database became unavailable, 500 otherwise: `failures`) -
+  the client never sees a 2xx for work that was not stored;
 - any other status -> ROLLBACK, then send;
 - writes made after the response started (streaming bodies, BackgroundTasks) are committed
   when the app returns, in a transaction of their own; a failure there is logged at ERROR
@@ -18,39 +18,52 @@ COMMIT, ROLLBACK and CLOSE run on the middleware's own small thread pool, never 
 loop and never queued behind request handlers in the shared threadpool. Requests wait in the
 event loop for one of the engine's connection slots before they enter the app (see
 `admission`), so sync routes cannot deadlock when requests outnumber connections.
+
+Requests to `sessionless_paths` (probes, API docs, metrics) skip all of it: no session, no
+slot, so they answer at once however busy the database is. The path is known before the app
+runs, which is what lets the decision happen in the event loop: taking a slot later, at the
+first `db.session` inside a sync route, would block a worker thread and bring the deadlock
+back.
 """
 
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.exc import StaleDataError
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.db.accounting import instrument
 from service.db.admission import ConnectionSlots, NoSlot, pool_capacity, pool_wait
+from service.db.database import Database
+from service.db.database import db as default_database
 from service.db.engine import create_engine
-from service.db.errors import database_unavailable
-from service.db.scope import Database
-from service.db.scope import Scope as UnitOfWork
-from service.db.scope import db as default_database
-from service.problems import PROBLEM_MEDIA_TYPE, problem_bytes
+from service.db.failures import BUSY, Failure, failure_of_commit
+from service.db.unit_of_work import UnitOfWork
 
 logger = logging.getLogger("service.db")
 
 T = TypeVar("T")
 CommitPolicy = Callable[[int], bool]
+# Turns a database failure into the response sent instead (any ASGI app, e.g. a Response).
+ErrorResponse = Callable[[Failure], ASGIApp]
 
 
 def commit_below_400(status: int) -> bool:
     """The default commit policy: success and redirect responses commit, errors roll back."""
     return status < 400
+
+
+def detail_json(failure: Failure) -> ASGIApp:
+    """The default error response: `{"detail": "..."}`, as FastAPI answers an
+    HTTPException, with the failure's headers (`Retry-After`)."""
+    return JSONResponse({"detail": failure.detail}, failure.status, headers=failure.headers)
 
 
 class _Request:
@@ -86,6 +99,11 @@ class DBSessionMiddleware:
     - `max_concurrent_sessions`: requests admitted at once; "auto" = the pool's capacity
       (pool_size + max_overflow, 1 for a single shared connection), None = no limit. A
       request that finds no slot within the pool's timeout gets 503 with `Retry-After`.
+    - `sessionless_paths`: exact paths served without a session and without waiting for a
+      slot (health probes, `/docs`, `/openapi.json`, `/metrics`); `db.session` there raises
+      `MissingSessionError` (`with db():` still works).
+    - `error_response`: `Failure -> ASGI app`, the body of 503/409/500 answers the
+      middleware sends itself (default: `detail_json`).
 
     The first middleware built also becomes the database's default for `with db():`
     outside requests, unless one was configured already (`db.configure`). WebSocket and
@@ -105,11 +123,17 @@ class DBSessionMiddleware:
         commit_policy: CommitPolicy = commit_below_400,
         server_timing: bool = True,
         max_concurrent_sessions: int | Literal["auto"] | None = "auto",
+        sessionless_paths: Collection[str] = (),
+        error_response: ErrorResponse = detail_json,
     ) -> None:
         if custom_engine is None and not db_url:
             raise ValueError("You need to pass a db_url or a custom_engine parameter.")
         self.app = app
-        self.engine = custom_engine or create_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
+        self.engine = (
+            instrument(custom_engine)
+            if custom_engine is not None
+            else create_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
+        )
         self.sessionmaker: sessionmaker[Session] = sessionmaker(
             bind=self.engine, **(session_args or {})
         )
@@ -117,6 +141,8 @@ class DBSessionMiddleware:
         self.commit_policy = commit_policy
         self.server_timing = server_timing
         self.database = database
+        self.sessionless_paths = frozenset(sessionless_paths)
+        self.error_response = error_response
         limit = (
             pool_capacity(self.engine)
             if max_concurrent_sessions == "auto"
@@ -131,7 +157,7 @@ class DBSessionMiddleware:
         database.adopt_default(self.sessionmaker)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.sessionless_paths:
             await self.app(scope, receive, send)
             return
         try:
@@ -141,9 +167,7 @@ class DBSessionMiddleware:
                 "%s: no database connection came free within %.0f s; answering 503",
                 _describe(scope), self.slots.wait,
             )
-            await _send_problem(
-                send, 503, "The database is busy; try again shortly.", [(b"retry-after", b"1")]
-            )
+            await self.error_response(BUSY)(scope, receive, send)
             return
         try:
             await self._serve(scope, receive, send)
@@ -151,13 +175,13 @@ class DBSessionMiddleware:
             self.slots.release(slot)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _Request(self.database.open_scope(self.sessionmaker, self.commit_on_exit), scope)
+        request = _Request(self.database.open_unit(self.sessionmaker, self.commit_on_exit), scope)
         tokens = self.database.activate(request.unit)
 
         async def send_after_commit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 request.started = True
-                start = await self._settle(request, message, send)
+                start = await self._settle(request, message, receive, send)
                 if start is not None:
                     await send(start)
             elif not request.replaced:
@@ -179,7 +203,9 @@ class DBSessionMiddleware:
         finally:
             self.database.deactivate(tokens)
 
-    async def _settle(self, request: _Request, start: Message, send: Send) -> Message | None:
+    async def _settle(
+        self, request: _Request, start: Message, receive: Receive, send: Send
+    ) -> Message | None:
         """Commit or roll back for the response `start`; returns the message to forward."""
         unit = request.unit
         if self.commit_on_exit and self.commit_policy(start["status"]):
@@ -188,7 +214,12 @@ class DBSessionMiddleware:
                     await self._in_thread(request, unit.commit)
                 except Exception as exc:
                     request.replaced = True
-                    await self._send_commit_failure(exc, start["status"], request.scope, send)
+                    failure = failure_of_commit(exc)
+                    logger.error(
+                        "%s: commit failed, answering %d instead of %d",
+                        _describe(request.scope), failure.status, start["status"], exc_info=exc,
+                    )
+                    await self.error_response(failure)(request.scope, receive, send)
                     return None
             request.commits = True
         elif unit.has_work():
@@ -197,27 +228,6 @@ class DBSessionMiddleware:
             return start
         timing = (b"server-timing", unit.stats.server_timing().encode())
         return {**start, "headers": [*start.get("headers", ()), timing]}
-
-    async def _send_commit_failure(
-        self, exc: Exception, status: int, scope: Scope, send: Send
-    ) -> None:
-        if isinstance(exc, IntegrityError):
-            code, detail = 409, "The change conflicts with data already stored; nothing was saved."
-        elif isinstance(exc, StaleDataError):
-            code, detail = 409, "The record was changed or deleted meanwhile; nothing was saved."
-        elif database_unavailable(exc):
-            # The connection broke during COMMIT: whether the server committed is unknown.
-            code, detail = 503, (
-                "The database became unavailable while saving; the change may not have been "
-                "stored. Check before repeating it."
-            )
-        else:
-            code, detail = 500, "The change could not be saved; nothing was stored."
-        logger.error(
-            "%s: commit failed, answering %d instead of %d", _describe(scope), code, status,
-            exc_info=exc,
-        )
-        await _send_problem(send, code, detail, [(b"retry-after", b"1")] if code == 503 else None)
 
     async def _end(self, request: _Request, commit: bool) -> None:
         """Finish the unit of work off the event loop; never raises but for cancellation."""
@@ -253,24 +263,6 @@ class DBSessionMiddleware:
 
         request.job = self._executor.submit(job)
         return await asyncio.shield(asyncio.wrap_future(request.job))
-
-
-async def _send_problem(
-    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = problem_bytes(status, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _describe(scope: Scope) -> str:

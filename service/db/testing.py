@@ -23,8 +23,8 @@ import pytest
 from sqlalchemy import Connection, Engine
 
 from service.db.accounting import assert_max_queries as _assert_max_queries
+from service.db.database import Database, db
 from service.db.engine import enable_sqlite_savepoints
-from service.db.scope import Database, db
 
 
 @contextmanager

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from service.auth import require_token, require_token_for_reads
 from service.config import Settings
-from service.handlers import problem_responses
 from service.items import service
 from service.items.models import Item
 from service.items.schemas import (
@@ -30,6 +29,7 @@ from service.items.schemas import (
     ItemUpdate,
 )
 from service.items.service import ANY_VERSION, VersionMatch
+from service.problems import problem_responses
 
 reads = APIRouter(
     prefix="/items", tags=["items"], dependencies=[Depends(require_token_for_reads)]

@@ -5,7 +5,7 @@ Every name ends in the run's token and a counter, so seeding again never collide
 earlier runs (names are unique regardless of case).
 
 How the rows get in, fastest first:
-- PostgreSQL makes the rows up itself (`dao.insert_made_up`: one INSERT ... SELECT per
+- PostgreSQL makes the rows up itself (`seed_dao.insert_made_up`: one INSERT ... SELECT per
   batch, nothing but the words crosses the wire).
   - Adding at least as many rows as the table holds: one transaction that drops the
     secondary indexes, inserts every batch and builds the indexes again (a bulk build is
@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.db import db
-from service.items import dao
+from service.items import seed_dao
 
 _STYLES = (
     "Rustic", "Modern", "Vintage", "Compact", "Deluxe", "Classic", "Nordic", "Industrial",
@@ -89,18 +89,18 @@ def seed_items(count: int, batch: int, writers: int, progress: Progress) -> None
     token = run_token()
     numbered = [range(first, min(first + batch, count + 1)) for first in range(1, count + 1, batch)]
     with db():
-        made_in_database = dao.bulk_load_supported()
-        rebuild = made_in_database and count >= dao.count_all()
+        made_in_database = seed_dao.bulk_load_supported()
+        rebuild = made_in_database and count >= seed_dao.count_all()
 
     def store(numbers: range) -> int:
-        dao.insert_made_up(
+        seed_dao.insert_made_up(
             numbers, token, styles=_STYLES, materials=_MATERIALS, things=_THINGS,
             features=_FEATURES,
         )
         return len(numbers)
 
     if rebuild:
-        with db(), dao.secondary_indexes_dropped():
+        with db(), seed_dao.secondary_indexes_dropped():
             for numbers in numbered:
                 progress(store(numbers))
     elif made_in_database:
@@ -110,7 +110,7 @@ def seed_items(count: int, batch: int, writers: int, progress: Progress) -> None
         rows = fake_items(count, token, random.Random())
         for numbers in numbered:
             with db():
-                dao.insert_many(list(itertools.islice(rows, len(numbers))))
+                seed_dao.insert_many(list(itertools.islice(rows, len(numbers))))
             progress(len(numbers))
 
 

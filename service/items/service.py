@@ -1,6 +1,6 @@
 """The rules of items: unique names, optimistic concurrency, stable scrolling.
 
-Raises domain errors (`service.errors`), which the app answers as problem documents:
+Raises domain errors (`service.domain_errors`), which the app answers as problem documents:
 404 unknown item, 409 name taken, 412 stale version, 428 update without a precondition,
 400 bad cursor.
 """
@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
 from service.cursors import InvalidCursor, read_cursor, sign_cursor
-from service.errors import Conflict, NotFound, PreconditionFailed, PreconditionRequired
+from service.domain_errors import Conflict, NotFound, PreconditionFailed, PreconditionRequired
 from service.items import dao
 from service.items.models import Item
 from service.items.schemas import (

@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, select
 
 from service.db import DBSessionMiddleware, db
-from service.handlers import install_problem_handlers
 from service.items.models import Item
+from service.problems import failure_problem, install_problem_handlers
 
 MakeApp = Callable[..., FastAPI]
 
@@ -33,13 +33,15 @@ def stored_names(engine: Engine) -> set[str]:
 @pytest.fixture
 def make_app(engine: Engine) -> MakeApp:
     """`make_app(**middleware_args)`: a FastAPI app with the service's error handlers and
-    DBSessionMiddleware on the test engine (unless the args say otherwise)."""
+    DBSessionMiddleware on the test engine, answering failures with problem documents as
+    the service does (unless the args say otherwise)."""
 
     def make(**middleware_args: Any) -> FastAPI:
         app = FastAPI()
         install_problem_handlers(app)
         if "db_url" not in middleware_args:
             middleware_args.setdefault("custom_engine", engine)
+        middleware_args.setdefault("error_response", failure_problem)
         app.add_middleware(DBSessionMiddleware, **middleware_args)
         return app
 

@@ -7,10 +7,11 @@ from contextlib import AbstractContextManager
 
 import httpx
 import pytest
+import sqlalchemy
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
 
-from service.db import QueryLog, assert_max_queries, db
+from service.db import Database, DBSessionMiddleware, QueryLog, assert_max_queries, db
 from service.items.models import Item
 from tests.db.conftest import MakeApp, add_item, client_for
 
@@ -127,3 +128,21 @@ async def test_assert_max_queries_fixture_catches_an_n_plus_1_in_a_route(
     ):
         await client.get("/names")
     assert "4 ran" in str(failure.value)
+
+
+def test_only_engines_service_db_works_with_are_counted(migrated_url: str) -> None:
+    """Engines the app never gave to service.db pay nothing and are not counted."""
+    by_middleware, by_configure = (sqlalchemy.create_engine(migrated_url) for _ in range(2))
+    try:
+        with assert_max_queries(0), by_middleware.connect() as connection:
+            connection.execute(select(Item.id)).all()  # not ours (yet): not counted
+
+        DBSessionMiddleware(FastAPI(), custom_engine=by_middleware)
+        Database("reports").configure(by_configure)
+        for engine in (by_middleware, by_configure):
+            with assert_max_queries(1) as log, engine.connect() as connection:
+                connection.execute(select(Item.id)).all()
+            assert log == ["SELECT items.id \nFROM items"]
+    finally:
+        by_middleware.dispose()
+        by_configure.dispose()

@@ -89,7 +89,7 @@ def test_seeding_keeps_every_index_and_the_unique_name_rule(engine: Engine) -> N
 def test_a_seed_failing_halfway_keeps_only_whole_batches(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.items import dao
+    from service.items import seed_dao
 
     batches = 0
 
@@ -103,8 +103,8 @@ def test_a_seed_failing_halfway_keeps_only_whole_batches(
 
         return insert
 
-    monkeypatch.setattr(dao, "insert_made_up", third_batch_fails(dao.insert_made_up))
-    monkeypatch.setattr(dao, "insert_many", third_batch_fails(dao.insert_many))
+    monkeypatch.setattr(seed_dao, "insert_made_up", third_batch_fails(seed_dao.insert_made_up))
+    monkeypatch.setattr(seed_dao, "insert_many", third_batch_fails(seed_dao.insert_many))
 
     with pytest.raises(RuntimeError, match="disk is full"):
         main(["seed", "--items", "500", "--batch", "100"])

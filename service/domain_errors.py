@@ -1,5 +1,5 @@
 """Domain errors: what the service layer raises. Routers never catch them one by one; the
-handler in `service.handlers` turns each into a problem response with its `status`."""
+handler in `service.problems` turns each into a problem response with its `status`."""
 
 
 class DomainError(Exception):

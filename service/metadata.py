@@ -1,7 +1,7 @@
 """Every model of the service, imported so that `metadata` is complete (Alembic reads it)."""
 
-from service.db.model import Base
 from service.items.models import Item
+from service.model_base import Base
 
 metadata = Base.metadata
 

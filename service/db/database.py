@@ -1,13 +1,12 @@
-"""`Database` (the global `db`): which session is current, and how a unit of work ends.
+"""`Database` (the global `db`): which unit of work is current, and `with db():`.
 
-A *scope* is one unit of work: one `Session`, committed or rolled back as a whole, then
-closed. The request middleware opens one per HTTP request; `with db():` opens one anywhere
-else. The current scope lives in a `ContextVar`, so it follows the request into sync routes
-(the threadpool copies the context), background tasks and streaming bodies, and concurrent
-requests never see each other's session.
+The request middleware opens one unit of work (`UnitOfWork`: one session, committed or
+rolled back as a whole) per HTTP request; `with db():` opens one anywhere else. The current
+one lives in a `ContextVar`, so it follows the request into sync routes (the threadpool
+copies the context), background tasks and streaming bodies, and concurrent requests never
+see each other's session.
 """
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -18,70 +17,17 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.accounting import QueryStats, current_stats
+from service.db.accounting import QueryStats, current_stats, instrument
 from service.db.engine import create_engine
-from service.db.errors import MissingSessionError, SessionNotInitialisedError
+from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
+from service.db.unit_of_work import UnitOfWork
 
-logger = logging.getLogger("service.db")
-
-
-class Scope:
-    """One session and what happens when its unit of work ends."""
-
-    __slots__ = ("_hooks", "commit_on_exit", "factory", "session", "stats")
-
-    def __init__(self, factory: sessionmaker[Session], session: Session, commit_on_exit: bool):
-        self.factory = factory
-        self.session = session
-        self.commit_on_exit = commit_on_exit
-        self.stats = QueryStats()
-        self._hooks: list[Callable[[], object]] = []
-
-    def has_work(self) -> bool:
-        """Whether ending the scope needs the database (a transaction or unflushed changes)."""
-        session = self.session
-        return session.in_transaction() or bool(session.new or session.deleted or session.dirty)
-
-    def on_commit(self, hook: Callable[[], object]) -> None:
-        """Run `hook()` after this scope's next successful commit."""
-        self._hooks.append(hook)
-
-    def commit(self) -> None:
-        """Commit, then run the on-commit hooks. If the commit fails, roll back and re-raise."""
-        try:
-            with self.stats.timing():
-                self.session.commit()
-        except BaseException:
-            self._hooks.clear()
-            self.session.rollback()
-            raise
-        hooks, self._hooks = self._hooks, []
-        for hook in hooks:
-            try:
-                hook()
-            except Exception:
-                logger.exception("on_commit hook %r failed; the commit stands", hook)
-
-    def rollback(self) -> None:
-        """Roll back and forget the on-commit hooks."""
-        self._hooks.clear()
-        with self.stats.timing():
-            self.session.rollback()
-
-    def end(self, commit: bool) -> None:
-        """Commit (if asked and there is work) or roll back, and always close."""
-        try:
-            if commit and self.has_work():
-                self.commit()
-            elif self.has_work():
-                self.rollback()
-        finally:
-            self._hooks.clear()
-            self.session.close()
+# What `Database.activate` returns and `deactivate` takes back.
+ActiveTokens = tuple[Token[UnitOfWork | None], Token[QueryStats | None]]
 
 
 class Database:
-    """Hands out the current scope's session; `db` is the default instance.
+    """Hands out the current unit of work's session; `db` is the default instance.
 
     Make one more instance per extra database an app talks to (`reports = Database("reports")`)
     and give it to a second `DBSessionMiddleware(..., database=reports)`.
@@ -89,7 +35,9 @@ class Database:
 
     def __init__(self, name: str = "db") -> None:
         self.name = name
-        self._scope: ContextVar[Scope | None] = ContextVar(f"service_db_{name}", default=None)
+        self._current: ContextVar[UnitOfWork | None] = ContextVar(
+            f"service_db_{name}", default=None
+        )
         self._default: sessionmaker[Session] | None = None
         self._owned_engine: Engine | None = None
         self._test_connection: Connection | None = None
@@ -110,7 +58,7 @@ class Database:
         Calling it again replaces the default; apps already serving keep their own engine.
         """
         if isinstance(url_or_engine, Engine):
-            engine = url_or_engine
+            engine = instrument(url_or_engine)
             owned = None
         else:
             engine = owned = create_engine(url_or_engine, **(engine_args or {}))
@@ -147,7 +95,7 @@ class Database:
             raise SessionNotInitialisedError(self.name)
         return self._default
 
-    # -- the current scope ----------------------------------------------------------------
+    # -- the current unit of work ---------------------------------------------------------
 
     @property
     def session(self) -> Session:
@@ -156,12 +104,12 @@ class Database:
         Raises `MissingSessionError` outside a request or `with db():` block, or
         `SessionNotInitialisedError` if no engine was ever configured.
         """
-        scope = self._scope.get()
-        if scope is None:
+        unit = self._current.get()
+        if unit is None:
             if self._default is None:
                 raise SessionNotInitialisedError(self.name)
             raise MissingSessionError(self.name)
-        return scope.session
+        return unit.session
 
     def on_commit(self, hook: Callable[[], object]) -> None:
         """Run `hook()` after the current scope commits successfully.
@@ -171,10 +119,10 @@ class Database:
         hook is logged at ERROR and changes nothing else. Raises `MissingSessionError`
         outside a scope.
         """
-        scope = self._scope.get()
-        if scope is None:
+        unit = self._current.get()
+        if unit is None:
             raise MissingSessionError(self.name)
-        scope.on_commit(hook)
+        unit.on_commit(hook)
 
     def __call__(
         self,
@@ -182,7 +130,7 @@ class Database:
         commit_on_exit: bool = True,
         *,
         independent: bool = False,
-    ) -> "ScopeBlock":
+    ) -> "UnitOfWorkBlock":
         """`with db():` - a unit of work outside a request (scripts, CLI, jobs, tests).
 
         Leaving the block commits (if `commit_on_exit`) or rolls back on an exception, then
@@ -192,36 +140,36 @@ class Database:
         (e.g. an audit row that must survive the request's rollback); it uses the current
         scope's engine, or the default one outside any scope.
         """
-        return ScopeBlock(self, session_args or {}, commit_on_exit, independent)
+        return UnitOfWorkBlock(self, session_args or {}, commit_on_exit, independent)
 
-    # -- used by the middleware, ScopeBlock and the test plugin ---------------------------
+    # -- used by the middleware, UnitOfWorkBlock and the test plugin ----------------------
 
-    def open_scope(
+    def open_unit(
         self,
         factory: sessionmaker[Session],
         commit_on_exit: bool,
         session_args: dict[str, Any] | None = None,
-    ) -> Scope:
-        """Create a scope's session (not yet current; see `activate`)."""
+    ) -> UnitOfWork:
+        """Open a unit of work on a new session (not yet current; see `activate`)."""
         args = dict(session_args or {})
         if self._test_connection is not None:
             # Test isolation: every commit becomes a savepoint release on the test's
             # connection, and the test's outer transaction is rolled back at the end.
             args.update(bind=self._test_connection, join_transaction_mode="create_savepoint")
-        return Scope(factory, factory(**args), commit_on_exit)
+        return UnitOfWork(factory, factory(**args), commit_on_exit)
 
-    def activate(self, scope: Scope) -> tuple[Token[Scope | None], Token[QueryStats | None]]:
-        """Make `scope` current in this context; undo with `deactivate`."""
-        return self._scope.set(scope), current_stats.set(scope.stats)
+    def activate(self, unit: UnitOfWork) -> ActiveTokens:
+        """Make `unit` current in this context; undo with `deactivate`."""
+        return self._current.set(unit), current_stats.set(unit.stats)
 
-    def deactivate(self, tokens: tuple[Token[Scope | None], Token[QueryStats | None]]) -> None:
+    def deactivate(self, tokens: ActiveTokens) -> None:
         """Make current again what was current before `activate` returned `tokens`."""
-        self._scope.reset(tokens[0])
+        self._current.reset(tokens[0])
         current_stats.reset(tokens[1])
 
-    def current_scope(self) -> Scope | None:
-        """The scope open in this context, if any (no error, unlike `session`)."""
-        return self._scope.get()
+    def current_unit(self) -> UnitOfWork | None:
+        """The unit of work open in this context, if any (no error, unlike `session`)."""
+        return self._current.get()
 
     @contextmanager
     def bound_to(self, connection: Connection) -> Iterator[Connection]:
@@ -233,10 +181,10 @@ class Database:
             self._test_connection = previous
 
 
-class ScopeBlock:
+class UnitOfWorkBlock:
     """The context manager returned by `db(...)`."""
 
-    __slots__ = ("_database", "_independent", "_scope", "_session_args", "_tokens",
+    __slots__ = ("_database", "_independent", "_session_args", "_tokens", "_unit",
                  "commit_on_exit")
 
     def __init__(
@@ -250,12 +198,12 @@ class ScopeBlock:
         self._session_args = session_args
         self.commit_on_exit = commit_on_exit
         self._independent = independent
-        self._scope: Scope | None = None
-        self._tokens: tuple[Token[Scope | None], Token[QueryStats | None]] | None = None
+        self._unit: UnitOfWork | None = None
+        self._tokens: ActiveTokens | None = None
 
     def __enter__(self) -> Database:
         database = self._database
-        outer = database.current_scope()
+        outer = database.current_unit()
         if outer is not None and not self._independent:
             if self._session_args:
                 raise ValueError(
@@ -264,8 +212,8 @@ class ScopeBlock:
                 )
             return database
         factory = outer.factory if outer is not None else database._default_factory()
-        self._scope = database.open_scope(factory, self.commit_on_exit, self._session_args)
-        self._tokens = database.activate(self._scope)
+        self._unit = database.open_unit(factory, self.commit_on_exit, self._session_args)
+        self._tokens = database.activate(self._unit)
         return database
 
     def __exit__(
@@ -274,13 +222,13 @@ class ScopeBlock:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._scope is None or self._tokens is None:
+        if self._unit is None or self._tokens is None:
             return  # a reused outer scope: the outer scope ends the unit of work
         try:
-            self._scope.end(commit=exc_type is None and self.commit_on_exit)
+            self._unit.end(commit=exc_type is None and self.commit_on_exit)
         finally:
             self._database.deactivate(self._tokens)
-            self._scope = self._tokens = None
+            self._unit = self._tokens = None
 
 
 db = Database()

@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
-from service.handlers import install_problem_handlers
+from service.problems import install_problem_handlers
 
 pytestmark = pytest.mark.anyio
 

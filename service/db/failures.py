@@ -1,0 +1,94 @@
+"""What a database failure means for the client: the one mapping from exceptions to statuses.
+
+`service.db` decides the status, the explanation and whether to ask for a retry; the app
+decides what the error body looks like (`DBSessionMiddleware(error_response=...)`).
+
+| exception                                    | by a statement    | by the COMMIT      |
+| -------------------------------------------- | ----------------- | ------------------ |
+| `IntegrityError`: a constraint refused data  | 409               | 409                |
+| `StaleDataError`: a versioned row changed    | 409               | 409                |
+| unavailable (`database_unavailable`)         | 503 + Retry-After | 503 + Retry-After, |
+|                                              |                   | outcome unknown    |
+| anything else                                | 500               | 500                |
+
+No connection slot within the pool's timeout is `BUSY`: 503 + Retry-After. A domain may give
+a failure a more precise meaning before it gets here (the items service answers a stale
+version 412, since its updates carry a precondition); what reaches `service.db` gets the
+statuses above.
+"""
+
+from dataclasses import dataclass
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm.exc import StaleDataError
+
+# Seconds a client is asked to wait before retrying when the database is away or busy.
+RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The response a database failure becomes: a status, a sentence for the client (never
+    the driver's own words: those name hosts and tables, and go to the log) and, for
+    failures worth retrying, the seconds to wait."""
+
+    status: int
+    detail: str
+    retry_after: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Retry-After` when the failure asks for a retry; nothing otherwise."""
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+BUSY = Failure(503, "The database is busy; try again shortly.", RETRY_AFTER_SECONDS)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not serve the request right now - it is down,
+    unreachable, restarting, or the connection broke - rather than that the request was
+    wrong; trying again later may succeed.
+
+    True for a DBAPI error that invalidated its connection (SQLAlchemy's disconnect
+    detection), and for every `OperationalError` (connection refused or lost, timeouts,
+    lock and serialisation failures) and `InterfaceError` (connection already closed).
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def failure_of_statement(exc: BaseException) -> Failure:
+    """What `exc`, raised by a statement of the route (and not handled there), answers."""
+    if isinstance(exc, IntegrityError):
+        return _CONFLICT
+    if isinstance(exc, StaleDataError):
+        return _STALE
+    if database_unavailable(exc):
+        return Failure(
+            503, "The database is not available right now; try again shortly.",
+            RETRY_AFTER_SECONDS,
+        )
+    return Failure(500, "Something went wrong on our side; nothing was stored.")
+
+
+def failure_of_commit(exc: BaseException) -> Failure:
+    """What a COMMIT that raised `exc` answers instead of the route's own status."""
+    if isinstance(exc, IntegrityError):
+        return _CONFLICT
+    if isinstance(exc, StaleDataError):
+        return _STALE
+    if database_unavailable(exc):
+        # The connection broke during COMMIT: whether the server committed is unknown.
+        return Failure(
+            503,
+            "The database became unavailable while saving; the change may not have been "
+            "stored. Check before repeating it.",
+            RETRY_AFTER_SECONDS,
+        )
+    return Failure(500, "The change could not be saved; nothing was stored.")
+
+
+_CONFLICT = Failure(409, "The change conflicts with data already stored; nothing was saved.")
+_STALE = Failure(409, "The record was changed or deleted meanwhile; nothing was saved.")

@@ -1,0 +1,207 @@
+"""What the client hears for each kind of database failure: one mapping
+(`service.db.failures`), used for failed statements in routes and for failed COMMITs alike,
+and the error body the middleware sends unless the app gives it its own."""
+
+from collections.abc import Callable
+from decimal import Decimal
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import Engine, event, update
+from sqlalchemy.exc import DataError, OperationalError
+from starlette.responses import JSONResponse
+
+from service.db import DBSessionMiddleware, Failure, db
+from service.items.models import Item
+from service.problems import install_problem_handlers
+from tests.db.conftest import MakeApp, add_item, client_for, stored_names
+
+pytestmark = pytest.mark.anyio
+
+
+def one_item(engine: Engine, name: str = "lamp") -> int:
+    """Commit one item on a connection of its own; its id."""
+    with engine.begin() as connection:
+        return connection.execute(
+            Item.__table__.insert().values(name=name, price=Decimal("1.00"), version=1)
+        ).inserted_primary_key[0]
+
+
+def bump_version_behind_the_orms_back(item_id: int) -> None:
+    """The item's version moves on without the session's loaded copy knowing, as when
+    another request changed it meanwhile (a second connection cannot do it on SQLite: its
+    commit would make this transaction's write fail as locked)."""
+    db.session.execute(
+        update(Item).where(Item.id == item_id).values(version=Item.version + 1),
+        execution_options={"synchronize_session": False},
+    )
+
+
+# -- raised by a statement of the route, not handled there -----------------------------------
+
+
+async def test_constraint_violation_in_a_route_answers_409(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+    one_item(engine, "lamp")
+
+    @app.post("/duplicate")
+    def duplicate() -> None:
+        add_item("LAMP")
+        db.session.flush()  # the unique index refuses it here, inside the route
+
+    response = await client.post("/duplicate")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"] == (
+        "The change conflicts with data already stored; nothing was saved."
+    )
+    assert stored_names(engine) == {"lamp"}
+
+
+async def test_stale_row_in_a_route_answers_409(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+    item_id = one_item(engine)
+
+    @app.patch("/items/{item_id}")
+    def rename(item_id: int) -> None:
+        item = db.session.get_one(Item, item_id)
+        bump_version_behind_the_orms_back(item_id)
+        item.name = "renamed"
+        db.session.flush()  # UPDATE ... WHERE version = <read version>: no row matches
+
+    response = await client.patch(f"/items/{item_id}")
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        "The record was changed or deleted meanwhile; nothing was saved."
+    )
+    assert stored_names(engine) == {"lamp"}
+
+
+# -- raised by the COMMIT after the route returned 2xx -----------------------------------
+
+
+async def test_stale_row_at_commit_answers_409(
+    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+) -> None:
+    app, client = app_client
+    item_id = one_item(engine)
+
+    @app.patch("/items/{item_id}")
+    def rename(item_id: int) -> dict[str, str]:
+        item = db.session.get_one(Item, item_id)
+        bump_version_behind_the_orms_back(item_id)
+        item.name = "renamed"  # unflushed: the UPDATE runs at COMMIT, and matches no row
+        return {"status": "renamed"}
+
+    response = await client.patch(f"/items/{item_id}")
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        "The record was changed or deleted meanwhile; nothing was saved."
+    )
+    assert "renamed" not in response.text
+    assert stored_names(engine) == {"lamp"}
+    assert engine.pool.checkedout() == 0
+
+
+def failing_commit(exc: Exception) -> Callable[[object], None]:
+    def refuse(session: object) -> None:
+        raise exc
+
+    return refuse
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "retry_after"),
+    [
+        (OperationalError("COMMIT", {}, Exception("server closed the connection")), 503, "1"),
+        (DataError("COMMIT", {}, Exception("terminating connection"),
+                   connection_invalidated=True), 503, "1"),
+        (DataError("COMMIT", {}, Exception("value too long")), 500, None),
+    ],
+    ids=["connection-lost", "invalidated", "other"],
+)
+async def test_failed_commit_status_follows_the_one_mapping(
+    app_client: tuple[FastAPI, httpx.AsyncClient],
+    engine: Engine,
+    exc: Exception,
+    status: int,
+    retry_after: str | None,
+) -> None:
+    app, client = app_client
+
+    @app.post("/items/{name}")
+    def create(name: str) -> dict[str, str]:
+        add_item(name)
+        event.listen(db.session, "before_commit", failing_commit(exc))
+        return {"status": "created"}
+
+    response = await client.post("/items/lamp")
+    assert response.status_code == status
+    assert response.headers.get("retry-after") == retry_after
+    assert response.json()["status"] == status
+    assert stored_names(engine) == set()
+
+
+# -- the error body -----------------------------------------------------------------------
+
+
+async def test_default_error_body_is_a_detail_object(engine: Engine) -> None:
+    """Without `error_response`, service.db needs nothing of the app: FastAPI's own shape."""
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+
+    @app.post("/items/{name}")
+    def create(name: str) -> dict[str, str]:
+        add_item(name)
+        add_item(name.upper())  # unflushed: the unique index refuses them at COMMIT
+        return {"status": "created"}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/lamp")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "detail": "The change conflicts with data already stored; nothing was saved."
+    }
+    assert stored_names(engine) == set()
+
+
+async def test_the_app_chooses_the_error_body(make_app: MakeApp, engine: Engine) -> None:
+    def teapot(failure: Failure) -> JSONResponse:
+        return JSONResponse({"was": failure.status, "retry": failure.headers}, 418)
+
+    app = make_app(error_response=teapot)
+
+    @app.post("/items/{name}")
+    def create(name: str) -> None:
+        add_item(name)
+        add_item(name.upper())
+
+    async with client_for(app) as client:
+        response = await client.post("/items/lamp")
+    assert response.status_code == 418
+    assert response.json() == {"was": 409, "retry": {}}
+    assert stored_names(engine) == set()
+
+
+async def test_problem_handlers_answer_database_failures_without_the_middleware() -> None:
+    """The exception handlers use the same mapping when no session middleware is involved."""
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    async with client_for(app) as client:
+        response = await client.get("/boom")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["detail"] == (
+        "The database is not available right now; try again shortly."
+    )
