@@ -23,9 +23,9 @@ from service.db.failures import (
     failure_of_commit,
     failure_of_statement,
 )
-from service.db.middleware import (
+from service.db.middleware import DBSessionMiddleware
+from service.db.middleware_base import (
     CommitPolicy,
-    DBSessionMiddleware,
     ErrorResponse,
     commit_below_400,
     detail_json,

@@ -5,13 +5,17 @@ rolled back as a whole) per HTTP request; `with db():` opens one anywhere else. 
 one lives in a `ContextVar`, so it follows the request into sync routes (the threadpool
 copies the context), background tasks and streaming bodies, and concurrent requests never
 see each other's session.
+
+`DatabaseBase` and `BlockBase` hold every decision that needs no I/O (which unit is current,
+joining an open unit, the errors outside one) and are shared with the async twin
+(`service.db.asyncio`); `Database` and `UnitOfWorkBlock` add the sync engine and session.
 """
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
@@ -20,29 +24,117 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.accounting import QueryStats, current_stats, instrument
 from service.db.engine import create_engine
 from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
-from service.db.unit_of_work import UnitOfWork
+from service.db.unit_of_work import CommitHook, UnitOfWork, UnitOfWorkBase
 
-# What `Database.activate` returns and `deactivate` takes back.
-ActiveTokens = tuple[Token[UnitOfWork | None], Token[QueryStats | None]]
+UnitT = TypeVar("UnitT", bound=UnitOfWorkBase[Any, Any])
+FactoryT = TypeVar("FactoryT", bound=Callable[..., Any])
+ConnectionT = TypeVar("ConnectionT")
+DatabaseT = TypeVar("DatabaseT", bound="DatabaseBase[Any, Any, Any]")
+
+# What `activate` returns and `deactivate` takes back.
+ActiveTokens = tuple[Token[Any], Token[QueryStats | None]]
 
 
-class Database:
-    """Hands out the current unit of work's session; `db` is the default instance.
+class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
+    """The current unit of work of one database, in a context variable; no I/O here."""
+
+    unit_class: type[UnitT]
+
+    def __init__(self, name: str = "db") -> None:
+        self.name = name
+        self._current: ContextVar[UnitT | None] = ContextVar(f"service_db_{name}", default=None)
+        self._default: FactoryT | None = None
+        self._test_connection: ConnectionT | None = None
+
+    def adopt_default(self, factory: FactoryT) -> None:
+        """Use `factory` outside requests unless a default is configured already.
+
+        Called by each middleware when it is built: the first one wins and is never replaced,
+        so a second app in the process cannot redirect the first one's scripts.
+        """
+        if self._default is None:
+            self._default = factory
+
+    @property
+    def is_configured(self) -> bool:
+        """Whether `with db():` has an engine to use outside requests."""
+        return self._default is not None
+
+    def _default_factory(self) -> FactoryT:
+        if self._default is None:
+            raise SessionNotInitialisedError(self.name)
+        return self._default
+
+    def _require_unit(self) -> UnitT:
+        """The current unit of work; `MissingSessionError` outside one, or
+        `SessionNotInitialisedError` if no engine was ever configured."""
+        unit = self._current.get()
+        if unit is None:
+            if self._default is None:
+                raise SessionNotInitialisedError(self.name)
+            raise MissingSessionError(self.name)
+        return unit
+
+    def on_commit(self, hook: CommitHook) -> None:
+        """Run `hook()` after the current unit of work commits successfully.
+
+        Hooks run in registration order, after the COMMIT and (in a request) before the
+        response is sent. A rollback drops them. An exception in a hook is logged at ERROR
+        and changes nothing else. Raises `MissingSessionError` outside a unit of work.
+        """
+        unit = self._current.get()
+        if unit is None:
+            raise MissingSessionError(self.name)
+        unit.on_commit(hook)
+
+    # -- used by the middleware, the blocks and the test plugin ---------------------------
+
+    def open_unit(
+        self, factory: FactoryT, commit_on_exit: bool, session_args: dict[str, Any] | None = None
+    ) -> UnitT:
+        """Open a unit of work on a new session (not yet current; see `activate`)."""
+        args = dict(session_args or {})
+        if self._test_connection is not None:
+            # Test isolation: every commit becomes a savepoint release on the test's
+            # connection, and the test's outer transaction is rolled back at the end.
+            args.update(bind=self._test_connection, join_transaction_mode="create_savepoint")
+        return self.unit_class(factory, factory(**args), commit_on_exit)
+
+    def activate(self, unit: UnitT) -> ActiveTokens:
+        """Make `unit` current in this context; undo with `deactivate`."""
+        return self._current.set(unit), current_stats.set(unit.stats)
+
+    def deactivate(self, tokens: ActiveTokens) -> None:
+        """Make current again what was current before `activate` returned `tokens`."""
+        self._current.reset(tokens[0])
+        current_stats.reset(tokens[1])
+
+    def current_unit(self) -> UnitT | None:
+        """The unit of work open in this context, if any (no error, unlike `session`)."""
+        return self._current.get()
+
+    @contextmanager
+    def bound_to(self, connection: ConnectionT) -> Iterator[ConnectionT]:
+        """Bind every session this object opens to `connection` (test isolation)."""
+        previous, self._test_connection = self._test_connection, connection
+        try:
+            yield connection
+        finally:
+            self._test_connection = previous
+
+
+class Database(DatabaseBase[UnitOfWork, sessionmaker[Session], Connection]):
+    """Hands out the current unit of work's sync `Session`; `db` is the default instance.
 
     Make one more instance per extra database an app talks to (`reports = Database("reports")`)
     and give it to a second `DBSessionMiddleware(..., database=reports)`.
     """
 
-    def __init__(self, name: str = "db") -> None:
-        self.name = name
-        self._current: ContextVar[UnitOfWork | None] = ContextVar(
-            f"service_db_{name}", default=None
-        )
-        self._default: sessionmaker[Session] | None = None
-        self._owned_engine: Engine | None = None
-        self._test_connection: Connection | None = None
+    unit_class = UnitOfWork
 
-    # -- configuration --------------------------------------------------------------------
+    def __init__(self, name: str = "db") -> None:
+        super().__init__(name)
+        self._owned_engine: Engine | None = None
 
     def configure(
         self,
@@ -68,15 +160,6 @@ class Database:
         self._default = sessionmaker(bind=engine, **(session_args or {}))
         return engine
 
-    def adopt_default(self, factory: sessionmaker[Session]) -> None:
-        """Use `factory` outside requests unless a default is configured already.
-
-        Called by each middleware when it is built: the first one wins and is never replaced,
-        so a second app in the process cannot redirect the first one's scripts.
-        """
-        if self._default is None:
-            self._default = factory
-
     @property
     def engine(self) -> Engine:
         """The default engine. Raises `SessionNotInitialisedError` if none is configured."""
@@ -86,43 +169,13 @@ class Database:
         return bind
 
     @property
-    def is_configured(self) -> bool:
-        """Whether `with db():` has an engine to use outside requests."""
-        return self._default is not None
-
-    def _default_factory(self) -> sessionmaker[Session]:
-        if self._default is None:
-            raise SessionNotInitialisedError(self.name)
-        return self._default
-
-    # -- the current unit of work ---------------------------------------------------------
-
-    @property
     def session(self) -> Session:
-        """The current scope's session.
+        """The current unit of work's session.
 
         Raises `MissingSessionError` outside a request or `with db():` block, or
         `SessionNotInitialisedError` if no engine was ever configured.
         """
-        unit = self._current.get()
-        if unit is None:
-            if self._default is None:
-                raise SessionNotInitialisedError(self.name)
-            raise MissingSessionError(self.name)
-        return unit.session
-
-    def on_commit(self, hook: Callable[[], object]) -> None:
-        """Run `hook()` after the current scope commits successfully.
-
-        Hooks run in registration order, in the thread that committed, after the COMMIT and
-        (in a request) before the response is sent. A rollback drops them. An exception in a
-        hook is logged at ERROR and changes nothing else. Raises `MissingSessionError`
-        outside a scope.
-        """
-        unit = self._current.get()
-        if unit is None:
-            raise MissingSessionError(self.name)
-        unit.on_commit(hook)
+        return self._require_unit().session
 
     def __call__(
         self,
@@ -134,62 +187,24 @@ class Database:
         """`with db():` - a unit of work outside a request (scripts, CLI, jobs, tests).
 
         Leaving the block commits (if `commit_on_exit`) or rolls back on an exception, then
-        closes the session. Inside an open scope (a request, another block) the block reuses
-        that session and leaves ending it to the outer scope - no shadowing, no lost writes.
-        `independent=True` opens a separate session with its own transaction instead
-        (e.g. an audit row that must survive the request's rollback); it uses the current
-        scope's engine, or the default one outside any scope.
+        closes the session. Inside an open unit of work (a request, another block) the block
+        reuses that session and leaves ending it to the outer one - no shadowing, no lost
+        writes. `independent=True` opens a separate session with its own transaction
+        instead (e.g. an audit row that must survive the request's rollback); it uses the
+        current unit's engine, or the default one outside any.
         """
         return UnitOfWorkBlock(self, session_args or {}, commit_on_exit, independent)
 
-    # -- used by the middleware, UnitOfWorkBlock and the test plugin ----------------------
 
-    def open_unit(
-        self,
-        factory: sessionmaker[Session],
-        commit_on_exit: bool,
-        session_args: dict[str, Any] | None = None,
-    ) -> UnitOfWork:
-        """Open a unit of work on a new session (not yet current; see `activate`)."""
-        args = dict(session_args or {})
-        if self._test_connection is not None:
-            # Test isolation: every commit becomes a savepoint release on the test's
-            # connection, and the test's outer transaction is rolled back at the end.
-            args.update(bind=self._test_connection, join_transaction_mode="create_savepoint")
-        return UnitOfWork(factory, factory(**args), commit_on_exit)
-
-    def activate(self, unit: UnitOfWork) -> ActiveTokens:
-        """Make `unit` current in this context; undo with `deactivate`."""
-        return self._current.set(unit), current_stats.set(unit.stats)
-
-    def deactivate(self, tokens: ActiveTokens) -> None:
-        """Make current again what was current before `activate` returned `tokens`."""
-        self._current.reset(tokens[0])
-        current_stats.reset(tokens[1])
-
-    def current_unit(self) -> UnitOfWork | None:
-        """The unit of work open in this context, if any (no error, unlike `session`)."""
-        return self._current.get()
-
-    @contextmanager
-    def bound_to(self, connection: Connection) -> Iterator[Connection]:
-        """Bind every session this object opens to `connection` (test isolation)."""
-        previous, self._test_connection = self._test_connection, connection
-        try:
-            yield connection
-        finally:
-            self._test_connection = previous
-
-
-class UnitOfWorkBlock:
-    """The context manager returned by `db(...)`."""
+class BlockBase(Generic[DatabaseT]):
+    """What `with db():` decides on entry - join the open unit or open one - without I/O."""
 
     __slots__ = ("_database", "_independent", "_session_args", "_tokens", "_unit",
                  "commit_on_exit")
 
     def __init__(
         self,
-        database: Database,
+        database: DatabaseT,
         session_args: dict[str, Any],
         commit_on_exit: bool,
         independent: bool,
@@ -198,17 +213,17 @@ class UnitOfWorkBlock:
         self._session_args = session_args
         self.commit_on_exit = commit_on_exit
         self._independent = independent
-        self._unit: UnitOfWork | None = None
+        self._unit: Any = None
         self._tokens: ActiveTokens | None = None
 
-    def __enter__(self) -> Database:
+    def _enter(self) -> DatabaseT:
         database = self._database
         outer = database.current_unit()
         if outer is not None and not self._independent:
             if self._session_args:
                 raise ValueError(
-                    "session_args cannot change the session of the scope already open here; "
-                    "pass independent=True for a separate session"
+                    "session_args cannot change the session of the unit of work already "
+                    "open here; pass independent=True for a separate session"
                 )
             return database
         factory = outer.factory if outer is not None else database._default_factory()
@@ -216,19 +231,33 @@ class UnitOfWorkBlock:
         self._tokens = database.activate(self._unit)
         return database
 
+    def _leave(self) -> None:
+        if self._tokens is not None:
+            self._database.deactivate(self._tokens)
+        self._unit = self._tokens = None
+
+
+class UnitOfWorkBlock(BlockBase[Database]):
+    """The context manager returned by `db(...)`."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Database:
+        return self._enter()
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._unit is None or self._tokens is None:
-            return  # a reused outer scope: the outer scope ends the unit of work
+        unit: UnitOfWork | None = self._unit
+        if unit is None:
+            return  # a reused outer unit of work: the outer one ends it
         try:
-            self._unit.end(commit=exc_type is None and self.commit_on_exit)
+            unit.end(commit=exc_type is None and self.commit_on_exit)
         finally:
-            self._database.deactivate(self._tokens)
-            self._unit = self._tokens = None
+            self._leave()
 
 
 db = Database()

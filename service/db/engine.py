@@ -28,17 +28,28 @@ _POOL_SIZING_ARGS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle"
 def create_engine(url: str | URL, **engine_args: Any) -> Engine:
     """Create an engine for `url`, instrumented, with the SQLite fixes above where relevant."""
     url = make_url(url)
-    if url.get_backend_name() != "sqlite":
-        return instrument(sqlalchemy.create_engine(url, **engine_args))
-    if _is_memory(url):
-        for name in _POOL_SIZING_ARGS:
-            engine_args.pop(name, None)
-        engine_args.setdefault("poolclass", StaticPool)
-        connect_args = dict(engine_args.pop("connect_args", {}))
-        connect_args.setdefault("check_same_thread", False)
-        engine_args["connect_args"] = connect_args
-    engine = sqlalchemy.create_engine(url, **engine_args)
-    enable_sqlite_savepoints(engine, wal=not _is_memory(url))
+    return prepared(sqlalchemy.create_engine(url, **backend_args(url, engine_args)))
+
+
+def backend_args(url: URL, engine_args: dict[str, Any]) -> dict[str, Any]:
+    """`engine_args` adjusted for the backend: one shared connection, usable from any
+    thread, for in-memory SQLite (which has no pool to size). Shared with the async
+    `create_async_engine`."""
+    if url.get_backend_name() != "sqlite" or not _is_memory(url):
+        return engine_args
+    engine_args = {k: v for k, v in engine_args.items() if k not in _POOL_SIZING_ARGS}
+    engine_args.setdefault("poolclass", StaticPool)
+    connect_args = dict(engine_args.pop("connect_args", {}))
+    connect_args.setdefault("check_same_thread", False)
+    engine_args["connect_args"] = connect_args
+    return engine_args
+
+
+def prepared(engine: Engine) -> Engine:
+    """`engine` (a sync engine, or an async engine's `sync_engine`) instrumented, with
+    SQLite's savepoints and WAL switched on; returns it."""
+    if engine.dialect.name == "sqlite":
+        enable_sqlite_savepoints(engine, wal=not _is_memory(engine.url))
     return instrument(engine)
 
 
@@ -71,6 +82,8 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 
 
 def _on_begin(connection: sqlalchemy.Connection) -> None:
-    # Straight to the driver: a BEGIN is not a query, so statement counts stay the same
-    # on every backend.
-    connection.connection.driver_connection.execute("BEGIN")  # type: ignore[union-attr]
+    # Straight to the DBAPI connection (pysqlite's, or SQLAlchemy's adapter around
+    # aiosqlite): a BEGIN is not a query, so statement counts stay the same on every backend.
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute("BEGIN")
+    cursor.close()

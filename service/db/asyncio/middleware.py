@@ -1,0 +1,122 @@
+"""The async `DBSessionMiddleware`: one `AsyncSession` per HTTP request, committed before the
+response leaves - the flow, the policy and the errors of `service.db.middleware_base`,
+awaited on the event loop instead of handed to threads.
+
+Cancellation: COMMIT, ROLLBACK and CLOSE run as tasks of their own, shielded, one after the
+other per request, so a request cancelled mid-commit (a client gone, a server shutting
+down) cannot cut them off half-way and its connection always returns to the pool. A request
+cancelled while one of *its own* statements was in flight leaves its connection
+mid-protocol; that connection is invalidated (closed), never pooled.
+"""
+
+import asyncio
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any, Literal
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp
+
+from service.db.asyncio.database import Database
+from service.db.asyncio.database import db as default_database
+from service.db.asyncio.engine import create_async_engine, instrument_async
+from service.db.asyncio.unit_of_work import AsyncUnitOfWork
+from service.db.middleware_base import (
+    CommitPolicy,
+    ErrorResponse,
+    RequestState,
+    SessionMiddlewareBase,
+    commit_below_400,
+    detail_json,
+)
+
+_Request = RequestState[AsyncUnitOfWork, "asyncio.Task[None]"]
+
+
+class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[None]"]):
+    """Open one `AsyncSession` per HTTP request in `database` (default: `service.db.asyncio.db`).
+
+    The parameters, defaults and errors of the sync `service.db.DBSessionMiddleware`
+    (`db_url` or `custom_engine` - an `AsyncEngine` - else `ValueError`; `engine_args`,
+    `session_args`, `commit_on_exit=True`; keyword-only `database`, `commit_policy`,
+    `server_timing`, `max_concurrent_sessions`, `sessionless_paths`, `error_response`).
+    A URL names an async driver: `postgresql+asyncpg://...`, `sqlite+aiosqlite:///...`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        db_url: str | URL | None = None,
+        custom_engine: AsyncEngine | None = None,
+        engine_args: dict[str, Any] | None = None,
+        session_args: dict[str, Any] | None = None,
+        commit_on_exit: bool = True,
+        *,
+        database: Database = default_database,
+        commit_policy: CommitPolicy = commit_below_400,
+        server_timing: bool = True,
+        max_concurrent_sessions: int | Literal["auto"] | None = "auto",
+        sessionless_paths: Collection[str] = (),
+        error_response: ErrorResponse = detail_json,
+    ) -> None:
+        if custom_engine is None and not db_url:
+            raise ValueError("You need to pass a db_url or a custom_engine parameter.")
+        self.engine = (
+            instrument_async(custom_engine)
+            if custom_engine is not None
+            else create_async_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
+        )
+        factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            bind=self.engine, **(session_args or {})
+        )
+        super().__init__(
+            app,
+            pool_engine=self.engine.sync_engine,
+            sessionmaker=factory,
+            database=database,
+            commit_on_exit=commit_on_exit,
+            commit_policy=commit_policy,
+            server_timing=server_timing,
+            max_concurrent_sessions=max_concurrent_sessions,
+            sessionless_paths=sessionless_paths,
+            error_response=error_response,
+        )
+
+    async def _commit(self, request: _Request) -> None:
+        await self._in_task(request, request.unit.commit)
+
+    async def _rollback(self, request: _Request) -> None:
+        await self._in_task(request, request.unit.rollback)
+
+    async def _end_unit(self, request: _Request, commit: bool, abandoned: bool) -> None:
+        unit = request.unit
+        idle = request.job is None or request.job.done()
+        if idle and not abandoned and not unit.has_work():
+            # No transaction, so no connection: closing is bookkeeping, no I/O to await.
+            unit.session.sync_session.close()
+            return
+        await self._in_task(request, lambda: unit.end(commit, abandoned))
+
+    async def _in_task(
+        self, request: _Request, job: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Run `job()` as a task of its own after the request's previous one, shielded: it
+        runs to its end even if the request is cancelled meanwhile."""
+        previous = request.job
+
+        async def after_previous() -> None:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            await job()
+
+        task = asyncio.ensure_future(after_previous())
+        task.add_done_callback(_retrieved)
+        request.job = task
+        await asyncio.shield(task)
+
+
+def _retrieved(task: "asyncio.Task[None]") -> None:
+    # A job whose request was cancelled has nobody awaiting it: take its outcome, so asyncio
+    # does not log "exception never retrieved" (the failure was logged where it matters).
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,220 @@
+"""The request flow shared by the sync and the async `DBSessionMiddleware`: one unit of work
+per HTTP request, committed before the response leaves.
+
+Pure ASGI, in the manner of Starlette's own middleware: it watches the app's `send` and
+acts on `http.response.start`, before forwarding it:
+
+- status accepted by the commit policy (default: below 400) -> COMMIT, then send. If the
+  commit fails, roll back and send an error response instead (409 for integrity errors,
+  503 with Retry-After when the database became unavailable, 500 otherwise: `failures`) -
+  the client never sees a 2xx for work that was not stored;
+- any other status -> ROLLBACK, then send;
+- writes made after the response started (streaming bodies, BackgroundTasks) are committed
+  when the app returns, in a transaction of their own; a failure there is logged at ERROR
+  (the status is already on the wire);
+- an exception from the app rolls back and propagates; whatever happens, the session is
+  closed and the current unit reset, including on client disconnect and cancellation.
+
+Requests wait in the event loop for one of the engine's connection slots before they enter
+the app (`admission`). Requests to `sessionless_paths` (probes, API docs, metrics) skip all
+of it: no session, no slot, so they answer at once however busy the database is. The path
+is known before the app runs, which is what lets the decision happen in the event loop:
+taking a slot later, at the first `db.session` inside a sync route, would block a worker
+thread and bring the deadlock back.
+
+This module decides; the sync and async middlewares only say how a unit of work is
+committed, rolled back and ended (`_commit`, `_rollback`, `_end_unit`).
+"""
+
+import logging
+from collections.abc import Callable, Collection
+from typing import Any, Generic, Literal, TypeVar
+
+from sqlalchemy import Engine
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.db.admission import ConnectionSlots, NoSlot, pool_capacity, pool_wait
+from service.db.database import DatabaseBase
+from service.db.failures import BUSY, Failure, failure_of_commit
+from service.db.unit_of_work import UnitOfWorkBase
+
+logger = logging.getLogger("service.db")
+
+CommitPolicy = Callable[[int], bool]
+# Turns a database failure into the response sent instead (any ASGI app, e.g. a Response).
+ErrorResponse = Callable[[Failure], ASGIApp]
+UnitT = TypeVar("UnitT", bound=UnitOfWorkBase[Any, Any])
+JobT = TypeVar("JobT")
+
+
+def commit_below_400(status: int) -> bool:
+    """The default commit policy: success and redirect responses commit, errors roll back."""
+    return status < 400
+
+
+def detail_json(failure: Failure) -> ASGIApp:
+    """The default error response: `{"detail": "..."}`, as FastAPI answers an
+    HTTPException, with the failure's headers (`Retry-After`)."""
+    return JSONResponse({"detail": failure.detail}, failure.status, headers=failure.headers)
+
+
+class RequestState(Generic[UnitT, JobT]):
+    """One request's unit of work and what the middleware has seen of its response."""
+
+    __slots__ = ("commits", "job", "replaced", "scope", "started", "unit")
+
+    def __init__(self, unit: UnitT, scope: Scope) -> None:
+        self.unit = unit
+        self.scope = scope
+        self.started = False  # http.response.start went out
+        self.commits = False  # its status committed, so later writes commit too
+        self.replaced = False  # the commit failed and an error response was sent instead
+        # The last COMMIT/ROLLBACK/CLOSE started. The next one waits for it, so the session
+        # is never used by two jobs at once (e.g. after a cancellation).
+        self.job: JobT | None = None
+
+
+class SessionMiddlewareBase(Generic[UnitT, JobT]):
+    """What both `DBSessionMiddleware`s do around the app; see the module docstring."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        pool_engine: Engine,
+        sessionmaker: Callable[..., Any],
+        database: DatabaseBase[UnitT, Any, Any],
+        commit_on_exit: bool,
+        commit_policy: CommitPolicy,
+        server_timing: bool,
+        max_concurrent_sessions: int | Literal["auto"] | None,
+        sessionless_paths: Collection[str],
+        error_response: ErrorResponse,
+    ) -> None:
+        self.app = app
+        self.sessionmaker = sessionmaker
+        self.database = database
+        self.commit_on_exit = commit_on_exit
+        self.commit_policy = commit_policy
+        self.server_timing = server_timing
+        self.sessionless_paths = frozenset(sessionless_paths)
+        self.error_response = error_response
+        self.slot_limit = (
+            pool_capacity(pool_engine)
+            if max_concurrent_sessions == "auto"
+            else max_concurrent_sessions
+        )
+        self.slots = ConnectionSlots(self.slot_limit, pool_wait(pool_engine))
+        database.adopt_default(sessionmaker)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.sessionless_paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            slot = await self.slots.acquire()
+        except NoSlot:
+            logger.warning(
+                "%s: no database connection came free within %.0f s; answering 503",
+                describe(scope), self.slots.wait,
+            )
+            await self.error_response(BUSY)(scope, receive, send)
+            return
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.slots.release(slot)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        unit = self.database.open_unit(self.sessionmaker, self.commit_on_exit)
+        request: RequestState[UnitT, JobT] = RequestState(unit, scope)
+        tokens = self.database.activate(unit)
+
+        async def send_after_commit(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                request.started = True
+                start = await self._settle(request, message, receive, send)
+                if start is not None:
+                    await send(start)
+            elif not request.replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_after_commit)
+        except BaseException as exc:
+            if request.started and isinstance(exc, Exception):
+                logger.error(
+                    "%s failed after its response started; its later writes were rolled back",
+                    describe(scope),
+                    exc_info=exc,
+                )
+            # Not an Exception (a cancellation): a statement may have been cut off mid-way.
+            await self._end(request, commit=False, abandoned=not isinstance(exc, Exception))
+            raise
+        else:
+            await self._end(request, commit=request.commits, abandoned=False)
+        finally:
+            self.database.deactivate(tokens)
+
+    async def _settle(
+        self, request: RequestState[UnitT, JobT], start: Message, receive: Receive, send: Send
+    ) -> Message | None:
+        """Commit or roll back for the response `start`; returns the message to forward."""
+        unit = request.unit
+        if self.commit_on_exit and self.commit_policy(start["status"]):
+            if unit.has_work():
+                try:
+                    await self._commit(request)
+                except Exception as exc:
+                    request.replaced = True
+                    failure = failure_of_commit(exc)
+                    logger.error(
+                        "%s: commit failed, answering %d instead of %d",
+                        describe(request.scope), failure.status, start["status"], exc_info=exc,
+                    )
+                    await self.error_response(failure)(request.scope, receive, send)
+                    return None
+            request.commits = True
+        elif unit.has_work():
+            await self._rollback(request)
+        if not self.server_timing:
+            return start
+        timing = (b"server-timing", unit.stats.server_timing().encode())
+        return {**start, "headers": [*start.get("headers", ()), timing]}
+
+    async def _end(self, request: RequestState[UnitT, JobT], commit: bool, abandoned: bool) -> None:
+        """End the unit of work; never raises but for cancellation."""
+        try:
+            await self._end_unit(request, commit, abandoned)
+        except Exception:
+            logger.error(
+                "%s: %s of the work done after the response started failed; "
+                "that work was not stored",
+                describe(request.scope),
+                "commit" if commit else "rollback",
+                exc_info=True,
+            )
+
+    # -- how a unit of work is committed, rolled back and ended: sync or async -------------
+
+    async def _commit(self, request: RequestState[UnitT, JobT]) -> None:
+        raise NotImplementedError
+
+    async def _rollback(self, request: RequestState[UnitT, JobT]) -> None:
+        raise NotImplementedError
+
+    async def _end_unit(
+        self, request: RequestState[UnitT, JobT], commit: bool, abandoned: bool
+    ) -> None:
+        """Commit (if `commit`) or roll back, and close; `abandoned`: the request was
+        cancelled and its session may be in the middle of a statement."""
+        raise NotImplementedError
+
+
+def describe(scope: Scope) -> str:
+    """The request in a log line: method, path and request id if the client sent one."""
+    headers = dict(scope.get("headers", ()))
+    request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+    where = f"{scope.get('method', '?')} {scope.get('path', '?')}"
+    return f"{where} (request id {request_id})" if request_id else where
