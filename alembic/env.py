@@ -23,7 +23,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = config.attributes.get("url") or get_settings().database_url
+    url = config.attributes.get("url") or get_settings().sync_database_url()
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
@@ -46,7 +46,7 @@ def _run(connection: Connection) -> None:
 
 if context.is_offline_mode():
     context.configure(
-        url=config.attributes.get("url") or get_settings().database_url,
+        url=config.attributes.get("url") or get_settings().sync_database_url(),
         target_metadata=metadata,
         literal_binds=True,
     )

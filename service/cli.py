@@ -44,7 +44,7 @@ def safe_url(url: str) -> str:
 
 def check_database(settings: Settings) -> None:
     """Connect once and run `SELECT 1`, or explain why that failed."""
-    engine = create_engine(settings.database_url, **settings.engine_args())
+    engine = create_engine(settings.sync_database_url(), **settings.engine_args())
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -72,7 +72,7 @@ def migrate(args: argparse.Namespace) -> None:
     settings = load_settings()
     check_database(settings)
     config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["url"] = settings.database_url
+    config.attributes["url"] = settings.sync_database_url()
     command.upgrade(config, "head")
     print(f"Database {safe_url(settings.database_url)} is at the newest migration.")
 
@@ -117,7 +117,7 @@ def seed(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     check_database(settings)
-    db.configure(settings.database_url, engine_args=settings.engine_args())
+    db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     started = time.perf_counter()
     done = 0
 

@@ -10,6 +10,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite:///./service.db"
+# The driver each mode uses per backend: sync for the CLI, Alembic and scripts (`service.db`),
+# async for the requests (`service.db.asyncio`).
+SYNC_DRIVERS = {"postgresql": "postgresql+psycopg2", "sqlite": "sqlite+pysqlite"}
+ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
 MIN_TOKEN_LENGTH = 16
 
 
@@ -24,6 +28,11 @@ class Settings(BaseSettings):
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
         description="SQLAlchemy URL, e.g. postgresql+psycopg2://user:pass@host:5432/dbname",
+    )
+    database_async_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL the requests use (async driver); default: DATABASE_URL "
+        "with its backend's async driver (postgresql+asyncpg, sqlite+aiosqlite).",
     )
     db_pool_size: int = Field(
         20,
@@ -78,18 +87,46 @@ class Settings(BaseSettings):
         "matching items, and estimates above it.",
     )
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_async_url")
     @classmethod
-    def _parsable_url(cls, value: str) -> str:
+    def _parsable_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             make_url(value)
         except ArgumentError:
             raise ValueError(
-                "DATABASE_URL is not a valid SQLAlchemy URL; expected e.g. "
-                "'sqlite:///./service.db' or "
+                "not a valid SQLAlchemy URL; expected e.g. 'sqlite:///./service.db' or "
                 "'postgresql+psycopg2://user:password@localhost:5432/service'"
             ) from None
         return value
+
+    @model_validator(mode="after")
+    def _both_modes_reachable(self) -> "Settings":
+        backend = make_url(self.database_url).get_backend_name()
+        if self.database_async_url is None and backend not in ASYNC_DRIVERS:
+            raise ValueError(
+                f"no async driver is known for {backend!r}: set DATABASE_ASYNC_URL "
+                "(the requests are served on an async driver)"
+            )
+        return self
+
+    def sync_database_url(self) -> str:
+        """DATABASE_URL for the sync parts (CLI, Alembic, scripts): as given, unless it names
+        an async driver, which is swapped for its backend's sync one."""
+        url = make_url(self.database_url)
+        if url.drivername in ASYNC_DRIVERS.values():
+            url = url.set(drivername=SYNC_DRIVERS[url.get_backend_name()])
+        return url.render_as_string(hide_password=False)
+
+    def async_database_url(self) -> str:
+        """The URL the requests use: DATABASE_ASYNC_URL, else DATABASE_URL with its
+        backend's async driver."""
+        if self.database_async_url is not None:
+            return self.database_async_url
+        url = make_url(self.database_url)
+        url = url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()])
+        return url.render_as_string(hide_password=False)
 
     @field_validator("log_level")
     @classmethod
@@ -131,19 +168,29 @@ class Settings(BaseSettings):
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for `service.db.create_engine` (which drops the pool sizes where
         the backend has no pool, as for in-memory SQLite)."""
+        return {**self._pool_args(), **self._connect_args(self.sync_database_url())}
+
+    def async_engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for `service.db.asyncio.create_async_engine`."""
+        return {**self._pool_args(), **self._connect_args(self.async_database_url())}
+
+    def _pool_args(self) -> dict[str, Any]:
         return {
             "echo": self.db_echo,
             "pool_pre_ping": self.db_pool_pre_ping,
             "pool_size": self.db_pool_size,
             "max_overflow": self.db_max_overflow,
             "pool_timeout": self.db_pool_timeout,
-            **self._connect_args(),
         }
 
-    def _connect_args(self) -> dict[str, Any]:
-        if make_url(self.database_url).get_backend_name() != "postgresql":
-            return {}
-        return {"connect_args": {"connect_timeout": self.db_connect_timeout}}
+    def _connect_args(self, url: str) -> dict[str, Any]:
+        """The connect timeout, in the words of each PostgreSQL driver."""
+        driver = make_url(url).drivername
+        if driver == "postgresql+asyncpg":
+            return {"connect_args": {"timeout": self.db_connect_timeout}}
+        if make_url(url).get_backend_name() == "postgresql":
+            return {"connect_args": {"connect_timeout": self.db_connect_timeout}}
+        return {}
 
 
 def _split(value: str) -> list[str]:

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.db import db
+from service.db.asyncio import db
 from service.problems import problem_response, problem_responses
 
 router = APIRouter(prefix="/health", tags=["health"])
@@ -23,9 +23,9 @@ async def live() -> dict[str, str]:
 
 
 @router.get("/ready", summary="The database answers", responses=problem_responses(503))
-def ready() -> JSONResponse:
+async def ready() -> JSONResponse:
     try:
-        db.session.execute(text("SELECT 1"))
+        await db.session.execute(text("SELECT 1"))
     except SQLAlchemyError:
         return problem_response(503, "The database is not reachable.")
     return JSONResponse({"status": "ok"})

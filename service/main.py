@@ -1,6 +1,8 @@
 """The application: `create_app(settings)`, and `app` for `uvicorn service.main:app`."""
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_pagination import add_pagination
@@ -9,7 +11,9 @@ from starlette.middleware.cors import CORSMiddleware
 from service.auth import TokenCheck
 from service.body_limit import BodySizeLimit
 from service.config import Settings, get_settings
-from service.db import DBSessionMiddleware, db
+from service.db import db
+from service.db.asyncio import DBSessionMiddleware, create_async_engine
+from service.db.asyncio import db as async_db
 from service.health import LIVENESS_PATH
 from service.health import router as health_router
 from service.items.router import router as items_router
@@ -19,19 +23,32 @@ from service.problems import failure_problem, install_problem_handlers, problem_
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app on `settings` (default: the environment).
 
-    Also makes the settings' database the default of `db`, so `with db():` in scripts and
-    tests reaches the same database as the app's requests. Raises `NoApiTokens` when the
-    settings name no API token: the app never serves with writes open to anyone.
+    Requests are served async (`service.db.asyncio`, on asyncpg or aiosqlite); the app's
+    async engine is `app.state.engine`, disposed of when the app shuts down. Also makes the
+    settings' database the default of both `db`s, so `with db():` (sync, psycopg2 or
+    pysqlite) and `async with async_db():` in scripts and tests reach the same database as
+    the requests. Raises `NoApiTokens` when the settings name no API token: the app never
+    serves with writes open to anyone.
     """
     settings = settings or get_settings()
     token_check = TokenCheck.from_settings(settings)
     logging.basicConfig(level=settings.log_level)
-    engine = db.configure(settings.database_url, engine_args=settings.engine_args())
+    db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
+    engine = create_async_engine(settings.async_database_url(), **settings.async_engine_args())
+    async_db.configure(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
     app = FastAPI(
         title="Items service",
         version="0.1.0",
         responses=problem_responses(413, 500, 503),
+        lifespan=lifespan,
     )
+    app.state.engine = engine
     app.state.settings = settings
     app.state.token_check = token_check
     # The last added runs first: CORS, then the body limit, then the database session - so

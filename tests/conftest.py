@@ -114,3 +114,4 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport=transport, base_url="http://test", headers=AUTH
     ) as client:
         yield client
+    await app.state.engine.dispose()  # what the app's lifespan does (not run by ASGITransport)

@@ -1,9 +1,11 @@
-"""SQL for items, through `db.session`. Never commits: the request (or `with db():`) does.
+"""SQL for items, through the request's `AsyncSession` (`service.db.asyncio.db.session`).
+Never commits: the request (or `async with db():`) does.
 
 Writes are flushed here, so that constraint violations and lost version races raise inside
 the service, where they become domain errors, and not at commit time.
 """
 
+import json
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
@@ -18,8 +20,11 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
-from service.db import db
+from service.db.asyncio import db
 from service.items.models import Item
 from service.items.schemas import ItemFilters, ItemSort
 
@@ -33,28 +38,30 @@ SORT_COLUMNS: dict[str, Any] = {
 UNIQUE_NAME_INDEX = "uq_items_name_lower"
 
 
-def get(item_id: int) -> Item | None:
-    return db.session.get(Item, item_id)
+async def get(item_id: int) -> Item | None:
+    return await db.session.get(Item, item_id)
 
 
-def add(item: Item) -> None:
+async def add(item: Item) -> None:
     """INSERT `item` now (it gets its id). Raises IntegrityError on a taken name."""
     db.session.add(item)
-    db.session.flush()
+    await db.session.flush()
 
 
-def save_changes() -> None:
+async def save_changes() -> None:
     """UPDATE the items changed in this session now, each only if its version is still the
     one read (else `StaleDataError`). Raises IntegrityError on a taken name."""
-    db.session.flush()
+    await db.session.flush()
 
 
-def delete_item(item_id: int, versions: Collection[int] | None = None) -> bool:
+async def delete_item(item_id: int, versions: Collection[int] | None = None) -> bool:
     """DELETE the item, only at one of `versions` if given; whether a row was deleted."""
     statement = delete(Item).where(Item.id == item_id)
     if versions is not None:
         statement = statement.where(Item.version.in_(versions))
-    result = db.session.execute(statement, execution_options={"synchronize_session": False})
+    result = await db.session.execute(
+        statement, execution_options={"synchronize_session": False}
+    )
     return cast(CursorResult[Any], result).rowcount == 1
 
 
@@ -63,50 +70,65 @@ def is_name_taken_error(error: IntegrityError) -> bool:
     return UNIQUE_NAME_INDEX in str(error.orig)
 
 
-def page_rows(filters: ItemFilters, sort: ItemSort, limit: int, offset: int) -> list[Item]:
+async def page_rows(
+    filters: ItemFilters, sort: ItemSort, limit: int, offset: int
+) -> Sequence[Item]:
     """One page of items in `sort` order: one SELECT."""
     statement = _ordered(_filtered(filters), sort).limit(limit).offset(offset)
-    return list(db.session.scalars(statement))
+    return (await db.session.scalars(statement)).all()
 
 
-def count(filters: ItemFilters) -> int:
+async def count(filters: ItemFilters) -> int:
     """How many items match: `SELECT count(*)`, which reads every one of them."""
     statement = _filtered(filters).with_only_columns(func.count(), maintain_column_froms=True)
-    return db.session.scalar(statement) or 0
+    return await db.session.scalar(statement) or 0
 
 
-def count_up_to(filters: ItemFilters, limit: int) -> int:
+async def count_up_to(filters: ItemFilters, limit: int) -> int:
     """How many items match, counting no further than `limit`: reads at most `limit` rows."""
     matching: Select[Any] = _filtered(filters).with_only_columns(
         literal_column("1"), maintain_column_froms=True
     )
     matching = matching.limit(limit)
-    return db.session.scalar(select(func.count()).select_from(matching.subquery())) or 0
+    return await db.session.scalar(select(func.count()).select_from(matching.subquery())) or 0
 
 
-def estimated_count(filters: ItemFilters) -> int | None:
+async def estimated_count(filters: ItemFilters) -> int | None:
     """The query planner's estimate of how many items match (PostgreSQL's EXPLAIN: reads no
     rows, only statistics); None where the database has no such estimate (SQLite)."""
-    connection = db.session.connection()
-    if connection.dialect.name != "postgresql":
+    if db.session.get_bind().dialect.name != "postgresql":
         return None
-    compiled = _filtered(filters).compile(dialect=connection.dialect)
-    plan = connection.exec_driver_sql(
-        f"EXPLAIN (FORMAT JSON) {compiled.string}", compiled.params
-    ).scalar_one()
+    plan = await db.session.scalar(Explain(_filtered(filters)))
+    if isinstance(plan, str):  # asyncpg hands json over undecoded
+        plan = json.loads(plan)
     return int(plan[0]["Plan"]["Plan Rows"])
 
 
-def items_after(
+class Explain(Executable, ClauseElement):
+    """`EXPLAIN (FORMAT JSON) <statement>`, with the statement's parameters bound by the
+    driver like any other query's (PostgreSQL only)."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: Select[Any]) -> None:
+        self.statement = statement
+
+
+@compiles(Explain, "postgresql")
+def _explain(element: Explain, compiler: SQLCompiler, **kw: Any) -> str:
+    return "EXPLAIN (FORMAT JSON) " + compiler.process(element.statement, **kw)
+
+
+async def items_after(
     filters: ItemFilters, sort: ItemSort, after: Sequence[Any] | None, limit: int
-) -> list[Item]:
+) -> Sequence[Item]:
     """Up to `limit` items following the position `after` = (sort value, id) in `sort`
     order, or from the start; one SELECT, as cheap at any depth (a range scan of the
     (field, id) index)."""
     statement = _ordered(_filtered(filters), sort).limit(limit)
     if after is not None:
         statement = statement.where(_follows(sort, after))
-    return list(db.session.scalars(statement))
+    return (await db.session.scalars(statement)).all()
 
 
 def _filtered(filters: ItemFilters) -> Select[Item]:

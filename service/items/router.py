@@ -97,7 +97,7 @@ def _item_response(response: Response, item: Item) -> ItemOut:
     summary="List items, a page at a time",
     responses=problem_responses(422),
 )
-def list_items(
+async def list_items(
     filters: Filters,
     request: Request,
     response: Response,
@@ -123,7 +123,7 @@ def list_items(
         mode = preferred
         response.headers["Preference-Applied"] = f"count={mode.value}"
     settings: Settings = request.app.state.settings
-    return service.list_items(
+    return await service.list_items(
         filters, sort, mode or CountMode.estimated, settings.count_threshold
     )
 
@@ -146,7 +146,7 @@ def preferred_count(prefer: str | None) -> CountMode | None:
     summary="Scroll through items with a cursor",
     responses=problem_responses(400, 422),
 )
-def scroll_items(
+async def scroll_items(
     filters: Filters,
     secret: Annotated[bytes, Depends(cursor_secret)],
     sort: Sort = ItemSort.id_asc,
@@ -159,7 +159,7 @@ def scroll_items(
     """Keyset pagination: no total, one query per page at any depth, and rows added or
     removed meanwhile never make a page repeat or skip an item. A cursor belongs to its
     sort; a malformed, altered or mismatched one gets 400."""
-    return service.scroll_items(filters, sort, cursor, size, secret)
+    return await service.scroll_items(filters, sort, cursor, size, secret)
 
 
 @reads.get(
@@ -168,8 +168,8 @@ def scroll_items(
     response_description="The item, with its ETag.",
     responses=problem_responses(404, 422),
 )
-def get_item(item_id: ItemId, response: Response) -> ItemOut:
-    return _item_response(response, service.get_item(item_id))
+async def get_item(item_id: ItemId, response: Response) -> ItemOut:
+    return _item_response(response, await service.get_item(item_id))
 
 
 @writes.post(
@@ -179,8 +179,8 @@ def get_item(item_id: ItemId, response: Response) -> ItemOut:
     response_description="The item, with its Location and ETag.",
     responses=problem_responses(409, 422),
 )
-def create_item(data: ItemCreate, request: Request, response: Response) -> ItemOut:
-    item = service.create_item(data)
+async def create_item(data: ItemCreate, request: Request, response: Response) -> ItemOut:
+    item = await service.create_item(data)
     response.headers["Location"] = str(request.url_for("get_item", item_id=item.id))
     return _item_response(response, item)
 
@@ -191,12 +191,12 @@ def create_item(data: ItemCreate, request: Request, response: Response) -> ItemO
     response_description="The updated item, with its new ETag.",
     responses=problem_responses(404, 409, 412, 422, 428),
 )
-def update_item(
+async def update_item(
     item_id: ItemId, update: ItemUpdate, response: Response, if_match: IfMatch = None
 ) -> ItemOut:
     """Needs `If-Match` or the body's `version` (428 without either); 412 if the item has
     changed since, 409 if the new name is taken."""
-    item = service.update_item(item_id, update, version_match(item_id, if_match))
+    item = await service.update_item(item_id, update, version_match(item_id, if_match))
     return _item_response(response, item)
 
 
@@ -207,9 +207,9 @@ def update_item(
     summary="Delete an item",
     responses=problem_responses(404, 412, 422),
 )
-def delete_item(item_id: ItemId, if_match: IfMatch = None) -> Response:
+async def delete_item(item_id: ItemId, if_match: IfMatch = None) -> Response:
     """With `If-Match`, only if the item is still at that version (else 412)."""
-    service.delete_item(item_id, version_match(item_id, if_match))
+    await service.delete_item(item_id, version_match(item_id, if_match))
     return Response(status_code=204)
 
 

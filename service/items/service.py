@@ -44,10 +44,10 @@ class VersionMatch:
 ANY_VERSION = VersionMatch(None)
 
 
-def create_item(data: ItemCreate) -> Item:
+async def create_item(data: ItemCreate) -> Item:
     item = Item(name=data.name, description=data.description, price=data.price)
     try:
-        dao.add(item)
+        await dao.add(item)
     except IntegrityError as error:
         if dao.is_name_taken_error(error):
             raise _name_taken(item.name) from None
@@ -55,17 +55,19 @@ def create_item(data: ItemCreate) -> Item:
     return item
 
 
-def get_item(item_id: int) -> Item:
-    item = dao.get(item_id)
+async def get_item(item_id: int) -> Item:
+    item = await dao.get(item_id)
     if item is None:
         raise NotFound(f"There is no item {item_id}.")
     return item
 
 
-def update_item(item_id: int, update: ItemUpdate, if_match: VersionMatch | None) -> Item:
+async def update_item(
+    item_id: int, update: ItemUpdate, if_match: VersionMatch | None
+) -> Item:
     """Apply `update` if every precondition sent (If-Match, body `version`) accepts the
     item's current version; one is required. Bumps the version if anything changed."""
-    item = get_item(item_id)
+    item = await get_item(item_id)
     preconditions = [if_match] if if_match is not None else []
     if update.version is not None:
         preconditions.append(VersionMatch(frozenset({update.version})))
@@ -82,7 +84,7 @@ def update_item(item_id: int, update: ItemUpdate, if_match: VersionMatch | None)
     try:
         # The UPDATE says `WHERE version = <read version>`: a request that changed the item
         # since we read it makes it match no row.
-        dao.save_changes()
+        await dao.save_changes()
     except StaleDataError:
         raise PreconditionFailed(
             f"Item {item_id} was changed by another request meanwhile; GET it again and "
@@ -95,14 +97,14 @@ def update_item(item_id: int, update: ItemUpdate, if_match: VersionMatch | None)
     return item
 
 
-def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
+async def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
     """Delete the item; if `if_match` is given, only at a version it accepts."""
     versions = if_match.versions if if_match is not None else None
-    if not dao.delete_item(item_id, versions):
-        raise _changed_since_read(get_item(item_id))  # or NotFound, if it is not there
+    if not await dao.delete_item(item_id, versions):
+        raise _changed_since_read(await get_item(item_id))  # or NotFound, if it is not there
 
 
-def list_items(
+async def list_items(
     filters: ItemFilters, sort: ItemSort, count: CountMode, threshold: int
 ) -> AbstractPage[Item]:
     """The page of the request's `page`/`size`, with a total counted as `count` says:
@@ -115,31 +117,32 @@ def list_items(
     """
     params: AbstractParams = resolve_params()
     window = params.to_raw_params().as_limit_offset()
-    total, exact = _total(filters, count, threshold)
-    items = dao.page_rows(filters, sort, limit=window.limit or 0, offset=window.offset or 0)
+    total, exact = await _total(filters, count, threshold)
+    items = await dao.page_rows(filters, sort, limit=window.limit or 0, offset=window.offset or 0)
     return create_page(items, total=total, params=params, total_is_exact=exact)
 
 
-def _total(filters: ItemFilters, count: CountMode, threshold: int) -> tuple[int | None, bool]:
+async def _total(filters: ItemFilters, count: CountMode, threshold: int) -> tuple[int | None, bool]:
     """The total to report, and whether it is exact."""
     if count is CountMode.none:
         return None, False
     if count is CountMode.exact:
-        return dao.count(filters), True
-    counted = dao.count_up_to(filters, threshold + 1)
+        return await dao.count(filters), True
+    counted = await dao.count_up_to(filters, threshold + 1)
     if counted <= threshold:
         return counted, True
     # More than the threshold: never report fewer than the rows known to be there.
-    return max(dao.estimated_count(filters) or 0, threshold), False
+    return max(await dao.estimated_count(filters) or 0, threshold), False
 
 
-def scroll_items(
+async def scroll_items(
     filters: ItemFilters, sort: ItemSort, cursor: str | None, size: int, secret: bytes
 ) -> ItemScroll:
     """`size` items after the cursor's position (from the start without one) and the cursor
     of the next page. Rows inserted or deleted meanwhile never shift the position."""
     after = _position(cursor, sort, secret) if cursor is not None else None
-    items = dao.items_after(filters, sort, after, limit=size + 1)  # one more: is there a next?
+    # One more than asked for: is there a next page?
+    items = await dao.items_after(filters, sort, after, limit=size + 1)
     page, more = items[:size], len(items) > size
     next_page = _cursor_after(page[-1], sort, secret) if more else None
     return ItemScroll(items=[ItemOut.model_validate(item) for item in page], next_page=next_page)
