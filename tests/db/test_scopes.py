@@ -1,21 +1,24 @@
 """Units of work outside requests, nesting, and more than one database
-(behaviours 8 and 9 of service.db)."""
+(behaviours 8 and 9 of service.db), in both modes."""
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from fastapi import FastAPI, HTTPException
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from service.db import Database, DBSessionMiddleware, create_engine, db
+from service.db import create_engine
+from service.items.models import Item
 from tests.conftest import alembic_config
-from tests.db.conftest import MakeApp, add_item, client_for, stored_names
+from tests.db.conftest import Mode, async_url, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,10 +53,21 @@ def second_engine(second_database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def test_with_db_works_in_a_script_before_any_app_exists(
-    migrated_url: str, engine: Engine
-) -> None:
-    script = (
+@pytest.fixture
+async def second_mode_engine(
+    mode: Mode, second_database_url: str, second_engine: Engine
+) -> AsyncIterator[Any]:
+    """The second database for this mode's middleware (its rows are read on `second_engine`)."""
+    if mode.name == "sync":
+        yield second_engine
+        return
+    engine = mode.engine_for(second_database_url)
+    yield engine
+    await mode.dispose(engine)
+
+
+SCRIPTS = {
+    "sync": (
         "import sys\n"
         "from decimal import Decimal\n"
         "from service.db import db\n"
@@ -61,93 +75,113 @@ def test_with_db_works_in_a_script_before_any_app_exists(
         "db.configure(sys.argv[1])\n"
         "with db():\n"
         "    db.session.add(Item(name='from a script', price=Decimal('2.50')))\n"
-    )
-    subprocess.run([sys.executable, "-c", script, migrated_url], check=True, cwd=ROOT)
+    ),
+    "async": (
+        "import asyncio, sys\n"
+        "from decimal import Decimal\n"
+        "from service.db.asyncio import db\n"
+        "from service.items.models import Item\n"
+        "async def main():\n"
+        "    db.configure(sys.argv[1])\n"
+        "    async with db():\n"
+        "        db.session.add(Item(name='from a script', price=Decimal('2.50')))\n"
+        "    await db.dispose()\n"
+        "asyncio.run(main())\n"
+    ),
+}
+
+
+async def test_with_db_works_in_a_script_before_any_app_exists(
+    mode: Mode, migrated_url: str, engine: Engine
+) -> None:
+    url = async_url(migrated_url) if mode.name == "async" else migrated_url
+    subprocess.run([sys.executable, "-c", SCRIPTS[mode.name], url], check=True, cwd=ROOT)
     assert stored_names(engine) == {"from a script"}
 
 
-def test_with_db_commits_on_exit(engine: Engine) -> None:
-    scripts_db = Database("scripts")
-    scripts_db.configure(engine)
-    with scripts_db() as opened:
+def scripts_database(mode: Mode) -> Any:
+    """A `Database` of this mode of its own, configured with the test engine."""
+    scripts_db = mode.database_class("scripts")
+    scripts_db.configure(mode.engine)
+    return scripts_db
+
+
+async def test_with_db_commits_on_exit(mode: Mode, engine: Engine) -> None:
+    scripts_db = scripts_database(mode)
+    async with mode.block(scripts_db) as opened:
         assert opened is scripts_db
-        add_item("lamp", scripts_db)
+        mode.add_item("lamp", scripts_db)
     assert stored_names(engine) == {"lamp"}
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
-def test_with_db_rolls_back_on_exception(engine: Engine) -> None:
-    scripts_db = Database("scripts")
-    scripts_db.configure(engine)
-    with pytest.raises(ZeroDivisionError), scripts_db():
-        add_item("lamp", scripts_db)
-        scripts_db.session.flush()
-        1 / 0  # noqa: B018
+async def test_with_db_rolls_back_on_exception(mode: Mode, engine: Engine) -> None:
+    scripts_db = scripts_database(mode)
+    with pytest.raises(ZeroDivisionError):
+        async with mode.block(scripts_db):
+            mode.add_item("lamp", scripts_db)
+            await mode.flush(scripts_db)
+            1 / 0  # noqa: B018
     assert stored_names(engine) == set()
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
-def test_with_db_commit_on_exit_false_keeps_only_explicit_commits(engine: Engine) -> None:
-    scripts_db = Database("scripts")
-    scripts_db.configure(engine)
-    with scripts_db(commit_on_exit=False):
-        add_item("committed", scripts_db)
-        scripts_db.session.commit()
-        add_item("forgotten", scripts_db)
+async def test_with_db_commit_on_exit_false_keeps_only_explicit_commits(
+    mode: Mode, engine: Engine
+) -> None:
+    scripts_db = scripts_database(mode)
+    async with mode.block(scripts_db, commit_on_exit=False):
+        mode.add_item("committed", scripts_db)
+        await mode.commit(scripts_db)
+        mode.add_item("forgotten", scripts_db)
     assert stored_names(engine) == {"committed"}
 
 
-def test_nested_with_db_reuses_the_outer_session(engine: Engine) -> None:
-    scripts_db = Database("scripts")
-    scripts_db.configure(engine)
-    with scripts_db():
+async def test_nested_with_db_reuses_the_outer_session(mode: Mode, engine: Engine) -> None:
+    scripts_db = scripts_database(mode)
+    async with mode.block(scripts_db):
         outer = scripts_db.session
-        with scripts_db():
+        async with mode.block(scripts_db):
             assert scripts_db.session is outer
-            add_item("inner", scripts_db)
+            mode.add_item("inner", scripts_db)
         # The inner block did not end the unit of work: nothing committed yet.
         assert stored_names(engine) == set()
         assert scripts_db.session is outer
     assert stored_names(engine) == {"inner"}
 
 
-def test_nested_with_db_cannot_change_session_args(engine: Engine) -> None:
-    scripts_db = Database("scripts")
-    scripts_db.configure(engine)
-    with (
-        scripts_db(),
-        pytest.raises(ValueError, match="independent=True"),
-        scripts_db(session_args={"expire_on_commit": False}),
-    ):
-        pass
+async def test_nested_with_db_cannot_change_session_args(mode: Mode) -> None:
+    scripts_db = scripts_database(mode)
+    async with mode.block(scripts_db):
+        with pytest.raises(ValueError, match="independent=True"):
+            async with mode.block(scripts_db, session_args={"expire_on_commit": False}):
+                pass
 
 
-def test_independent_scope_has_its_own_transaction(engine: Engine) -> None:
-    scripts_db = Database("scripts")
-    scripts_db.configure(engine)
-    with pytest.raises(RuntimeError), scripts_db():
-        outer = scripts_db.session
-        add_item("main work", scripts_db)
-        with scripts_db(independent=True):
-            assert scripts_db.session is not outer
-            add_item("audit", scripts_db)
-        assert scripts_db.session is outer
-        raise RuntimeError("main work fails")
+async def test_independent_scope_has_its_own_transaction(mode: Mode, engine: Engine) -> None:
+    scripts_db = scripts_database(mode)
+    with pytest.raises(RuntimeError):
+        async with mode.block(scripts_db):
+            outer = scripts_db.session
+            mode.add_item("main work", scripts_db)
+            async with mode.block(scripts_db, independent=True):
+                assert scripts_db.session is not outer
+                mode.add_item("audit", scripts_db)
+            assert scripts_db.session is outer
+            raise RuntimeError("main work fails")
     assert stored_names(engine) == {"audit"}
 
 
-async def test_with_db_inside_a_request_joins_the_request(
-    make_app: MakeApp, engine: Engine
-) -> None:
-    app = make_app()
+async def test_with_db_inside_a_request_joins_the_request(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
     sessions: list[bool] = []
 
     @app.post("/items/{name}")
-    def create(name: str) -> None:
-        request_session = db.session
-        with db():
-            sessions.append(db.session is request_session)
-            add_item(name)
+    async def create(name: str) -> None:
+        request_session = mode.database.session
+        async with mode.block():
+            sessions.append(mode.database.session is request_session)
+            mode.add_item(name)
         if name == "refused":
             raise HTTPException(status_code=400)
 
@@ -159,38 +193,40 @@ async def test_with_db_inside_a_request_joins_the_request(
     assert stored_names(engine) == {"kept"}
 
 
-async def test_independent_scope_inside_a_request_survives_its_rollback(
-    make_app: MakeApp, engine: Engine
+async def test_independent_scope_inside_a_request_uses_the_requests_engine_and_survives_its_rollback(  # noqa: E501
+    mode: Mode, engine: Engine, second_mode_engine: Any, second_engine: Engine
 ) -> None:
-    app = make_app()
+    """The app serves the second database; `db`'s default (outside requests) is the first.
+    The independent block belongs with the request, so it writes to the second."""
+    mode.database.configure(mode.engine)
+    app = mode.make_app(custom_engine=second_mode_engine)
 
     @app.post("/items/{name}")
-    def create(name: str) -> None:
-        add_item(name)
-        with db(independent=True):
-            add_item(f"attempt-{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        async with mode.block(independent=True):
+            mode.add_item(f"attempt-{name}")
         raise HTTPException(status_code=400)
 
     async with client_for(app) as client:
         assert (await client.post("/items/lamp")).status_code == 400
-    assert stored_names(engine) == {"attempt-lamp"}
+    assert stored_names(second_engine) == {"attempt-lamp"}
+    assert stored_names(engine) == set()
 
 
 async def test_two_apps_with_two_databases_keep_to_their_own(
-    engine: Engine, second_engine: Engine
+    mode: Mode, engine: Engine, second_mode_engine: Any, second_engine: Engine
 ) -> None:
-    def build(bind: Engine) -> FastAPI:
-        app = FastAPI()
-        app.add_middleware(DBSessionMiddleware, custom_engine=bind)
+    def build(bind: Any) -> FastAPI:
+        app = mode.make_app(custom_engine=bind)
 
         @app.post("/items/{name}")
-        def create(name: str) -> str:
-            add_item(name)
-            return str(db.session.get_bind().url)
+        async def create(name: str) -> None:
+            mode.add_item(name)
 
         return app
 
-    first, second = build(engine), build(second_engine)
+    first, second = build(mode.engine), build(second_mode_engine)
     async with client_for(first) as one, client_for(second) as two:
         # Interleaved, and the second app built (lazily) after the first served.
         assert (await one.post("/items/first-1")).status_code == 200
@@ -201,43 +237,79 @@ async def test_two_apps_with_two_databases_keep_to_their_own(
 
 
 async def test_one_app_reaches_a_second_database_through_a_second_database_object(
-    engine: Engine, second_engine: Engine
+    mode: Mode, engine: Engine, second_mode_engine: Any, second_engine: Engine
 ) -> None:
-    reports = Database("reports")
-    app = FastAPI()
-    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
-    app.add_middleware(DBSessionMiddleware, custom_engine=second_engine, database=reports)
+    reports = mode.database_class("reports")
+    app = mode.make_app()
+    app.add_middleware(mode.middleware, custom_engine=second_mode_engine, database=reports)
 
     @app.post("/items/{name}")
-    def create(name: str) -> None:
-        add_item(name)
-        add_item(f"report-{name}", reports)
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        mode.add_item(f"report-{name}", reports)
 
     async with client_for(app) as client:
         assert (await client.post("/items/lamp")).status_code == 200
     assert stored_names(engine) == {"lamp"}
     assert stored_names(second_engine) == {"report-lamp"}
-    assert engine.pool.checkedout() == 0 and second_engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0 and second_engine.pool.checkedout() == 0
 
 
-def test_configure_replaces_the_default_but_a_middleware_never_does(
-    engine: Engine, second_engine: Engine
+async def test_configure_replaces_the_default_but_a_middleware_never_does(
+    mode: Mode, second_mode_engine: Any
 ) -> None:
-    jobs = Database("jobs")
-    jobs.configure(engine)
-    DBSessionMiddleware(FastAPI(), custom_engine=second_engine, database=jobs)
-    assert jobs.engine is engine
-    jobs.configure(second_engine)
-    assert jobs.engine is second_engine
+    jobs = mode.database_class("jobs")
+    jobs.configure(mode.engine)
+    mode.middleware(FastAPI(), custom_engine=second_mode_engine, database=jobs)
+    assert jobs.engine is mode.engine
+    jobs.configure(second_mode_engine)
+    assert jobs.engine is second_mode_engine
 
 
-def test_first_middleware_becomes_the_default_of_an_unconfigured_database(
-    engine: Engine, second_engine: Engine
+async def test_first_middleware_becomes_the_default_of_an_unconfigured_database(
+    mode: Mode, second_mode_engine: Any
 ) -> None:
-    jobs = Database("jobs")
-    DBSessionMiddleware(FastAPI(), custom_engine=engine, database=jobs)
-    DBSessionMiddleware(FastAPI(), custom_engine=second_engine, database=jobs)
-    with jobs():
-        assert isinstance(jobs.session, Session)
-        assert jobs.session.get_bind() is engine
+    jobs = mode.database_class("jobs")
+    mode.middleware(FastAPI(), custom_engine=mode.engine, database=jobs)
+    mode.middleware(FastAPI(), custom_engine=second_mode_engine, database=jobs)
+    async with mode.block(jobs):
+        assert isinstance(jobs.session, Session if mode.name == "sync" else AsyncSession)
+        bind = jobs.session.get_bind()
+        assert bind is mode.pool_engine
 
+
+async def test_a_sync_and_an_async_session_in_one_request_are_two_transactions(
+    engine: Engine, async_engine: Any, backend: str
+) -> None:
+    """Both middlewares on one app: `service.db.db.session` and
+    `service.db.asyncio.db.session` are two sessions on two connections, each committed or
+    rolled back by its own middleware - two transactions, with no atomicity between them."""
+    from service.db import DBSessionMiddleware, db
+    from service.db import asyncio as async_mode
+    from tests.db.conftest import add_item
+
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    app.add_middleware(async_mode.DBSessionMiddleware, custom_engine=async_engine)
+    seen: list[set[str]] = []
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        add_item(f"{name}-async", async_mode.db)
+        await async_mode.db.session.flush()
+        # The sync session is another connection: the async insert is not committed yet.
+        seen.append(set(db.session.scalars(select(Item.name))))
+        if backend == "postgresql":  # SQLite lets one transaction write at a time
+            add_item(f"{name}-sync")
+        if name == "refused":
+            raise HTTPException(status_code=400)
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/kept")).status_code == 200
+        assert (await client.post("/items/refused")).status_code == 400
+    assert seen == [set(), {"kept-async", "kept-sync"} if backend == "postgresql" else {
+        "kept-async"
+    }]
+    expected = {"kept-async", "kept-sync"} if backend == "postgresql" else {"kept-async"}
+    assert stored_names(engine) == expected
+    assert engine.pool.checkedout() == 0 and async_engine.sync_engine.pool.checkedout() == 0

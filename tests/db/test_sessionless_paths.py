@@ -12,6 +12,7 @@ from sqlalchemy import Engine, text
 
 from service.config import Settings
 from service.db import DBSessionMiddleware, MissingSessionError, create_engine, db
+from service.db.asyncio import db as async_db
 from service.main import create_app
 from tests.db.conftest import add_item, client_for, stored_names
 
@@ -29,15 +30,19 @@ def one_slot_engine(migrated_url: str) -> Iterator[Engine]:
 
 
 class Holder:
-    """A route that takes the only slot and keeps it until released."""
+    """A route that takes the only slot and keeps it until released (on the app's sync or
+    async `db`)."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, *, on_async_db: bool = False) -> None:
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
 
         @app.get("/hold")
         async def hold() -> None:
-            db.session.execute(text("SELECT 1"))
+            if on_async_db:
+                await async_db.session.execute(text("SELECT 1"))
+            else:
+                db.session.execute(text("SELECT 1"))
             self.holding.set()
             await asyncio.wait_for(self.release.wait(), 10)
 
@@ -48,8 +53,9 @@ async def busy_service(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Holder]]:
     """The real app with one connection slot, which a request is holding."""
     app = create_app(settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0}))
-    holder = Holder(app)
+    holder = Holder(app, on_async_db=True)
     async with client_for(app) as client:
+        await client.get("/openapi.json")  # built once, on first use: CPU, not waiting
         held = asyncio.create_task(client.get("/hold"))
         await asyncio.wait_for(holder.holding.wait(), 5)
         try:
@@ -57,6 +63,7 @@ async def busy_service(
         finally:
             holder.release.set()
             assert (await asyncio.wait_for(held, 10)).status_code == 200
+            await app.state.engine.dispose()
 
 
 async def timed_get(client: httpx.AsyncClient, path: str) -> tuple[httpx.Response, float]:

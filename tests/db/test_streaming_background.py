@@ -1,196 +1,206 @@
 """Work done after the response started: streaming bodies and BackgroundTasks
-(behaviours 6 and 7 of service.db)."""
+(behaviours 6 and 7 of service.db), in both modes."""
 
 import logging
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import Engine, func, select
 
-from service.db import db
 from service.items.models import Item
-from tests.db.conftest import add_item, stored_names
+from tests.db.conftest import MakeApp, Mode, add_item, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_async_stream_can_read_and_its_writes_are_committed(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_stream_can_read_and_its_writes_are_committed(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
 
     @app.post("/import")
     async def bulk_import() -> StreamingResponse:
-        add_item("before-response")
+        mode.add_item("before-response")
 
         async def progress() -> AsyncIterator[bytes]:
             for n in range(3):
-                add_item(f"streamed-{n}")
-                db.session.flush()
-                count = db.session.scalar(select(func.count()).select_from(Item))
+                mode.add_item(f"streamed-{n}")
+                await mode.flush()
+                count = await mode.scalar(select(func.count()).select_from(Item))
                 yield f"{count}\n".encode()
 
         return StreamingResponse(progress())
 
-    response = await client.post("/import")
+    async with client_for(app) as client:
+        response = await client.post("/import")
     assert response.status_code == 200
     # The session stayed usable: each chunk saw the rows written so far.
     assert response.text.split() == ["2", "3", "4"]
     assert stored_names(engine) == {"before-response", "streamed-0", "streamed-1", "streamed-2"}
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
-async def test_sync_stream_writes_are_committed(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_sync_stream_writes_are_committed(make_app: MakeApp, engine: Engine) -> None:
+    """Sync mode: a sync generator is iterated in the threadpool, with the request's session."""
+    app = make_app()
 
     @app.post("/import")
     def bulk_import() -> StreamingResponse:
-        def progress() -> Iterator[bytes]:  # iterated in the threadpool
+        def progress() -> Iterator[bytes]:
             for n in range(3):
                 add_item(f"streamed-{n}")
                 yield b"."
 
         return StreamingResponse(progress())
 
-    response = await client.post("/import")
+    async with client_for(app) as client:
+        response = await client.post("/import")
     assert response.text == "..."
     assert stored_names(engine) == {"streamed-0", "streamed-1", "streamed-2"}
 
 
 async def test_failed_commit_after_stream_is_logged_at_error(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-    engine: Engine,
-    caplog: pytest.LogCaptureFixture,
+    mode: Mode, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
 
     @app.post("/import")
     async def bulk_import() -> StreamingResponse:
         async def progress() -> AsyncIterator[bytes]:
-            add_item("twin")
-            add_item("TWIN")  # the unique violation surfaces at the final commit
+            mode.add_item("twin")
+            mode.add_item("TWIN")  # the unique violation surfaces at the final commit
             yield b"done"
 
         return StreamingResponse(progress())
 
     with caplog.at_level(logging.ERROR, logger="service.db"):
-        response = await client.post("/import", headers={"x-request-id": "import-7"})
+        async with client_for(app) as client:
+            response = await client.post("/import", headers={"x-request-id": "import-7"})
     assert response.status_code == 200  # already on the wire when the commit failed
     assert stored_names(engine) == set()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert any("POST /import" in r.getMessage() and "import-7" in r.getMessage() for r in errors)
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
-async def test_stream_of_an_error_response_commits_nothing(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_stream_of_an_error_response_commits_nothing(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
 
     @app.post("/import")
     async def bulk_import() -> StreamingResponse:
         async def progress() -> AsyncIterator[bytes]:
-            add_item("late")
+            mode.add_item("late")
             yield b"error report"
 
         return StreamingResponse(progress(), status_code=400)
 
-    assert (await client.post("/import")).status_code == 400
+    async with client_for(app) as client:
+        assert (await client.post("/import")).status_code == 400
     assert stored_names(engine) == set()
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_background_task_writes_are_committed(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine, kind: str
-) -> None:
-    app, client = app_client
+async def test_background_task_writes_are_committed(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
     seen_by_task: list[set[str]] = []
 
-    def audit_sync(name: str) -> None:
+    async def audit(name: str) -> None:
         seen_by_task.append(stored_names(engine))
-        add_item(f"audit-{name}")
-
-    async def audit_async(name: str) -> None:
-        seen_by_task.append(stored_names(engine))
-        add_item(f"audit-{name}")
+        mode.add_item(f"audit-{name}")
 
     @app.post("/items/{name}")
-    def create(name: str, tasks: BackgroundTasks) -> None:
-        add_item(name)
-        tasks.add_task(audit_sync if kind == "sync" else audit_async, name)
+    async def create(name: str, tasks: BackgroundTasks) -> None:
+        mode.add_item(name)
+        tasks.add_task(audit, name)
 
-    response = await client.post("/items/lamp")
+    async with client_for(app) as client:
+        response = await client.post("/items/lamp")
     assert response.status_code == 200
     # The task ran after the request's own transaction was committed ...
     assert seen_by_task == [{"lamp"}]
     # ... and what it wrote was committed in a transaction of its own.
     assert stored_names(engine) == {"lamp", "audit-lamp"}
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
-async def test_failing_background_task_is_logged_and_rolled_back(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-    engine: Engine,
-    caplog: pytest.LogCaptureFixture,
+async def test_sync_background_task_writes_are_committed(
+    make_app: MakeApp, engine: Engine
 ) -> None:
-    app, client = app_client
+    """Sync mode: a sync task runs in the threadpool, with the request's session."""
+    app = make_app()
 
-    def broken_task() -> None:
-        add_item("half-done")
-        db.session.flush()
-        raise RuntimeError("task bug")
+    def audit(name: str) -> None:
+        add_item(f"audit-{name}")
 
     @app.post("/items/{name}")
     def create(name: str, tasks: BackgroundTasks) -> None:
         add_item(name)
-        tasks.add_task(broken_task)
+        tasks.add_task(audit, name)
 
-    with caplog.at_level(logging.ERROR, logger="service.db"), pytest.raises(RuntimeError):
-        await client.post("/items/lamp")
-    # The request's own work stands; the task's is rolled back and the failure logged.
-    assert stored_names(engine) == {"lamp"}
-    assert any("POST /items/lamp" in r.getMessage() for r in caplog.records)
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    assert stored_names(engine) == {"lamp", "audit-lamp"}
     assert engine.pool.checkedout() == 0
 
 
-async def test_background_task_of_a_rolled_back_request_writes_nothing(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+async def test_failing_background_task_is_logged_and_rolled_back(
+    mode: Mode, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
 
-    def audit() -> None:
-        add_item("audit")
+    async def broken_task() -> None:
+        mode.add_item("half-done")
+        await mode.flush()
+        raise RuntimeError("task bug")
 
     @app.post("/items/{name}")
-    def create(name: str, tasks: BackgroundTasks) -> Response:
-        add_item(name)
+    async def create(name: str, tasks: BackgroundTasks) -> None:
+        mode.add_item(name)
+        tasks.add_task(broken_task)
+
+    with caplog.at_level(logging.ERROR, logger="service.db"), pytest.raises(RuntimeError):
+        async with client_for(app) as client:
+            await client.post("/items/lamp")
+    # The request's own work stands; the task's is rolled back and the failure logged.
+    assert stored_names(engine) == {"lamp"}
+    assert any("POST /items/lamp" in r.getMessage() for r in caplog.records)
+    assert mode.checked_out() == 0
+
+
+async def test_background_task_of_a_rolled_back_request_writes_nothing(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app()
+
+    async def audit() -> None:
+        mode.add_item("audit")
+
+    @app.post("/items/{name}")
+    async def create(name: str, tasks: BackgroundTasks) -> Response:
+        mode.add_item(name)
         tasks.add_task(audit)
         return JSONResponse({}, status_code=400, background=tasks)
 
-    assert (await client.post("/items/lamp")).status_code == 400
-    # An error response rolls back the whole scope, work done after it included.
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 400
+    # An error response rolls back the whole unit of work, work done after it included.
     assert stored_names(engine) == set()
 
 
 async def test_background_task_can_keep_its_work_with_an_independent_scope(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+    mode: Mode, engine: Engine
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
 
-    def audit() -> None:
-        with db(independent=True):
-            add_item("audit")
+    async def audit() -> None:
+        async with mode.block(independent=True):
+            mode.add_item("audit")
 
     @app.post("/items/{name}")
-    def create(name: str, tasks: BackgroundTasks) -> Response:
-        add_item(name)
+    async def create(name: str, tasks: BackgroundTasks) -> Response:
+        mode.add_item(name)
         tasks.add_task(audit)
         return JSONResponse({}, status_code=400, background=tasks)
 
-    assert (await client.post("/items/lamp")).status_code == 400
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 400
     assert stored_names(engine) == {"audit"}
