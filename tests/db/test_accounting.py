@@ -5,59 +5,59 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-import httpx
 import pytest
 import sqlalchemy
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-from service.db import Database, DBSessionMiddleware, QueryLog, assert_max_queries, db
+from service.db import Database, DBSessionMiddleware, QueryLog, assert_max_queries
 from service.items.models import Item
-from tests.db.conftest import MakeApp, add_item, client_for
+from tests.db.conftest import Mode, client_for
 
 pytestmark = pytest.mark.anyio
 
 SERVER_TIMING = re.compile(r'^db;dur=(\d+\.\d);desc="(\d+) quer(y|ies)"$')
 
 
-async def test_server_timing_counts_the_requests_statements(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-) -> None:
-    app, client = app_client
+async def test_server_timing_counts_the_requests_statements(mode: Mode) -> None:
+    app = mode.make_app()
 
     @app.post("/items/{name}")
-    def create(name: str) -> None:
-        add_item(name)
-        db.session.flush()  # INSERT
-        db.session.scalars(select(Item)).all()  # SELECT
-        db.session.scalars(select(Item).where(Item.name == name)).all()  # SELECT
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        await mode.flush()  # INSERT
+        await mode.run(lambda session: session.scalars(select(Item)).all())  # SELECT
+        await mode.run(
+            lambda session: session.scalars(select(Item).where(Item.name == name)).all()
+        )  # SELECT
 
-    response = await client.post("/items/lamp")
+    async with client_for(app) as client:
+        response = await client.post("/items/lamp")
     match = SERVER_TIMING.match(response.headers["server-timing"])
     assert match is not None, response.headers["server-timing"]
     assert match.group(2) == "3"
     assert float(match.group(1)) > 0
 
 
-async def test_server_timing_of_a_request_without_sql(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-) -> None:
-    app, client = app_client
+async def test_server_timing_of_a_request_without_sql(mode: Mode) -> None:
+    app = mode.make_app()
 
     @app.get("/ping")
-    def ping() -> str:
+    async def ping() -> str:
         return "pong"
 
-    response = await client.get("/ping")
+    async with client_for(app) as client:
+        response = await client.get("/ping")
     assert response.headers["server-timing"] == 'db;dur=0.0;desc="0 queries"'
 
 
-async def test_server_timing_can_be_switched_off(make_app: MakeApp) -> None:
-    app = make_app(server_timing=False)
+async def test_server_timing_can_be_switched_off(mode: Mode) -> None:
+    app = mode.make_app(server_timing=False)
 
     @app.get("/items")
-    def items() -> int:
-        return len(db.session.scalars(select(Item)).all())
+    async def items() -> int:
+        return len(await mode.run(lambda session: session.scalars(select(Item)).all()))
 
     async with client_for(app) as client:
         response = await client.get("/items")
@@ -65,18 +65,19 @@ async def test_server_timing_can_be_switched_off(make_app: MakeApp) -> None:
     assert "server-timing" not in response.headers
 
 
-async def test_concurrent_requests_are_counted_separately(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-) -> None:
-    app, client = app_client
+async def test_concurrent_requests_are_counted_separately(mode: Mode) -> None:
+    """Each request's header counts its own statements only, while others run meanwhile
+    (interleaved on PostgreSQL; SQLite admits one request at a time)."""
+    app = mode.make_app()
 
     @app.get("/queries/{n}")
     async def run(n: int) -> None:
         for _ in range(n):
-            db.session.scalars(select(Item)).all()
+            await mode.run(lambda session: session.scalars(select(Item)).all())
             await asyncio.sleep(0)
 
-    responses = await asyncio.gather(*(client.get(f"/queries/{n}") for n in (1, 2, 3, 4)))
+    async with client_for(app) as client:
+        responses = await asyncio.gather(*(client.get(f"/queries/{n}") for n in (1, 2, 3, 4)))
     counts = [SERVER_TIMING.match(r.headers["server-timing"]).group(2) for r in responses]  # type: ignore[union-attr]
     assert counts == ["1", "2", "3", "4"]
 
@@ -104,29 +105,32 @@ def test_assert_max_queries_fails_listing_every_statement(engine: Engine) -> Non
 
 
 async def test_assert_max_queries_fixture_catches_an_n_plus_1_in_a_route(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-    assert_max_queries: Callable[[int], AbstractContextManager[QueryLog]],
+    mode: Mode, assert_max_queries: Callable[[int], AbstractContextManager[QueryLog]]
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
 
     @app.post("/seed/{n}")
-    def seed(n: int) -> None:
+    async def seed(n: int) -> None:
         for i in range(n):
-            add_item(f"item-{i}")
+            mode.add_item(f"item-{i}")
 
     @app.get("/names")
-    def names() -> list[str]:
-        ids = db.session.scalars(select(Item.id)).all()
-        return [db.session.get_one(Item, i).name for i in ids]  # one SELECT per row: N+1
+    async def names() -> list[str]:
+        def one_select_per_row(session: Session) -> list[str]:  # N+1
+            ids = session.scalars(select(Item.id)).all()
+            return [session.get_one(Item, i).name for i in ids]
 
-    with assert_max_queries(1):
-        await client.get("/names")  # empty table: only the SELECT of ids
-    await client.post("/seed/3")
-    with (
-        pytest.raises(AssertionError, match="expected at most 1") as failure,
-        assert_max_queries(1),
-    ):
-        await client.get("/names")
+        return await mode.run(one_select_per_row)
+
+    async with client_for(app) as client:
+        with assert_max_queries(1):
+            await client.get("/names")  # empty table: only the SELECT of ids
+        await client.post("/seed/3")
+        with (
+            pytest.raises(AssertionError, match="expected at most 1") as failure,
+            assert_max_queries(1),
+        ):
+            await client.get("/names")
     assert "4 ran" in str(failure.value)
 
 

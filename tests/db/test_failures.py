@@ -5,17 +5,16 @@ and the error body the middleware sends unless the app gives it its own."""
 from collections.abc import Callable
 from decimal import Decimal
 
-import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, event, text, update
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.responses import JSONResponse
 
-from service.db import DBSessionMiddleware, Failure, db
+from service.db import Failure
 from service.items.models import Item
 from service.problems import install_problem_handlers
-from tests.db.conftest import MakeApp, add_item, client_for, stored_names
+from tests.db.conftest import Mode, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 
@@ -28,31 +27,32 @@ def one_item(engine: Engine, name: str = "lamp") -> int:
         ).inserted_primary_key[0]
 
 
-def bump_version_behind_the_orms_back(item_id: int) -> None:
+async def bump_version_behind_the_orms_back(mode: Mode, item_id: int) -> None:
     """The item's version moves on without the session's loaded copy knowing, as when
     another request changed it meanwhile (a second connection cannot do it on SQLite: its
     commit would make this transaction's write fail as locked)."""
-    db.session.execute(
-        update(Item).where(Item.id == item_id).values(version=Item.version + 1),
-        execution_options={"synchronize_session": False},
+    statement = update(Item).where(Item.id == item_id).values(version=Item.version + 1)
+    await mode.run(
+        lambda session: session.execute(
+            statement, execution_options={"synchronize_session": False}
+        )
     )
 
 
 # -- raised by a statement of the route, not handled there -----------------------------------
 
 
-async def test_constraint_violation_in_a_route_answers_409(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_constraint_violation_in_a_route_answers_409(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
     one_item(engine, "lamp")
 
     @app.post("/duplicate")
-    def duplicate() -> None:
-        add_item("LAMP")
-        db.session.flush()  # the unique index refuses it here, inside the route
+    async def duplicate() -> None:
+        mode.add_item("LAMP")
+        await mode.flush()  # the unique index refuses it here, inside the route
 
-    response = await client.post("/duplicate")
+    async with client_for(app) as client:
+        response = await client.post("/duplicate")
     assert response.status_code == 409
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["detail"] == (
@@ -61,20 +61,19 @@ async def test_constraint_violation_in_a_route_answers_409(
     assert stored_names(engine) == {"lamp"}
 
 
-async def test_stale_row_in_a_route_answers_409(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_stale_row_in_a_route_answers_409(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
     item_id = one_item(engine)
 
     @app.patch("/items/{item_id}")
-    def rename(item_id: int) -> None:
-        item = db.session.get_one(Item, item_id)
-        bump_version_behind_the_orms_back(item_id)
+    async def rename(item_id: int) -> None:
+        item = await mode.run(lambda session: session.get_one(Item, item_id))
+        await bump_version_behind_the_orms_back(mode, item_id)
         item.name = "renamed"
-        db.session.flush()  # UPDATE ... WHERE version = <read version>: no row matches
+        await mode.flush()  # UPDATE ... WHERE version = <read version>: no row matches
 
-    response = await client.patch(f"/items/{item_id}")
+    async with client_for(app) as client:
+        response = await client.patch(f"/items/{item_id}")
     assert response.status_code == 409
     assert response.json()["detail"] == (
         "The record was changed or deleted meanwhile; nothing was saved."
@@ -85,27 +84,26 @@ async def test_stale_row_in_a_route_answers_409(
 # -- raised by the COMMIT after the route returned 2xx -----------------------------------
 
 
-async def test_stale_row_at_commit_answers_409(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_stale_row_at_commit_answers_409(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
     item_id = one_item(engine)
 
     @app.patch("/items/{item_id}")
-    def rename(item_id: int) -> dict[str, str]:
-        item = db.session.get_one(Item, item_id)
-        bump_version_behind_the_orms_back(item_id)
+    async def rename(item_id: int) -> dict[str, str]:
+        item = await mode.run(lambda session: session.get_one(Item, item_id))
+        await bump_version_behind_the_orms_back(mode, item_id)
         item.name = "renamed"  # unflushed: the UPDATE runs at COMMIT, and matches no row
         return {"status": "renamed"}
 
-    response = await client.patch(f"/items/{item_id}")
+    async with client_for(app) as client:
+        response = await client.patch(f"/items/{item_id}")
     assert response.status_code == 409
     assert response.json()["detail"] == (
         "The record was changed or deleted meanwhile; nothing was saved."
     )
     assert "renamed" not in response.text
     assert stored_names(engine) == {"lamp"}
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
 def failing_commit(exc: Exception) -> Callable[[object], None]:
@@ -126,39 +124,68 @@ def failing_commit(exc: Exception) -> Callable[[object], None]:
     ids=["connection-lost", "invalidated", "other"],
 )
 async def test_failed_commit_status_follows_the_one_mapping(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-    engine: Engine,
-    exc: Exception,
-    status: int,
-    retry_after: str | None,
+    mode: Mode, engine: Engine, exc: Exception, status: int, retry_after: str | None
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
 
     @app.post("/items/{name}")
-    def create(name: str) -> dict[str, str]:
-        add_item(name)
-        event.listen(db.session, "before_commit", failing_commit(exc))
+    async def create(name: str) -> dict[str, str]:
+        mode.add_item(name)
+        await mode.run(lambda session: event.listen(session, "before_commit", failing_commit(exc)))
         return {"status": "created"}
 
-    response = await client.post("/items/lamp")
+    async with client_for(app) as client:
+        response = await client.post("/items/lamp")
     assert response.status_code == status
     assert response.headers.get("retry-after") == retry_after
     assert response.json()["status"] == status
     assert stored_names(engine) == set()
+    assert mode.checked_out() == 0
+
+
+async def test_commit_on_a_connection_the_server_dropped_answers_503(
+    mode: Mode, engine: Engine, backend: str
+) -> None:
+    """A real lost connection: the server ends the request's backend before its COMMIT
+    (psycopg2 and asyncpg each report it their own way; both are 503)."""
+    if backend != "postgresql":
+        pytest.skip("needs a server that can end another session: PostgreSQL")
+    app = mode.make_app()
+
+    @app.post("/items/{name}")
+    async def create(name: str, drop: bool = False) -> dict[str, str]:
+        mode.add_item(name)
+        await mode.flush()
+        if drop:
+            pid = await mode.scalar(text("SELECT pg_backend_pid()"))
+            with engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        return {"status": "created"}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/lamp?drop=true")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "created" not in response.text
+    assert stored_names(engine) == set()
+    assert mode.checked_out() == 0
+    async with client_for(app) as client:  # the pool recovers: the next request is served
+        assert (await client.post("/items/next")).status_code == 200
+    assert stored_names(engine) == {"next"}
 
 
 # -- the error body -----------------------------------------------------------------------
 
 
-async def test_default_error_body_is_a_detail_object(engine: Engine) -> None:
+async def test_default_error_body_is_a_detail_object(mode: Mode, engine: Engine) -> None:
     """Without `error_response`, service.db needs nothing of the app: FastAPI's own shape."""
     app = FastAPI()
-    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    app.add_middleware(mode.middleware, custom_engine=mode.engine)
 
     @app.post("/items/{name}")
-    def create(name: str) -> dict[str, str]:
-        add_item(name)
-        add_item(name.upper())  # unflushed: the unique index refuses them at COMMIT
+    async def create(name: str) -> dict[str, str]:
+        mode.add_item(name)
+        mode.add_item(name.upper())  # unflushed: the unique index refuses them at COMMIT
         return {"status": "created"}
 
     async with client_for(app) as client:
@@ -171,16 +198,16 @@ async def test_default_error_body_is_a_detail_object(engine: Engine) -> None:
     assert stored_names(engine) == set()
 
 
-async def test_the_app_chooses_the_error_body(make_app: MakeApp, engine: Engine) -> None:
+async def test_the_app_chooses_the_error_body(mode: Mode, engine: Engine) -> None:
     def teapot(failure: Failure) -> JSONResponse:
         return JSONResponse({"was": failure.status, "retry": failure.headers}, 418)
 
-    app = make_app(error_response=teapot)
+    app = mode.make_app(error_response=teapot)
 
     @app.post("/items/{name}")
-    def create(name: str) -> None:
-        add_item(name)
-        add_item(name.upper())
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        mode.add_item(name.upper())
 
     async with client_for(app) as client:
         response = await client.post("/items/lamp")
