@@ -10,18 +10,23 @@ Fixtures:
   savepoint release. The outer transaction is rolled back after the test, so nothing a test
   commits is seen by the next. Works on PostgreSQL and SQLite (savepoints switched on
   for pysqlite). Requests of one test share that connection: don't run them concurrently.
+- `async_db_isolation`: the same for `service.db.asyncio.db` (async apps, `async with
+  db():`), on a connection of `async_db_isolation_engine` (default: that `db.engine`).
 - `assert_max_queries`: `with assert_max_queries(2): client.get(...)` fails with the list of
   statements when more ran - the N+1 guard.
 
-Outside pytest, `isolated(database)` is the same isolation as a context manager.
+Outside pytest, `isolated(database)` / `async with isolated_async(database)` are the same
+isolation as context managers.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 from sqlalchemy import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.db import asyncio as async_mode
 from service.db.accounting import assert_max_queries as _assert_max_queries
 from service.db.database import Database, db
 from service.db.engine import enable_sqlite_savepoints
@@ -42,6 +47,23 @@ def isolated(database: Database = db, engine: Engine | None = None) -> Iterator[
             outer.rollback()
 
 
+@asynccontextmanager
+async def isolated_async(
+    database: async_mode.Database = async_mode.db, engine: AsyncEngine | None = None
+) -> AsyncIterator[AsyncConnection]:
+    """`isolated` for the async `Database`: an outer transaction on a connection of
+    `engine` (default: the database's default engine), rolled back at the end."""
+    engine = engine or database.engine
+    enable_sqlite_savepoints(engine.sync_engine)
+    async with engine.connect() as connection:
+        outer = await connection.begin()
+        try:
+            with database.bound_to(connection):
+                yield connection
+        finally:
+            await outer.rollback()
+
+
 @pytest.fixture
 def db_isolation_engine() -> Engine:
     """The engine whose connection `db_isolation` uses; override it in a conftest."""
@@ -52,6 +74,21 @@ def db_isolation_engine() -> Engine:
 def db_isolation(db_isolation_engine: Engine) -> Iterator[Connection]:
     """Roll back everything the test commits through `db` (see the module docstring)."""
     with isolated(db, db_isolation_engine) as connection:
+        yield connection
+
+
+@pytest.fixture
+def async_db_isolation_engine() -> AsyncEngine:
+    """The engine whose connection `async_db_isolation` uses; override it in a conftest."""
+    return async_mode.db.engine
+
+
+@pytest.fixture
+async def async_db_isolation(
+    async_db_isolation_engine: AsyncEngine,
+) -> AsyncIterator[AsyncConnection]:
+    """Roll back everything the test commits through `service.db.asyncio.db`."""
+    async with isolated_async(async_mode.db, async_db_isolation_engine) as connection:
         yield connection
 
 
