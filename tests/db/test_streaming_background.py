@@ -204,3 +204,27 @@ async def test_background_task_can_keep_its_work_with_an_independent_scope(
     async with client_for(app) as client:
         assert (await client.post("/items/lamp")).status_code == 400
     assert stored_names(engine) == {"audit"}
+
+
+async def test_background_task_reads_the_requests_objects_after_the_commit(
+    mode: Mode, engine: Engine
+) -> None:
+    """The request's objects stay readable after its COMMIT (async: no implicit lazy load
+    is possible, so sessions keep them unexpired)."""
+    app = mode.make_app()
+    read: list[str] = []
+
+    async def audit(item: Item) -> None:
+        read.append(item.name)  # after the COMMIT
+        mode.add_item(f"audit-{item.name}")
+
+    @app.post("/items/{name}")
+    async def create(name: str, tasks: BackgroundTasks) -> None:
+        item = mode.add_item(name)
+        await mode.flush()
+        tasks.add_task(audit, item)
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    assert read == ["lamp"]
+    assert stored_names(engine) == {"lamp", "audit-lamp"}

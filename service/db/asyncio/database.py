@@ -13,6 +13,10 @@ from service.db.asyncio.unit_of_work import AsyncUnitOfWork
 from service.db.database import BlockBase, DatabaseBase
 from service.db.session_errors import SessionNotInitialisedError
 
+# What an AsyncSession needs unless told otherwise: objects stay readable after COMMIT
+# (expiring them would make the next attribute read a lazy load, which cannot be awaited).
+ASYNC_SESSION_DEFAULTS: dict[str, Any] = {"expire_on_commit": False}
+
 
 class Database(
     DatabaseBase[AsyncUnitOfWork, async_sessionmaker[AsyncSession], AsyncConnection]
@@ -52,7 +56,9 @@ class Database(
             # Synchronously: close what the pool holds, without awaiting (no loop needed).
             self._owned_engine.sync_engine.dispose(close=False)
         self._owned_engine = owned
-        self._default = async_sessionmaker(bind=engine, **(session_args or {}))
+        self._default = async_sessionmaker(
+            bind=engine, **{**ASYNC_SESSION_DEFAULTS, **(session_args or {})}
+        )
         return engine
 
     async def dispose(self) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp
 
-from service.db.asyncio.database import Database
+from service.db.asyncio.database import ASYNC_SESSION_DEFAULTS, Database
 from service.db.asyncio.database import db as default_database
 from service.db.asyncio.engine import create_async_engine, instrument_async
 from service.db.asyncio.unit_of_work import AsyncUnitOfWork
@@ -41,6 +41,9 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
     `session_args`, `commit_on_exit=True`; keyword-only `database`, `commit_policy`,
     `server_timing`, `max_concurrent_sessions`, `sessionless_paths`, `error_response`).
     A URL names an async driver: `postgresql+asyncpg://...`, `sqlite+aiosqlite:///...`.
+    Sessions default to `expire_on_commit=False` (`ASYNC_SESSION_DEFAULTS`): after the
+    COMMIT, a background task or an on-commit hook reading an attribute would otherwise
+    need a lazy load, which an `AsyncSession` cannot do implicitly.
     """
 
     def __init__(
@@ -67,7 +70,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
             else create_async_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
         )
         factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            bind=self.engine, **(session_args or {})
+            bind=self.engine, **{**ASYNC_SESSION_DEFAULTS, **(session_args or {})}
         )
         super().__init__(
             app,
