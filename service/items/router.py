@@ -81,7 +81,8 @@ def version_match(item_id: int, if_match: str | None) -> VersionMatch | None:
     return VersionMatch(frozenset(versions))
 
 
-def cursor_secret(request: Request) -> bytes:
+async def cursor_secret(request: Request) -> bytes:
+    # async: a sync dependency would cost every scroll page a hop to the threadpool
     settings: Settings = request.app.state.settings
     return settings.cursor_secret.get_secret_value().encode()
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from service.cursors import InvalidCursor, read_cursor, sign_cursor
 from service.domain_errors import Conflict, NotFound, PreconditionFailed, PreconditionRequired
 from service.items import dao
+from service.items.dao import ItemRow
 from service.items.models import Item
 from service.items.schemas import (
     CountMode,
@@ -106,7 +107,7 @@ async def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
 
 async def list_items(
     filters: ItemFilters, sort: ItemSort, count: CountMode, threshold: int
-) -> AbstractPage[Item]:
+) -> AbstractPage[ItemRow]:
     """The page of the request's `page`/`size`, with a total counted as `count` says:
 
     - exact: `SELECT count(*)` (2 statements);
@@ -151,7 +152,7 @@ async def scroll_items(
 # -- cursors: {"sort": "-price", "after": ["12.50", 4711]}, signed (service.cursors) ------
 
 
-def _cursor_after(item: Item, sort: ItemSort, secret: bytes) -> str:
+def _cursor_after(item: ItemRow, sort: ItemSort, secret: bytes) -> str:
     value = getattr(item, sort.field)
     if isinstance(value, Decimal | datetime):
         value = value.isoformat() if isinstance(value, datetime) else str(value)

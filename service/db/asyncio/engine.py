@@ -2,14 +2,22 @@
 accounting, and SQLite (aiosqlite) made savepoint-safe, WAL for files, one shared
 connection for `:memory:` - applied to its `sync_engine`, where SQLAlchemy's events live.
 
-One more fix: a failed connect is an `OperationalError`, as with psycopg2. asyncpg lets
-`ConnectionRefusedError`, a connect `TimeoutError` or "the database system is starting up"
-out as they are, which would make an unreachable database a 500 instead of a 503.
+Two more fixes:
+
+- a failed connect is an `OperationalError`, as with psycopg2. asyncpg lets
+  `ConnectionRefusedError`, a connect `TimeoutError` or "the database system is starting
+  up" out as they are, which would make an unreachable database a 500 instead of a 503;
+- `pool_pre_ping=True` costs asyncpg three round trips per checkout (SQLAlchemy pings
+  inside BEGIN ... ROLLBACK, for PgBouncer), as many as the request's own BEGIN, query and
+  COMMIT. For asyncpg it becomes `discard_closed_connections`: no round trip, the same
+  guarantee that connections the server dropped (a restart) are replaced unseen.
 """
 
+import select
+import time
 from typing import Any
 
-from sqlalchemy import Dialect, event
+from sqlalchemy import Dialect, event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,9 +30,68 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     """Create an async engine for `url` (e.g. `postgresql+asyncpg://...`,
     `sqlite+aiosqlite:///file.db`), instrumented, with the SQLite fixes where relevant."""
     url = make_url(url)
-    engine = sqlalchemy_asyncio.create_async_engine(url, **backend_args(url, engine_args))
+    engine_args = backend_args(url, engine_args)
+    cheap_ping = url.get_driver_name() == "asyncpg" and engine_args.get("pool_pre_ping", False)
+    if cheap_ping:
+        engine_args = {**engine_args, "pool_pre_ping": False}
+    engine = sqlalchemy_asyncio.create_async_engine(url, **engine_args)
     prepared(engine.sync_engine)
     event.listen(engine.sync_engine, "do_connect", _connect_failures_are_operational)
+    if cheap_ping:
+        discard_closed_connections(engine)
+    return engine
+
+
+# A connection idle this long is pinged for real before use: it may be half-open (a
+# network drop without a FIN), which no local check can see.
+PING_AFTER_IDLE = 30.0
+
+
+def discard_closed_connections(engine: AsyncEngine) -> None:
+    """Before a pooled asyncpg connection is handed out, make sure the server has not
+    dropped it, without a round trip: asyncpg knows it is closed if the event loop has seen
+    the server hang up; if the loop was busy meanwhile, the server's goodbye (an error
+    message, then EOF) is still unread in the socket, which a zero-timeout `select` sees.
+    Only then - or after `PING_AFTER_IDLE` seconds idle - is the connection pinged for real.
+    A dead one is replaced by a new one, as `pool_pre_ping` does."""
+    pool = engine.sync_engine.pool
+    event.listen(pool, "checkin", _note_idle_since)
+    event.listen(pool, "checkout", _replace_if_dropped)
+
+
+def _note_idle_since(dbapi_connection: Any, connection_record: Any) -> None:
+    if connection_record is not None:
+        connection_record.info["idle_since"] = time.monotonic()
+
+
+def _replace_if_dropped(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+    idle_since = connection_record.info.pop("idle_since", None)
+    if idle_since is None:
+        return  # a new connection
+    driver = dbapi_connection.driver_connection
+    if driver.is_closed():
+        raise exc.DisconnectionError("the server closed this pooled connection")
+    if time.monotonic() - idle_since > PING_AFTER_IDLE or _has_unread_input(driver):
+        try:
+            dbapi_connection.ping()
+        except Exception as error:
+            raise exc.DisconnectionError("a pooled connection failed its ping") from error
+
+
+def _has_unread_input(driver: Any) -> bool:
+    """Whether an idle asyncpg connection's socket holds input nobody asked for (the
+    server's goodbye), or cannot be looked at (then: assume so)."""
+    transport = getattr(driver, "_transport", None)
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    return bool(readable)
+def instrument_async(engine: AsyncEngine) -> AsyncEngine:
+    """Count `engine`'s statements (`service.db.instrument` on its `sync_engine`)."""
+    instrument(engine.sync_engine)
     return engine
 
 
@@ -39,9 +106,3 @@ def _connect_failures_are_operational(
     except Exception as exc:
         reason = str(exc).strip() or type(exc).__name__
         raise dbapi.OperationalError(f"cannot connect: {reason}", exc) from exc
-
-
-def instrument_async(engine: AsyncEngine) -> AsyncEngine:
-    """Count `engine`'s statements (`service.db.instrument` on its `sync_engine`)."""
-    instrument(engine.sync_engine)
-    return engine
