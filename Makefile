@@ -62,7 +62,7 @@ bench: venv
 	@for tool in wrk; do command -v $$tool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
-	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python bench/run.py $(if $(FULL),--full)
+	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python -m bench.run $(if $(FULL),--full)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

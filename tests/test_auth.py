@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
 
+from bench.harness import free_port
 from service.auth import NoApiTokens
 from service.config import Settings
 from service.main import create_app
@@ -160,7 +160,7 @@ def test_serve_without_tokens_generates_one_prints_it_once_and_requires_it(
     migrated_url: str, engine: Engine
 ) -> None:
     """`make run` is `python -m service migrate` then `python -m service serve`."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"API_TOKENS", "READ_REQUIRES_TOKEN"}}
     env["DATABASE_URL"] = migrated_url
     server = subprocess.Popen(
@@ -202,9 +202,3 @@ def _secret(*tokens: str) -> SecretStr:
 
 def _client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

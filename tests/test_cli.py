@@ -1,10 +1,11 @@
 """`python -m service` explains set-up mistakes in a line, without a traceback."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,12 +18,6 @@ def run_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unparsable_database_url_is_explained() -> None:
     result = run_cli("migrate", database_url="not a url")
     assert result.returncode == 2
@@ -31,7 +26,7 @@ def test_unparsable_database_url_is_explained() -> None:
 
 
 def test_unreachable_database_is_explained_without_the_password() -> None:
-    url = f"postgresql+psycopg2://app:s3cret@127.0.0.1:{closed_port()}/service"
+    url = f"postgresql+psycopg2://app:s3cret@127.0.0.1:{free_port()}/service"  # nothing there
     for command in ("migrate", "serve"):
         result = run_cli(command, database_url=url)
         assert result.returncode == 2

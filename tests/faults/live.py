@@ -3,23 +3,14 @@ clients that hang up mid-request, a process that gets SIGTERM."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
+from bench.harness import ServerProcess, free_port
 from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServedApp:
@@ -61,27 +52,17 @@ class ServedApp:
 @contextmanager
 def served_in_process(env: dict[str, str], log: Path) -> Iterator[ServedApp]:
     """The app under uvicorn in a process of its own, configured by `env` on top of this
-    process's environment, logging to the file `log`; killed afterwards if still running."""
+    process's environment, logging to the file `log`; killed afterwards if still running.
+    Raises `bench.harness.ServerNotAnswering` if it does not answer within 30 s."""
     port = free_port()
     with log.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.serve", "--port", str(port)],
+        server = ServerProcess(
+            [sys.executable, "-m", "tests.faults.serve", "--port", str(port)], port,
             cwd=ROOT, env={**os.environ, **env}, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "the app exited at start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the app did not start"
-            time.sleep(0.05)
-        yield ServedApp(process, port)
+        server.wait_until_answers("/health/live", timeout=30)
+        yield ServedApp(server.process, port)
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+        server.kill()

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
+from bench.harness import free_port
 from service.config import Settings
 from service.main import create_app
 from tests.conftest import AUTH, TEST_TOKEN
@@ -104,12 +105,6 @@ async def test_database_restarted_between_requests_is_invisible_to_clients(
 # -- an unreachable database: no server of ours needed, so these run in both passes --
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A port that accepts TCP connections and never says a word: a hung database host."""
@@ -149,7 +144,7 @@ def app_on(url: str) -> httpx.AsyncClient:
 async def test_unreachable_database_answers_503_fast_without_the_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url = f"postgresql+psycopg2://app:s3cret-pw@127.0.0.1:{_closed_port()}/service"
+    url = f"postgresql+psycopg2://app:s3cret-pw@127.0.0.1:{free_port()}/service"
     with caplog.at_level(logging.DEBUG):
         async with app_on(url) as client:
             for method, path, kwargs in requests_for(1):

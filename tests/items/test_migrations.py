@@ -4,25 +4,14 @@ The round trip runs on the suite's own database and ends migrated to head again,
 every other test expects.
 """
 
-from pathlib import Path
-
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import IntegrityError
 
 from service.db import create_engine
+from tests.conftest import alembic_config
 from tests.items.helpers import insert_items
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def alembic_config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["url"] = url
-    config.attributes["configure_logger"] = False
-    return config
 
 
 def schema(url: str) -> dict[str, set[str]]:

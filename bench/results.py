@@ -1,0 +1,289 @@
+"""The report of a benchmark run: bench/RESULTS.md (the targets, a table per scenario, and
+bench/NOTES.md below them) and bench/results.png."""
+
+import os
+import platform
+import re
+import statistics
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from bench.database import SeedRate
+from bench.harness import Series
+from bench.scenarios import (
+    DEPTHS,
+    THROUGHPUT_ROWS,
+    Budget,
+    CountChecks,
+    CountModes,
+    Depth,
+    Floor,
+    Latency,
+    Memory,
+    Throughput,
+)
+
+NOTES = Path(__file__).with_name("NOTES.md")
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+    return f"{os.cpu_count()} cores ({model}), {mem / 2**20:.0f} GiB"
+
+
+def versions(engine: Engine) -> str:
+    with engine.connect() as connection:
+        server = connection.execute(text("SHOW server_version")).scalar_one()
+    packages = [
+        "fastapi",
+        "starlette",
+        "sqlalchemy",
+        "fastapi-pagination",
+        "psycopg2-binary",
+        "uvicorn",
+        "fastapi-sqlalchemy",
+    ]
+    listed = ", ".join(f"{name} {version(name)}" for name in packages)
+    return f"Python {platform.python_version()}, PostgreSQL {server}, {listed}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+@dataclass
+class Report:
+    machine: str
+    versions: str
+    budget: Budget
+    throughput: Throughput
+    latency: Latency
+    floor_page: Floor
+    floor_scroll: Floor
+    depth: Depth
+    size: dict[int, Series]  # by rows in the table
+    counting: CountModes
+    checks: CountChecks
+    memory: Memory
+    seeds: list[SeedRate]
+    seconds: float
+
+    def targets(self) -> list[tuple[str, str, bool]]:
+        t = self.throughput
+        ours, peer = t.ours.median("rps"), t.peer.median("rps")
+        depends, constant = t.depends.median("rps"), t.constant.median("rps")
+        page = t.service_page.median("rps")
+        deepest = DEPTHS[-1]
+        page1 = self.depth.cursor[1].median("p50_ms")
+        deep = self.depth.cursor[deepest].median("p50_ms")
+        p50 = self.latency.service_page.median("p50_ms")
+        overhead = p50 - self.floor_page.page_ms
+        rss_1k, rss_100k = self.memory.rss_1k_mib, self.memory.rss_100k_mib
+        seed = statistics.median(s.rows_per_second for s in self.seeds) if self.seeds else 0.0
+        rows = self.counting.rows
+        estimated = self.counting.estimated.median("p50_ms")
+        cursor = self.counting.cursor.median("p50_ms")
+        checks = self.checks
+        return [
+            (
+                "ours vs Depends(get_db): throughput loss <= 3 %",
+                f"{ours / depends:.3f}x ({100 * (1 - ours / depends):+.1f} % loss)",
+                ours / depends >= 0.97,
+            ),
+            ("ours vs fastapi-sqlalchemy 0.2.1 >= 1.0x", f"{ours / peer:.3f}x", ours >= peer),
+            (
+                "items page / constant endpoint >= 0.5",
+                f"{page / constant:.3f}",
+                page / constant >= 0.5,
+            ),
+            (
+                f"cursor page at depth {deepest:,} <= 1.5x page 1",
+                f"{deep / page1:.2f}x ({deep:.2f} / {page1:.2f} ms)",
+                deep <= 1.5 * page1,
+            ),
+            (
+                "p50 latency - raw SQL time <= 1 ms",
+                f"{overhead:.2f} ms ({p50:.2f} - {self.floor_page.page_ms:.2f})",
+                overhead <= 1.0,
+            ),
+            (
+                "RSS after 100k / after 1k <= 1.1",
+                f"{rss_100k / rss_1k:.3f} ({rss_100k:.1f} / {rss_1k:.1f} MiB)",
+                rss_100k / rss_1k <= 1.1,
+            ),
+            ("seed >= 50,000 rows/s", f"{seed:,.0f} rows/s", seed >= 50_000),
+            (
+                f"/items (count=estimated) p50 <= 2x cursor page p50, {rows:,} rows"
+                + ("" if rows >= 1_000_000 else " (the target names 1M: FULL=1)"),
+                f"{estimated / cursor:.2f}x ({estimated:.2f} / {cursor:.2f} ms)",
+                estimated <= 2 * cursor,
+            ),
+            (
+                "count=exact returns the exact number",
+                f"{checks.exact_total:,} of {checks.rows:,}",
+                checks.exact_is_exact,
+            ),
+            (
+                "count=none costs one statement",
+                checks.none_server_timing,
+                checks.none_is_one_statement,
+            ),
+        ]
+
+    def markdown(self) -> str:
+        budget = self.budget
+        lines = [
+            "# Benchmark results",
+            "",
+            f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by "
+            f"`make bench{' FULL=1' if budget.full else ''}` in {self.seconds / 60:.1f} min. "
+            f"Machine: {self.machine}.",
+            f"Software: {self.versions}.",
+            "Each server: uvicorn, 1 worker, no access log; load from wrk over 127.0.0.1. "
+            f"Medians of {budget.rounds} interleaved rounds; wrk runs of "
+            f"{budget.load_seconds} s under load, {budget.latency_seconds} s for "
+            f"the latency table, {budget.scan_seconds} s per scan case.",
+            "",
+            "## Targets",
+            "",
+            "| target | measured | |",
+            "| --- | --- | --- |",
+            *(f"| {name} | {value} | {verdict(ok)} |" for name, value, ok in self.targets()),
+            "",
+            f"## Throughput: the same list handler (COUNT + 20 rows of {THROUGHPUT_ROWS:,}), "
+            f"{budget.connections} connections",
+            "",
+            "| variant | req/s | server CPU ms/req | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {s.median('rps'):,.0f} | {s.median('cpu_ms_per_request'):.2f} | "
+                f"{s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} |"
+                for name, s in self.throughput.labelled()
+            ),
+            "",
+            "## Latency, one connection",
+            "",
+            "| request | p50 ms | p90 ms | p99 ms | server CPU ms/req |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {s.median('p50_ms'):.2f} | {s.median('p90_ms'):.2f} | "
+                f"{s.median('p99_ms'):.2f} | {s.median('cpu_ms_per_request'):.2f} |"
+                for name, s in self.latency.labelled()
+            ),
+            "",
+            "## Floor: the same SQL straight through psycopg2 (no HTTP, no ORM)",
+            "",
+            "| statements of | statements/s | p50 ms per statement | p50 ms per page |",
+            "| --- | ---: | --- | ---: |",
+            *(
+                f"| {name} | {f.statements_per_second:,.0f} | "
+                f"{', '.join(f'{ms:.3f}' for ms in f.per_statement_ms)} | {f.page_ms:.3f} |"
+                for name, f in (
+                    ("GET /items", self.floor_page),
+                    ("GET /items/scroll", self.floor_scroll),
+                )
+            ),
+            "",
+            f"## Depth: offset pages against cursor pages ({self.depth.rows:,} rows), "
+            "one connection",
+            "",
+            "| page | offset p50 ms | cursor p50 ms |",
+            "| ---: | ---: | ---: |",
+            *(
+                f"| {page:,} | {self.depth.offset[page].median('p50_ms'):.2f} | "
+                f"{self.depth.cursor[page].median('p50_ms'):.2f} |"
+                for page in DEPTHS
+            ),
+            "",
+            "## Size: a cursor page in the middle of the table, one connection",
+            "",
+            "| rows | p50 ms | p99 ms |",
+            "| ---: | ---: | ---: |",
+            *(
+                f"| {rows:,} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} |"
+                for rows, s in self.size.items()
+            ),
+            "",
+            f"## Totals: GET /items?size=20 by count mode ({self.counting.rows:,} rows), "
+            "one connection",
+            "",
+            "| request | p50 ms | p99 ms | server CPU ms/req |",
+            "| --- | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} | "
+                f"{s.median('cpu_ms_per_request'):.2f} |"
+                for name, s in self.counting.labelled()
+            ),
+            "",
+            "## Memory and seeding",
+            "",
+            f"- Worker RSS after 1k requests of `GET {self.memory.path}`: "
+            f"{self.memory.rss_1k_mib:.1f} MiB; after 100k: {self.memory.rss_100k_mib:.1f} MiB.",
+            "- Seed throughput (python -m service seed into the emptied table): "
+            + "; ".join(f"{s.rows:,} items at {s.rows_per_second:,.0f} rows/s" for s in self.seeds)
+            + ".",
+            "",
+            "![results](results.png)",
+            "",
+        ]
+        # What bounds the missed targets: kept by hand in NOTES.md, shown with every result.
+        notes = NOTES.read_text().splitlines()
+        lines += ["## " + notes[0].removeprefix("# "), *notes[1:], ""]
+        return "\n".join(lines)
+
+    def write(self, markdown: Path, plot: Path) -> None:
+        markdown.write_text(self.markdown())
+        self.plot(plot)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5))
+        throughput = self.throughput.labelled()
+        left.barh([name for name, _ in throughput], [s.median("rps") for _, s in throughput],
+                  color="#4c72b0")
+        left.set_xlabel("requests/s (median)")
+        left.set_title(f"Throughput, {self.budget.connections} connections")
+        left.invert_yaxis()
+        pages = list(DEPTHS)
+        middle.plot(
+            pages,
+            [self.depth.offset[p].median("p50_ms") for p in pages],
+            "o-",
+            label="offset (/items)",
+        )
+        middle.plot(
+            pages,
+            [self.depth.cursor[p].median("p50_ms") for p in pages],
+            "s-",
+            label="cursor (/items/scroll)",
+        )
+        middle.set_xscale("log")
+        middle.set_xlabel("page number")
+        middle.set_ylabel("p50 ms")
+        middle.set_title(f"Depth ({self.depth.rows:,} rows)")
+        middle.legend()
+        rows = list(self.size)
+        right.plot(rows, [self.size[r].median("p50_ms") for r in rows], "s-")
+        right.set_xscale("log")
+        right.set_xlabel("rows in table")
+        right.set_ylabel("p50 ms")
+        right.set_title("Cursor page vs table size")
+        right.set_ylim(bottom=0)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)

@@ -1,0 +1,283 @@
+"""What the benchmark measures: one function per scenario, each returning its own result.
+
+Every wrk number is a `Series` of interleaved rounds (bench.harness.interleaved); reports
+show medians. The servers are the apps of bench/apps.py, by factory name (`VARIANTS`).
+"""
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import httpx
+import psycopg2
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from bench.database import count_rows, scroll_path, statements_of
+from bench.harness import Run, Series, ServerProcess, interleaved, log, wrk
+from service.config import Settings
+
+VARIANTS = ("ours", "peer", "depends", "constant", "service")  # bench/apps.py factories
+PAGE_SIZE = 20
+PAGE = f"/items?size={PAGE_SIZE}"
+SCROLL = f"/items/scroll?size={PAGE_SIZE}"
+THROUGHPUT_ROWS = 10_000  # the table of the throughput and latency scenarios
+DEPTHS = (1, 100, 10_000)  # page numbers
+DEPTH_ROWS = DEPTHS[-1] * PAGE_SIZE  # the depth scenario's table: its deepest page is the last
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long and how often each scenario measures, and the table sizes of the size scan."""
+
+    rounds: int
+    load_seconds: int  # per wrk run under load (`connections` connections)
+    latency_seconds: int  # per wrk run of the latency scenario (one connection)
+    # Per wrk run of the depth, size and count-mode scans: one connection, where ~150
+    # requests a second give a steady p50.
+    scan_seconds: int
+    connections: int
+    sizes: tuple[int, ...]
+    # 100k requests with a query take this machine 3.5 (SELECT 1) to 7 (cursor page)
+    # minutes, more than the quick run's budget: quick mode drives the middleware's
+    # per-request path (admission, scope, session, close) without I/O; FULL=1 uses the
+    # cursor page.
+    memory_path: str
+    full: bool
+
+
+QUICK = Budget(
+    rounds=3,
+    load_seconds=3,
+    latency_seconds=2,
+    scan_seconds=1,
+    connections=16,
+    sizes=(10_000, 100_000),
+    memory_path="/health/live",
+    full=False,
+)
+# FULL=1 has no time budget: more and longer rounds, for steadier medians, and 1M rows.
+FULL = replace(
+    QUICK, rounds=5, load_seconds=5, sizes=(*QUICK.sizes, 1_000_000), memory_path=SCROLL,
+    full=True,
+)
+
+Servers = Mapping[str, ServerProcess]  # by bench/apps.py factory name
+
+
+@dataclass
+class Throughput:
+    """The same list handler (COUNT + 20 rows) under load, served five ways."""
+
+    ours: Series
+    peer: Series
+    depends: Series
+    constant: Series
+    service_page: Series
+    service_scroll: Series
+
+    def labelled(self) -> list[tuple[str, Series]]:
+        return [
+            ("ours: DBSessionMiddleware", self.ours),
+            ("peer: fastapi-sqlalchemy 0.2.1", self.peer),
+            ("Depends(get_db)", self.depends),
+            ("constant JSON (no database)", self.constant),
+            ("service GET /items", self.service_page),
+            ("service GET /items/scroll", self.service_scroll),
+        ]
+
+
+def throughput(servers: Servers, budget: Budget) -> Throughput:
+    c, seconds = budget.connections, budget.load_seconds
+    for name in VARIANTS:  # warm-up
+        wrk(servers[name], PAGE, c, 1)
+    series = interleaved(
+        budget.rounds,
+        {  # the names of Throughput's fields
+            "ours": lambda: wrk(servers["ours"], PAGE, c, seconds),
+            "peer": lambda: wrk(servers["peer"], PAGE, c, seconds),
+            "depends": lambda: wrk(servers["depends"], PAGE, c, seconds),
+            "constant": lambda: wrk(servers["constant"], PAGE, c, seconds),
+            "service_page": lambda: wrk(servers["service"], PAGE, c, seconds),
+            "service_scroll": lambda: wrk(servers["service"], SCROLL, c, seconds),
+        },
+    )
+    return Throughput(**series)
+
+
+@dataclass
+class Latency:
+    """One connection: each request waits for the one before."""
+
+    service_page: Series
+    service_scroll: Series
+    ours: Series
+    depends: Series
+
+    def labelled(self) -> list[tuple[str, Series]]:
+        return [
+            ("service GET /items", self.service_page),
+            ("service GET /items/scroll", self.service_scroll),
+            ("ours: DBSessionMiddleware", self.ours),
+            ("Depends(get_db)", self.depends),
+        ]
+
+
+def latency(servers: Servers, budget: Budget) -> Latency:
+    seconds = budget.latency_seconds
+    series = interleaved(
+        budget.rounds,
+        {  # the names of Latency's fields
+            "service_page": lambda: wrk(servers["service"], PAGE, 1, seconds),
+            "service_scroll": lambda: wrk(servers["service"], SCROLL, 1, seconds),
+            "ours": lambda: wrk(servers["ours"], PAGE, 1, seconds),
+            "depends": lambda: wrk(servers["depends"], PAGE, 1, seconds),
+        },
+    )
+    return Latency(**series)
+
+
+@dataclass
+class Floor:
+    """The statements of one request straight through psycopg2, in a loop: no HTTP, no ORM."""
+
+    statements_per_second: float
+    per_statement_ms: list[float]  # medians, in the order the service runs them
+    page_ms: float  # their sum
+
+
+def floor(settings: Settings, path: str, seconds: float = 3) -> Floor:
+    """What the SQL of GET `path` costs on its own: the floor under its latency."""
+    replayed = [statement.for_psycopg2() for statement in statements_of(settings, path)]
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    connection = psycopg2.connect(url.render_as_string(hide_password=False))
+    connection.autocommit = True
+    cursor = connection.cursor()
+    timings: list[list[float]] = [[] for _ in replayed]
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for n, (sql, parameters) in enumerate(replayed):
+            started = time.perf_counter()
+            cursor.execute(sql, parameters)
+            cursor.fetchall()
+            timings[n].append(time.perf_counter() - started)
+    connection.close()
+    per_statement_ms = [1000 * statistics.median(t) for t in timings]
+    return Floor(
+        statements_per_second=sum(len(t) for t in timings) / seconds,
+        per_statement_ms=per_statement_ms,
+        page_ms=sum(per_statement_ms),
+    )
+
+
+@dataclass
+class Depth:
+    """Offset pages (/items?page=N) against cursor pages at the same depth, by page number."""
+
+    rows: int
+    offset: dict[int, Series]
+    cursor: dict[int, Series]
+
+
+def depth(engine: Engine, service: ServerProcess, budget: Budget) -> Depth:
+    """Pages `DEPTHS` of the table as it is (it needs `DEPTH_ROWS` rows for the last)."""
+    seconds = budget.scan_seconds
+    cases: dict[str, Callable[[], Run]] = {}
+    for page in DEPTHS:
+        offset_path = f"/items?size={PAGE_SIZE}&page={page}"
+        cursor_path = scroll_path(engine, page, PAGE_SIZE)
+        cases[f"offset page {page}"] = lambda p=offset_path: wrk(service, p, 1, seconds)
+        cases[f"scroll page {page}"] = lambda p=cursor_path: wrk(service, p, 1, seconds)
+    series = interleaved(budget.rounds, cases)
+    return Depth(
+        rows=count_rows(engine),
+        offset={page: series[f"offset page {page}"] for page in DEPTHS},
+        cursor={page: series[f"scroll page {page}"] for page in DEPTHS},
+    )
+
+
+def cursor_page_mid_table(engine: Engine, service: ServerProcess, budget: Budget) -> Series:
+    """A cursor page in the middle of the table as it is, one connection."""
+    rows = count_rows(engine)
+    middle = scroll_path(engine, max(1, rows // (2 * PAGE_SIZE)), PAGE_SIZE)
+    name = f"scroll, {rows:,} rows"
+    cases = {name: lambda: wrk(service, middle, 1, budget.scan_seconds)}
+    return interleaved(budget.rounds, cases)[name]
+
+
+@dataclass
+class CountModes:
+    """GET /items?size=20 by count mode, with the cursor page to compare, on `rows` rows."""
+
+    rows: int
+    estimated: Series
+    exact: Series
+    none: Series
+    cursor: Series
+
+    def labelled(self) -> list[tuple[str, Series]]:
+        return [
+            ("count=estimated (default)", self.estimated),
+            ("count=exact", self.exact),
+            ("count=none", self.none),
+            ("cursor page (/items/scroll)", self.cursor),
+        ]
+
+
+def count_modes(engine: Engine, service: ServerProcess, budget: Budget) -> CountModes:
+    seconds = budget.scan_seconds
+    series = interleaved(
+        budget.rounds,
+        {  # the names of CountModes' fields
+            "estimated": lambda: wrk(service, PAGE, 1, seconds),
+            "exact": lambda: wrk(service, f"{PAGE}&count=exact", 1, seconds),
+            "none": lambda: wrk(service, f"{PAGE}&count=none", 1, seconds),
+            "cursor": lambda: wrk(service, SCROLL, 1, seconds),
+        },
+    )
+    return CountModes(rows=count_rows(engine), **series)
+
+
+@dataclass
+class CountChecks:
+    """What count=exact answers, and the Server-Timing header of count=none."""
+
+    rows: int
+    exact_total: int
+    none_server_timing: str
+
+    @property
+    def exact_is_exact(self) -> bool:
+        return self.exact_total == self.rows
+
+    @property
+    def none_is_one_statement(self) -> bool:
+        return '"1 query"' in self.none_server_timing
+
+
+def count_checks(engine: Engine, service: ServerProcess) -> CountChecks:
+    total = httpx.get(service.url("/items?size=1&count=exact")).json()["total"]
+    timing = httpx.get(service.url(f"{PAGE}&count=none")).headers["server-timing"]
+    return CountChecks(rows=count_rows(engine), exact_total=total, none_server_timing=timing)
+
+
+@dataclass
+class Memory:
+    """The worker's resident memory after 1k and after 100k requests of `path`."""
+
+    path: str
+    rss_1k_mib: float
+    rss_100k_mib: float
+
+
+def memory(service: ServerProcess, path: str) -> Memory:
+    log(f"memory: RSS after 1k and after 100k requests of {path}")
+    with httpx.Client() as client:
+        for _ in range(1_000):
+            client.get(service.url(path)).raise_for_status()
+    rss_1k = service.rss_mib()
+    served = 1_000
+    while served < 100_000:
+        served += wrk(service, path, 16, 5).requests
+    return Memory(path, rss_1k_mib=rss_1k, rss_100k_mib=service.rss_mib())
