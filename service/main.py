@@ -58,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         custom_engine=engine,
         server_timing=settings.db_server_timing,
         sessionless_paths=sessionless_paths(app),
+        # Safe methods only read: no BEGIN/COMMIT round trips for them (PostgreSQL).
+        autocommit_methods=SAFE_METHODS,
         error_response=failure_problem,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -75,6 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(items_router)
     add_pagination(app)
     return app
+
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def sessionless_paths(app: FastAPI) -> set[str]:

@@ -27,6 +27,7 @@ from service.db.middleware_base import (
     ErrorResponse,
     RequestState,
     SessionMiddlewareBase,
+    autocommit_engine,
     commit_below_400,
     detail_json,
 )
@@ -56,6 +57,9 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
     - `sessionless_paths`: exact paths served without a session and without waiting for a
       slot (health probes, `/docs`, `/openapi.json`, `/metrics`); `db.session` there raises
       `MissingSessionError` (`with db():` still works).
+    - `autocommit_methods`: methods (e.g. GET, HEAD, OPTIONS) whose statements autocommit
+      on PostgreSQL - no BEGIN/COMMIT round trips; they must only read (see
+      `middleware_base`).
     - `error_response`: `Failure -> ASGI app`, the body of 503/409/500 answers the
       middleware sends itself (default: `detail_json`).
 
@@ -78,6 +82,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
         server_timing: bool = True,
         max_concurrent_sessions: int | Literal["auto"] | None = "auto",
         sessionless_paths: Collection[str] = (),
+        autocommit_methods: Collection[str] = (),
         error_response: ErrorResponse = detail_json,
     ) -> None:
         if custom_engine is None and not db_url:
@@ -92,6 +97,12 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
             app,
             pool_engine=self.engine,
             sessionmaker=factory,
+            autocommit_sessionmaker=(
+                sessionmaker(bind=autocommit, **(session_args or {}))
+                if autocommit_methods and (autocommit := autocommit_engine(self.engine))
+                else None
+            ),
+            autocommit_methods=autocommit_methods,
             database=database,
             commit_on_exit=commit_on_exit,
             commit_policy=commit_policy,

@@ -22,6 +22,13 @@ is known before the app runs, which is what lets the decision happen in the even
 taking a slot later, at the first `db.session` inside a sync route, would block a worker
 thread and bring the deadlock back.
 
+Requests whose method is in `autocommit_methods` (the service names the safe ones: GET,
+HEAD, OPTIONS) get a session in autocommit mode on PostgreSQL: each statement commits on
+its own, so the request costs no BEGIN and no COMMIT round trip - two of a scroll page's
+three. Under READ COMMITTED every statement reads its own snapshot anyway; what changes
+is that a write there is committed at once, whatever the status, so such methods must only
+read. (SQLite keeps its transactions: no round trips to save, and its BEGIN is ours.)
+
 This module decides; the sync and async middlewares only say how a unit of work is
 committed, rolled back and ended (`_commit`, `_rollback`, `_end_unit`).
 """
@@ -84,6 +91,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         *,
         pool_engine: Engine,
         sessionmaker: Callable[..., Any],
+        autocommit_sessionmaker: Callable[..., Any] | None,
+        autocommit_methods: Collection[str],
         database: DatabaseBase[UnitT, Any, Any],
         commit_on_exit: bool,
         commit_policy: CommitPolicy,
@@ -94,6 +103,9 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
     ) -> None:
         self.app = app
         self.sessionmaker = sessionmaker
+        # Without a sessionmaker for them (SQLite) the methods get ordinary transactions.
+        self.autocommit_methods = frozenset(autocommit_methods if autocommit_sessionmaker else ())
+        self.autocommit_sessionmaker = autocommit_sessionmaker
         self.database = database
         self.commit_on_exit = commit_on_exit
         self.commit_policy = commit_policy
@@ -127,7 +139,12 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             self.slots.release(slot)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        unit = self.database.open_unit(self.sessionmaker, self.commit_on_exit)
+        factory = (
+            self.autocommit_sessionmaker
+            if scope["method"] in self.autocommit_methods
+            else self.sessionmaker
+        )
+        unit = self.database.open_unit(factory, self.commit_on_exit)
         request: RequestState[UnitT, JobT] = RequestState(unit, scope)
         tokens = self.database.activate(unit)
 
@@ -210,6 +227,15 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         """Commit (if `commit`) or roll back, and close; `abandoned`: the request was
         cancelled and its session may be in the middle of a statement."""
         raise NotImplementedError
+
+
+def autocommit_engine(engine: Any) -> Any | None:
+    """`engine` (sync or async) with its statements autocommitted, for `autocommit_methods`;
+    None on SQLite, whose transactions cost no round trip."""
+    dialect = engine.dialect
+    if dialect.name == "sqlite":
+        return None
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def describe(scope: Scope) -> str:

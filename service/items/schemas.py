@@ -22,7 +22,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     StringConstraints,
     field_validator,
 )
@@ -97,12 +96,10 @@ Price = Annotated[
     ),
     AfterValidator(_two_places),
 ]
-# Prices go out as strings with exactly two places, so no client rounds them through a float.
-PriceOut = Annotated[
-    Decimal,
-    PlainSerializer(lambda value: f"{value:.2f}", return_type=str, when_used="json"),
-    Field(examples=["49.90"]),
-]
+# Prices go out as strings with exactly two places, so no client rounds them through a float:
+# pydantic writes a Decimal as its string, and every price has two places already (the
+# column is NUMERIC(12, 2); input is quantized by `Price`). No Python serializer per item.
+PriceOut = Annotated[Decimal, Field(examples=["49.90"])]
 UTCDateTimeIn = Annotated[datetime, BeforeValidator(_restore_plus), AfterValidator(_as_utc)]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi_pagination import create_page, resolve_params
 from fastapi_pagination.bases import AbstractPage, AbstractParams
+from pydantic import TypeAdapter
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -24,7 +25,6 @@ from service.items.schemas import (
     CountMode,
     ItemCreate,
     ItemFilters,
-    ItemOut,
     ItemScroll,
     ItemSort,
     ItemUpdate,
@@ -107,7 +107,7 @@ async def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
 
 async def list_items(
     filters: ItemFilters, sort: ItemSort, count: CountMode, threshold: int
-) -> AbstractPage[ItemRow]:
+) -> AbstractPage[Any]:
     """The page of the request's `page`/`size`, with a total counted as `count` says:
 
     - exact: `SELECT count(*)` (2 statements);
@@ -120,7 +120,9 @@ async def list_items(
     window = params.to_raw_params().as_limit_offset()
     total, exact = await _total(filters, count, threshold)
     items = await dao.page_rows(filters, sort, limit=window.limit or 0, offset=window.offset or 0)
-    return create_page(items, total=total, params=params, total_is_exact=exact)
+    return create_page(
+        [row._mapping for row in items], total=total, params=params, total_is_exact=exact
+    )
 
 
 async def _total(filters: ItemFilters, count: CountMode, threshold: int) -> tuple[int | None, bool]:
@@ -146,7 +148,14 @@ async def scroll_items(
     items = await dao.items_after(filters, sort, after, limit=size + 1)
     page, more = items[:size], len(items) > size
     next_page = _cursor_after(page[-1], sort, secret) if more else None
-    return ItemScroll(items=[ItemOut.model_validate(item) for item in page], next_page=next_page)
+    # Validated from the rows' mappings in one go: several times cheaper than item by item
+    # from attributes, which shows at 20 items a page.
+    return _SCROLL.validate_python(
+        {"items": [row._mapping for row in page], "next_page": next_page}
+    )
+
+
+_SCROLL = TypeAdapter(ItemScroll)
 
 
 # -- cursors: {"sort": "-price", "after": ["12.50", 4711]}, signed (service.cursors) ------

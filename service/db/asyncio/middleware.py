@@ -26,6 +26,7 @@ from service.db.middleware_base import (
     ErrorResponse,
     RequestState,
     SessionMiddlewareBase,
+    autocommit_engine,
     commit_below_400,
     detail_json,
 )
@@ -39,7 +40,8 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
     The parameters, defaults and errors of the sync `service.db.DBSessionMiddleware`
     (`db_url` or `custom_engine` - an `AsyncEngine` - else `ValueError`; `engine_args`,
     `session_args`, `commit_on_exit=True`; keyword-only `database`, `commit_policy`,
-    `server_timing`, `max_concurrent_sessions`, `sessionless_paths`, `error_response`).
+    `server_timing`, `max_concurrent_sessions`, `sessionless_paths`, `autocommit_methods`,
+    `error_response`).
     A URL names an async driver: `postgresql+asyncpg://...`, `sqlite+aiosqlite:///...`.
     Sessions default to `expire_on_commit=False` (`ASYNC_SESSION_DEFAULTS`): after the
     COMMIT, a background task or an on-commit hook reading an attribute would otherwise
@@ -60,6 +62,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
         server_timing: bool = True,
         max_concurrent_sessions: int | Literal["auto"] | None = "auto",
         sessionless_paths: Collection[str] = (),
+        autocommit_methods: Collection[str] = (),
         error_response: ErrorResponse = detail_json,
     ) -> None:
         if custom_engine is None and not db_url:
@@ -69,13 +72,20 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
             if custom_engine is not None
             else create_async_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
         )
+        session_args = {**ASYNC_SESSION_DEFAULTS, **(session_args or {})}
         factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            bind=self.engine, **{**ASYNC_SESSION_DEFAULTS, **(session_args or {})}
+            bind=self.engine, **session_args
         )
         super().__init__(
             app,
             pool_engine=self.engine.sync_engine,
             sessionmaker=factory,
+            autocommit_sessionmaker=(
+                async_sessionmaker(bind=autocommit, **session_args)
+                if autocommit_methods and (autocommit := autocommit_engine(self.engine))
+                else None
+            ),
+            autocommit_methods=autocommit_methods,
             database=database,
             commit_on_exit=commit_on_exit,
             commit_policy=commit_policy,
