@@ -2,9 +2,13 @@
 
 Writes without a token, or with a wrong one, get 401 with `WWW-Authenticate: Bearer` as a
 problem document and change nothing; reads stay public unless READ_REQUIRES_TOKEN=true; the
-app refuses to start without a token; no token reaches a log line or a response body.
+app refuses to start without a token; only SHA-256 digests of the tokens are kept, and a
+presented token is compared with every one of them in constant time; no token reaches a log
+line or a response body.
 """
 
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -21,7 +25,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
 
 from bench.harness import free_port
-from service.auth import NoApiTokens
+from service.auth import NoApiTokens, TokenCheck
 from service.config import Settings
 from service.main import create_app
 from tests.conftest import ROOT, TEST_TOKEN
@@ -30,6 +34,7 @@ from tests.items.helpers import insert_items, stored
 pytestmark = pytest.mark.anyio
 
 OTHER_TOKEN = "second-token-fedcba9876543210"
+THIRD_TOKEN = "third-token-00112233445566778899"
 WRONG_TOKEN = "wrong-token-0000000000000000"
 
 
@@ -133,6 +138,37 @@ def test_the_app_keeps_only_sha256_digests_of_the_tokens(settings: Settings) -> 
     assert TEST_TOKEN not in repr(kept)
     assert [len(digest) for digest in kept["_digests"]] == [32]
     assert TEST_TOKEN not in repr(settings) and TEST_TOKEN not in str(settings.model_dump())
+
+
+def _sha256(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [TEST_TOKEN, THIRD_TOKEN, WRONG_TOKEN, "x"],
+    ids=["matches-the-first", "matches-the-last", "matches-none", "short"],
+)
+def test_a_token_is_compared_in_constant_time_with_every_configured_digest(
+    monkeypatch: pytest.MonkeyPatch, presented: str
+) -> None:
+    configured = [TEST_TOKEN, OTHER_TOKEN, THIRD_TOKEN]
+    check = TokenCheck(configured)
+    compared: list[tuple[bytes, ...]] = []
+    constant_time = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append(tuple(sorted((a, b))))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+
+    assert check.accepts(presented) is (presented in configured)
+    # One constant-time comparison per configured token, whichever matches (no early
+    # exit), each of two 32-byte SHA-256 digests (the presented token's length is hidden).
+    assert len(compared) == len(configured)
+    expected = [tuple(sorted((_sha256(token), _sha256(presented)))) for token in configured]
+    assert sorted(compared) == sorted(expected)
 
 
 async def test_tokens_never_appear_in_logs_or_error_bodies(

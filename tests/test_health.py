@@ -1,6 +1,7 @@
 import threading
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import httpx
 import pytest
@@ -17,12 +18,19 @@ async def test_live_answers_200(client: httpx.AsyncClient) -> None:
 async def test_live_answers_while_every_worker_thread_is_busy(client: httpx.AsyncClient) -> None:
     limiter = anyio.to_thread.current_default_thread_limiter()
     saved, limiter.total_tokens = limiter.total_tokens, 1
+    taken = anyio.Event()
     release = threading.Event()
+
+    def occupy_the_only_thread() -> None:
+        anyio.from_thread.run_sync(taken.set)
+        release.wait(10)
+
     try:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(anyio.to_thread.run_sync, release.wait)  # takes the only thread
-            await anyio.sleep(0.05)
+            tasks.start_soon(anyio.to_thread.run_sync, occupy_the_only_thread)
             try:
+                with anyio.fail_after(5):
+                    await taken.wait()
                 with anyio.fail_after(2):
                     response = await client.get("/health/live")
             finally:

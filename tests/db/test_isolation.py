@@ -1,9 +1,12 @@
 """Test isolation shipped for users: `db_isolation` (behaviour 13 of service.db).
 
-The two tests named `..._first` and `..._second` run in this order (pytest keeps file
-order); the tidy-up fixture of the suite skips tests that use `db_isolation`, so only the
-isolation itself can keep the first test's committed row away from the second.
+Each test here checks its own rows are gone once `db_isolation` has rolled back: the
+`db_isolation_engine` below is a dependency of `db_isolation`, so pytest tears it down -
+and runs its check - after the rollback. (The suite's tidy-up fixture skips tests that use
+`db_isolation`, so only the isolation itself can keep the rows from staying.)
 """
+
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -18,7 +21,16 @@ pytestmark = pytest.mark.anyio
 ROW = "committed under isolation"
 
 
-async def test_isolation_first_commits_through_the_app_and_a_script(
+@pytest.fixture
+def db_isolation_engine(engine: Engine) -> Iterator[Engine]:
+    """The test engine; after `db_isolation` has rolled back, the rows are as before."""
+    before = stored_names(engine)
+    yield engine
+    left = stored_names(engine) - before
+    assert not left, f"db_isolation left committed rows behind: {left}"
+
+
+async def test_isolation_lets_the_test_see_what_the_app_and_a_script_commit(
     app_client: tuple[FastAPI, httpx.AsyncClient], db_isolation: Connection
 ) -> None:
     app, client = app_client
@@ -38,10 +50,6 @@ async def test_isolation_first_commits_through_the_app_and_a_script(
     assert (await client.get("/items/count")).json() == 2
     with db():
         assert db.session.scalar(select(func.count()).select_from(Item)) == 2
-
-
-async def test_isolation_second_sees_nothing_of_the_first(engine: Engine) -> None:
-    assert stored_names(engine) == set()
 
 
 async def test_isolation_rolls_back_a_failed_request_only_to_its_savepoint(
@@ -64,7 +72,3 @@ async def test_isolation_rolls_back_a_failed_request_only_to_its_savepoint(
     with db():
         names = set(db.session.scalars(select(Item.name)))
     assert names == {"kept"}
-
-
-async def test_isolation_leaves_the_database_empty_afterwards(engine: Engine) -> None:
-    assert stored_names(engine) == set()

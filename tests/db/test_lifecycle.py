@@ -3,7 +3,6 @@
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -153,6 +152,7 @@ async def test_client_disconnect_mid_stream_returns_the_connection(
 ) -> None:
     app = make_app()
     finished = asyncio.Event()
+    more_rows = asyncio.Event()  # never set: the body waits until the disconnect ends it
 
     @app.get("/export")
     async def export() -> StreamingResponse:
@@ -160,7 +160,7 @@ async def test_client_disconnect_mid_stream_returns_the_connection(
             try:
                 # A transaction is open (a connection checked out) while the body streams.
                 yield str(db.session.scalar(select(func.count()).select_from(Item))).encode()
-                await asyncio.sleep(30)
+                await more_rows.wait()
                 yield b"never sent"
             finally:
                 finished.set()
@@ -197,20 +197,21 @@ async def test_cancelled_request_returns_the_connection(
 ) -> None:
     app, client = app_client
     in_handler = asyncio.Event()
+    finish = asyncio.Event()  # never set: the handler waits until it is cancelled
 
     @app.post("/slow/{name}")
     async def slow(name: str) -> None:
         add_item(name)
         db.session.flush()  # holds a connection and an open transaction
         in_handler.set()
-        await asyncio.sleep(30)
+        await finish.wait()
 
     task = asyncio.create_task(client.post("/slow/lamp"))
-    await in_handler.wait()
+    await asyncio.wait_for(in_handler.wait(), timeout=5)
     assert engine.pool.checkedout() == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await asyncio.wait_for(task, timeout=5)
     assert engine.pool.checkedout() == 0
     assert stored_names(engine) == set()
 
@@ -234,6 +235,7 @@ async def test_request_cancelled_during_its_commit_returns_the_connection(
 ) -> None:
     app, client = app_client
     committing = threading.Event()
+    finish_commit = threading.Event()
 
     @app.post("/items/{name}")
     async def create(name: str) -> None:
@@ -241,15 +243,16 @@ async def test_request_cancelled_during_its_commit_returns_the_connection(
 
         def slow_commit(session: object) -> None:
             committing.set()
-            time.sleep(0.3)
+            finish_commit.wait(5)  # the COMMIT is under way until the test lets it end
 
         event.listen(db.session, "before_commit", slow_commit)
 
     task = asyncio.create_task(client.post("/items/lamp"))
-    await asyncio.to_thread(committing.wait, 5)
-    task.cancel()
+    assert await asyncio.to_thread(committing.wait, 5), "the commit never started"
+    task.cancel()  # delivered now, while the commit still waits in its thread
+    finish_commit.set()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await asyncio.wait_for(task, timeout=5)
     # The commit ran to its end in its thread, then the session was closed after it.
     assert engine.pool.checkedout() == 0
     assert stored_names(engine) == {"lamp"}
@@ -259,19 +262,23 @@ async def test_request_that_finds_no_free_connection_gets_503(migrated_url: str)
     engine = create_engine(migrated_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     app = FastAPI()
     app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    holding = asyncio.Event()
     release = asyncio.Event()
 
     @app.get("/hold")
     async def hold() -> None:
         db.session.execute(text("SELECT 1"))
+        holding.set()
         await release.wait()
 
     async with client_for(app) as client:
         holder = asyncio.create_task(client.get("/hold"))
-        await asyncio.sleep(0.05)
-        refused = await client.get("/hold")
-        release.set()
-        assert (await holder).status_code == 200
+        await asyncio.wait_for(holding.wait(), timeout=5)  # the only connection is taken
+        try:
+            refused = await asyncio.wait_for(client.get("/hold"), timeout=5)
+        finally:
+            release.set()
+        assert (await asyncio.wait_for(holder, timeout=5)).status_code == 200
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     # The middleware's default error body, as FastAPI answers an HTTPException.

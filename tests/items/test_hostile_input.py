@@ -1,9 +1,10 @@
 """Hostile input: bodies over the limit get 413; malformed JSON, wrong types, NaN and
 Infinity prices, 10 kB names and control characters get 422 with field errors; SQL
 metacharacters in `q` and `sort` are data, never SQL. Nothing is stored on any rejected
-request.
+request. A request takes a database connection only once its whole body has arrived.
 """
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -100,6 +101,73 @@ async def test_the_body_limit_is_configurable(
     assert small.status_code == 200, small.text
     assert large.status_code == 413
     assert stored(engine)[lamp]["description"] is None
+
+
+# -- a slow upload holds no connection -------------------------------------------------
+
+
+async def test_a_slow_upload_holds_no_connection_while_another_request_is_served(
+    settings: Settings, engine: Engine
+) -> None:
+    # One connection slot on both databases: if the upload took it before its body was in,
+    # the other request would wait for it and get 503 after the pool timeout.
+    app = create_app(
+        settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout": 1})
+    )
+    body = json.dumps({"name": "Slow lamp", "price": "9.90"}).encode()
+    body_started = asyncio.Event()  # the first half is in; the app waits for the rest
+    rest_of_body = asyncio.Event()
+    answered = asyncio.Event()
+    upload = [
+        {"type": "http.request", "body": body[:10], "more_body": True},
+        {"type": "http.request", "body": body[10:], "more_body": False},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if len(upload) == 1:  # the first half was taken: the client is slow
+            body_started.set()
+            await rest_of_body.wait()
+        if upload:
+            return upload.pop(0)
+        await answered.wait()  # after the body, the client stays until it has its answer
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/items", "raw_path": b"/items", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"authorization", AUTH["Authorization"].encode()),
+        ],
+    }
+    slow = asyncio.create_task(app(scope, receive, send))
+    try:
+        await asyncio.wait_for(body_started.wait(), timeout=5)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", headers=AUTH
+        ) as client:
+            quick = await asyncio.wait_for(
+                client.post("/items", json={"name": "Quick rug", "price": "2"}), timeout=5
+            )
+            listed = await asyncio.wait_for(client.get("/items"), timeout=5)
+        assert not slow.done()  # the upload is still under way
+    finally:
+        rest_of_body.set()
+        await asyncio.wait_for(slow, timeout=5)
+
+    assert quick.status_code == 201, quick.text
+    assert [item["name"] for item in listed.json()["items"]] == ["Quick rug"]
+    assert sent[0]["status"] == 201  # and the upload, once whole, is stored too
+    assert sorted(row["name"] for row in stored(engine).values()) == ["Quick rug", "Slow lamp"]
 
 
 # -- 422 -------------------------------------------------------------------------------

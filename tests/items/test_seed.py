@@ -52,12 +52,26 @@ def test_seeding_again_adds_as_many_more_without_name_clashes(engine: Engine) ->
     assert len(stored(engine)) == 240
 
 
-@pytest.mark.parametrize("args", [["--items", "0"], ["--items", "ten"], ["--batch", "5"]])
-def test_seed_refuses_bad_arguments(args: list[str]) -> None:
+@pytest.mark.usefixtures("database_env")  # a check that let one through seeds the test db
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["--items", "0"], "argument --items: must be at least 1"),
+        (["--items", "ten"], "argument --items"),
+        (["--items", "10", "--batch", "0"], "argument --batch: must be at least 1"),
+        (["--items", "10", "--writers", "0"], "argument --writers: must be at least 1"),
+        (["--batch", "5"], "the following arguments are required: --items"),
+    ],
+)
+def test_seed_refuses_bad_arguments_and_says_which(
+    engine: Engine, capsys: pytest.CaptureFixture[str], args: list[str], refused: str
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["seed", *args])
 
     assert exit_info.value.code == 2
+    assert refused in capsys.readouterr().err
+    assert stored(engine) == {}
 
 
 @pytest.mark.usefixtures("database_env")
