@@ -47,9 +47,18 @@ def _as_utc(value: datetime) -> datetime:
 _OFFSET_SEEN_AS_SPACE = re.compile(r" (\d{2}:?\d{2})$")
 
 
-def _restore_plus(value: Any) -> Any:
+def _iso_8601(value: Any) -> Any:
+    """A time is ISO 8601 text: pydantic would also take "0.0" as a Unix timestamp, which
+    the API does not document (the fuzzer sends numbers where a date-time is asked for)."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or _A_NUMBER.fullmatch(value.strip()):
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-11-23T12:00:00Z")
     # An unencoded "+02:00" in a query string arrives as " 02:00".
-    return _OFFSET_SEEN_AS_SPACE.sub(r"+\1", value) if isinstance(value, str) else value
+    return _OFFSET_SEEN_AS_SPACE.sub(r"+\1", value)
+
+
+_A_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _one_line(value: str) -> str:
@@ -100,7 +109,7 @@ Price = Annotated[
 # pydantic writes a Decimal as its string, and every price has two places already (the
 # column is NUMERIC(12, 2); input is quantized by `Price`). No Python serializer per item.
 PriceOut = Annotated[Decimal, Field(examples=["49.90"])]
-UTCDateTimeIn = Annotated[datetime, BeforeValidator(_restore_plus), AfterValidator(_as_utc)]
+UTCDateTimeIn = Annotated[datetime, BeforeValidator(_iso_8601), AfterValidator(_as_utc)]
 
 
 class ItemCreate(BaseModel):

@@ -66,6 +66,8 @@ async def test_a_page_past_the_end_is_empty_but_keeps_the_totals(
         ({"max_price": "NaN"}, "max_price"),
         ({"max_price": "0.001"}, "max_price"),
         ({"created_after": "yesterday"}, "created_after"),
+        ({"created_after": "0.0"}, "created_after"),  # not a Unix timestamp: ISO 8601 only
+        ({"created_before": "1700000000"}, "created_before"),
         ({"created_before": "0001-01-01T00:00:00+05:00"}, "created_before"),
         ({"q": "x" * 201}, "q"),
     ],
