@@ -1,5 +1,5 @@
 """Where the session is visible, and that every request gives its connection back
-(behaviours 1, 2 and 5 of service.db)."""
+(behaviours 1, 2 and 5 of service.db), in both modes."""
 
 import asyncio
 import threading
@@ -7,39 +7,40 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from service.db import DBSessionMiddleware, MissingSessionError, create_engine, db
+from service.db import asyncio as async_mode
 from service.items.models import Item
-from tests.db.conftest import MakeApp, add_item, client_for, stored_names
+from tests.db.conftest import MakeApp, Mode, async_url, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 
 
-def test_middleware_is_pure_asgi(engine: Engine) -> None:
-    middleware = DBSessionMiddleware(FastAPI(), custom_engine=engine)
+async def test_middleware_is_pure_asgi(mode: Mode) -> None:
+    middleware = mode.middleware(FastAPI(), custom_engine=mode.engine)
     assert not isinstance(middleware, BaseHTTPMiddleware)
 
 
-async def test_lifespan_passes_through_without_a_session(make_app: MakeApp) -> None:
+async def test_lifespan_passes_through_without_a_session(mode: Mode) -> None:
     events: list[str] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            db.session  # noqa: B018 - the point is that it raises
+            mode.database.session  # noqa: B018 - the point is that it raises
         except MissingSessionError:
             events.append("startup without session")
         yield
         events.append("shutdown")
 
-    app = make_app()
+    app = mode.make_app()
     app.router.lifespan_context = lifespan
     messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
     sent: list[str] = []
@@ -55,10 +56,28 @@ async def test_lifespan_passes_through_without_a_session(make_app: MakeApp) -> N
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
-async def test_session_is_visible_in_async_and_sync_routes_and_dependencies(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-) -> None:
-    app, client = app_client
+async def test_session_is_visible_in_routes_and_dependencies(mode: Mode) -> None:
+    app = mode.make_app()
+
+    async def async_dependency() -> Any:
+        return mode.database.session
+
+    def sync_dependency() -> Iterator[Any]:  # run in the threadpool, on a copy of the context
+        yield mode.database.session
+
+    @app.get("/async")
+    async def in_async_route(
+        a: Any = Depends(async_dependency), s: Any = Depends(sync_dependency)
+    ) -> dict[str, bool]:
+        return {"same": a is s is mode.database.session}
+
+    async with client_for(app) as client:
+        assert (await client.get("/async")).json() == {"same": True}
+
+
+async def test_session_is_visible_in_sync_routes(make_app: MakeApp) -> None:
+    """Sync mode: `def` routes and dependencies run in the threadpool."""
+    app = make_app()
 
     async def async_dependency() -> Session:
         return db.session
@@ -66,34 +85,27 @@ async def test_session_is_visible_in_async_and_sync_routes_and_dependencies(
     def sync_dependency() -> Iterator[Session]:
         yield db.session
 
-    @app.get("/async")
-    async def in_async_route(
-        a: Session = Depends(async_dependency), s: Session = Depends(sync_dependency)
-    ) -> dict[str, bool]:
-        return {"same": a is s is db.session}
-
     @app.get("/sync")
     def in_sync_route(
         a: Session = Depends(async_dependency), s: Session = Depends(sync_dependency)
     ) -> dict[str, bool]:
         return {"same": a is s is db.session}
 
-    assert (await client.get("/async")).json() == {"same": True}
-    assert (await client.get("/sync")).json() == {"same": True}
+    async with client_for(app) as client:
+        assert (await client.get("/sync")).json() == {"same": True}
 
 
-async def test_each_request_gets_a_new_session(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-) -> None:
-    app, client = app_client
-    sessions: list[Session] = []
+async def test_each_request_gets_a_new_session(mode: Mode) -> None:
+    app = mode.make_app()
+    sessions: list[Any] = []
 
     @app.get("/")
-    def remember() -> None:
-        sessions.append(db.session)
+    async def remember() -> None:
+        sessions.append(mode.database.session)
 
-    await client.get("/")
-    await client.get("/")
+    async with client_for(app) as client:
+        await client.get("/")
+        await client.get("/")
     assert sessions[0] is not sessions[1]
 
 
@@ -121,36 +133,61 @@ async def test_in_memory_sqlite_url_works_with_sync_routes() -> None:
     assert response.json() == sorted(f"n{i}" for i in range(10))
 
 
+async def test_in_memory_aiosqlite_url_works_with_concurrent_requests() -> None:
+    app = FastAPI()
+    app.add_middleware(async_mode.DBSessionMiddleware, db_url="sqlite+aiosqlite://")
+    adb = async_mode.db
+
+    @app.post("/setup")
+    async def setup() -> None:
+        await adb.session.execute(text("CREATE TABLE notes (body TEXT)"))
+
+    @app.post("/notes/{body}")
+    async def write(body: str) -> None:
+        await adb.session.execute(text("INSERT INTO notes VALUES (:b)"), {"b": body})
+
+    @app.get("/notes")
+    async def read() -> list[str]:
+        return list(await adb.session.scalars(text("SELECT body FROM notes ORDER BY body")))
+
+    async with client_for(app) as client:
+        assert (await client.post("/setup")).status_code == 200
+        await asyncio.gather(*(client.post(f"/notes/n{i}") for i in range(10)))
+        response = await client.get("/notes")
+    assert response.status_code == 200
+    assert response.json() == sorted(f"n{i}" for i in range(10))
+
+
 async def test_no_connection_is_left_checked_out_after_any_outcome(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+    mode: Mode, engine: Engine
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
 
     @app.get("/read")
-    def read() -> int:
-        return db.session.scalar(select(func.count()).select_from(Item)) or 0
+    async def read() -> int:
+        return await mode.scalar(select(func.count()).select_from(Item)) or 0
 
     @app.post("/write/{name}")
-    def write(name: str) -> None:
-        add_item(name)
+    async def write(name: str) -> None:
+        mode.add_item(name)
 
     @app.post("/fail/{name}")
-    def fail(name: str) -> None:
-        add_item(name)
-        db.session.flush()
+    async def fail(name: str) -> None:
+        mode.add_item(name)
+        await mode.flush()
         raise ValueError("boom")
 
-    await client.get("/read")
-    await client.post("/write/a")
-    with pytest.raises(ValueError):
-        await client.post("/fail/b")
-    assert engine.pool.checkedout() == 0
+    async with client_for(app) as client:
+        await client.get("/read")
+        await client.post("/write/a")
+        with pytest.raises(ValueError):
+            await client.post("/fail/b")
+    assert mode.checked_out() == 0
+    assert stored_names(engine) == {"a"}
 
 
-async def test_client_disconnect_mid_stream_returns_the_connection(
-    make_app: MakeApp, engine: Engine
-) -> None:
-    app = make_app()
+async def test_client_disconnect_mid_stream_returns_the_connection(mode: Mode) -> None:
+    app = mode.make_app()
     finished = asyncio.Event()
     more_rows = asyncio.Event()  # never set: the body waits until the disconnect ends it
 
@@ -159,7 +196,7 @@ async def test_client_disconnect_mid_stream_returns_the_connection(
         async def rows() -> AsyncIterator[bytes]:
             try:
                 # A transaction is open (a connection checked out) while the body streams.
-                yield str(db.session.scalar(select(func.count()).select_from(Item))).encode()
+                yield str(await mode.scalar(select(func.count()).select_from(Item))).encode()
                 await more_rows.wait()
                 yield b"never sent"
             finally:
@@ -189,85 +226,96 @@ async def test_client_disconnect_mid_stream_returns_the_connection(
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
     assert finished.is_set()
-    assert engine.pool.checkedout() == 0
+    assert mode.checked_out() == 0
 
 
-async def test_cancelled_request_returns_the_connection(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
-) -> None:
-    app, client = app_client
+async def test_cancelled_request_returns_the_connection(mode: Mode, engine: Engine) -> None:
+    app = mode.make_app()
     in_handler = asyncio.Event()
     finish = asyncio.Event()  # never set: the handler waits until it is cancelled
 
     @app.post("/slow/{name}")
     async def slow(name: str) -> None:
-        add_item(name)
-        db.session.flush()  # holds a connection and an open transaction
+        mode.add_item(name)
+        await mode.flush()  # holds a connection and an open transaction
         in_handler.set()
         await finish.wait()
 
-    task = asyncio.create_task(client.post("/slow/lamp"))
-    await asyncio.wait_for(in_handler.wait(), timeout=5)
-    assert engine.pool.checkedout() == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, timeout=5)
-    assert engine.pool.checkedout() == 0
+    async with client_for(app) as client:
+        task = asyncio.create_task(client.post("/slow/lamp"))
+        await asyncio.wait_for(in_handler.wait(), timeout=5)
+        assert mode.checked_out() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5)
+    assert mode.checked_out() == 0
     assert stored_names(engine) == set()
 
 
-async def test_scope_is_reset_after_the_request(
-    app_client: tuple[FastAPI, httpx.AsyncClient],
-) -> None:
-    app, client = app_client
+async def test_scope_is_reset_after_the_request(mode: Mode) -> None:
+    app = mode.make_app()
 
     @app.get("/")
     async def touch() -> None:
-        db.session  # noqa: B018
+        mode.database.session  # noqa: B018
 
-    await client.get("/")
+    async with client_for(app) as client:
+        await client.get("/")
     with pytest.raises(MissingSessionError):
-        db.session  # noqa: B018
+        mode.database.session  # noqa: B018
 
 
 async def test_request_cancelled_during_its_commit_returns_the_connection(
-    app_client: tuple[FastAPI, httpx.AsyncClient], engine: Engine
+    mode: Mode, engine: Engine
 ) -> None:
-    app, client = app_client
+    app = mode.make_app()
     committing = threading.Event()
     finish_commit = threading.Event()
+    async_finish = asyncio.Event()
+
+    def slow_commit(session: object) -> None:
+        committing.set()
+        if mode.name == "async":  # the COMMIT runs in the event loop: wait without blocking it
+            await_only(asyncio.wait_for(async_finish.wait(), 5))
+        else:  # the COMMIT runs in a lifecycle thread
+            finish_commit.wait(5)
 
     @app.post("/items/{name}")
     async def create(name: str) -> None:
-        add_item(name)
+        mode.add_item(name)
+        await mode.run(lambda session: event.listen(session, "before_commit", slow_commit))
 
-        def slow_commit(session: object) -> None:
-            committing.set()
-            finish_commit.wait(5)  # the COMMIT is under way until the test lets it end
-
-        event.listen(db.session, "before_commit", slow_commit)
-
-    task = asyncio.create_task(client.post("/items/lamp"))
-    assert await asyncio.to_thread(committing.wait, 5), "the commit never started"
-    task.cancel()  # delivered now, while the commit still waits in its thread
-    finish_commit.set()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, timeout=5)
-    # The commit ran to its end in its thread, then the session was closed after it.
-    assert engine.pool.checkedout() == 0
+    async with client_for(app) as client:
+        task = asyncio.create_task(client.post("/items/lamp"))
+        assert await asyncio.to_thread(committing.wait, 5), "the commit never started"
+        task.cancel()  # delivered now, while the commit is still under way
+        finish_commit.set()
+        async_finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5)
+        # The commit ran to its end (shielded), then the session was closed after it.
+        for _ in range(500):
+            if mode.checked_out() == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert mode.checked_out() == 0
     assert stored_names(engine) == {"lamp"}
 
 
-async def test_request_that_finds_no_free_connection_gets_503(migrated_url: str) -> None:
-    engine = create_engine(migrated_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+async def test_request_that_finds_no_free_connection_gets_503(
+    mode: Mode, migrated_url: str
+) -> None:
+    url = async_url(migrated_url) if mode.name == "async" else migrated_url
+    create = async_mode.create_async_engine if mode.name == "async" else create_engine
+    engine = create(url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     app = FastAPI()
-    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    app.add_middleware(mode.middleware, custom_engine=engine, database=mode.database)
     holding = asyncio.Event()
     release = asyncio.Event()
 
     @app.get("/hold")
     async def hold() -> None:
-        db.session.execute(text("SELECT 1"))
+        await mode.run(lambda session: session.execute(text("SELECT 1")))
         holding.set()
         await release.wait()
 
@@ -283,5 +331,6 @@ async def test_request_that_finds_no_free_connection_gets_503(migrated_url: str)
     assert refused.headers["retry-after"] == "1"
     # The middleware's default error body, as FastAPI answers an HTTPException.
     assert refused.json() == {"detail": "The database is busy; try again shortly."}
-    assert engine.pool.checkedout() == 0
-    engine.dispose()
+    pool_engine = engine.sync_engine if mode.name == "async" else engine
+    assert pool_engine.pool.checkedout() == 0
+    await mode.dispose(engine)
