@@ -84,7 +84,7 @@ def _empty_tables(engine: Engine, request: pytest.FixtureRequest) -> Iterator[No
     """Tests that commit for real leave empty tables behind for the next one. Tests under
     `db_isolation` are left alone: the isolation alone must keep their rows from leaking."""
     yield
-    if "db_isolation" in request.fixturenames:
+    if {"db_isolation", "async_db_isolation", "isolation"} & set(request.fixturenames):
         return
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM items"))
