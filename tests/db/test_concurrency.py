@@ -1,19 +1,26 @@
-"""Many requests at once through the real ASGI stack (behaviours 10 and 14 of service.db)."""
+"""Many requests at once through the real ASGI stack (behaviours 10 and 14 of service.db).
+
+The writer tests pass because requests wait for a connection slot before they enter the
+app (admission, `max_concurrent_sessions`); each has a negative control, the same requests
+with admission off, which must fail on PostgreSQL.
+"""
 
 import asyncio
 import threading
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from sqlalchemy import Engine, event, func, select
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.db import DBSessionMiddleware, create_engine, db
+from service.db.admission import pool_capacity
 from service.items.models import Item
 from tests.db.conftest import MakeApp, add_item, client_for, stored_names
 
@@ -50,16 +57,65 @@ async def all_within(
     return await asyncio.wait_for(asyncio.gather(*requests), timeout=seconds)
 
 
+async def until_the_first_error(
+    seconds: float,
+    requests: list[Coroutine[Any, Any, httpx.Response]],
+    writers_closed: threading.Event,
+) -> BaseException | None:
+    """Send `requests` at once until the first raises; then close the writers (those not
+    yet started answer 503 without touching the database) and wait for every request to
+    end by itself, so nothing runs on into the next test. Nothing is cancelled: a request
+    cancelled while its sync handler runs leaves the handler running in its worker thread.
+    Returns the first error, or None if all succeeded; TimeoutError if they are still
+    going after `seconds`."""
+    tasks = [asyncio.ensure_future(request) for request in requests]
+    try:
+        done, pending = await asyncio.wait(
+            tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION
+        )
+    finally:
+        writers_closed.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), seconds)
+    errors = [task.exception() for task in done if task.exception() is not None]
+    if pending and not errors:
+        raise TimeoutError(f"{len(pending)} requests still going after {seconds} s")
+    return errors[0] if errors else None
+
+
+def skip_on_sqlite(backend: str) -> None:
+    if backend == "sqlite":
+        pytest.skip(
+            "SQLite admits one request at a time whatever its pool (one writer at a time); "
+            "without admission its writers fail on SQLite's own lock ('database is locked') "
+            "as much as on the pool, so a failure there would not isolate what admission "
+            "prevents"
+        )
+
+
 def pending_names() -> set[str]:
     return {obj.name for obj in db.session.identity_map.values() if isinstance(obj, Item)}
 
 
-def writer_app(engine: Engine, backend: str) -> FastAPI:
+def writer_app(
+    engine: Engine,
+    backend: str,
+    max_concurrent_sessions: int | Literal["auto"] | None = "auto",
+    closed: threading.Event | None = None,
+) -> FastAPI:
+    """Writers that report what they saw; once `closed` is set, those not yet started
+    answer 503 without touching the database (how a control ends its flood)."""
     app = FastAPI()
-    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    app.add_middleware(
+        DBSessionMiddleware, custom_engine=engine, max_concurrent_sessions=max_concurrent_sessions
+    )
+
+    def refuse_when_closed() -> None:
+        if closed is not None and closed.is_set():
+            raise HTTPException(503, "closed")
 
     @app.post("/async/{name}")
     async def write_async(name: str) -> Written:
+        refuse_when_closed()
         session = db.session
         await asyncio.sleep(0)  # let other requests in between
         item = add_item(name)  # held: the identity map keeps objects only weakly
@@ -75,6 +131,7 @@ def writer_app(engine: Engine, backend: str) -> FastAPI:
 
     @app.post("/sync/{name}")
     def write_sync(name: str) -> Written:
+        refuse_when_closed()
         session = db.session
         item = add_item(name)  # held: the identity map keeps objects only weakly
         db.session.flush()
@@ -104,6 +161,46 @@ async def test_200_concurrent_writers_each_see_only_their_own_session_and_rows(
     assert small_pool_engine.pool.checkedout() == 0
 
 
+async def test_control_without_admission_200_sync_writers_deadlock_on_the_pool(
+    small_pool_engine: Engine, backend: str
+) -> None:
+    # The threadpool's 40 workers block in the pool's checkout while the 10 requests that
+    # hold connections wait for a worker to finish: each waiter gives up after the pool
+    # timeout (5 s).
+    skip_on_sqlite(backend)
+    closed = threading.Event()
+    app = writer_app(small_pool_engine, backend, max_concurrent_sessions=None, closed=closed)
+    async with client_for(app) as client:
+        error = await until_the_first_error(
+            60, [client.post(f"/sync/sync-{n}") for n in range(REQUESTS)], closed
+        )
+    assert isinstance(error, PoolTimeout), f"the pool never timed out (first error: {error!r})"
+    assert "QueuePool limit" in str(error)
+    assert small_pool_engine.pool.checkedout() == 0
+
+
+async def test_control_without_admission_an_async_writer_beyond_the_pool_stalls_and_fails(
+    small_pool_engine: Engine, backend: str
+) -> None:
+    # An async route's first statement checks out on the event loop itself: the writer
+    # that finds the pool empty blocks the loop, so the writers holding connections never
+    # get back to commit, and it fails after the pool timeout (5 s). With 200 writers that
+    # stall repeats for each one beyond the pool (minutes), so one more than the pool holds
+    # shows it.
+    skip_on_sqlite(backend)
+    capacity = pool_capacity(small_pool_engine)
+    assert capacity is not None
+    closed = threading.Event()
+    app = writer_app(small_pool_engine, backend, max_concurrent_sessions=None, closed=closed)
+    async with client_for(app) as client:
+        error = await until_the_first_error(
+            60, [client.post(f"/async/async-{n}") for n in range(capacity + 1)], closed
+        )
+    assert isinstance(error, PoolTimeout), f"the pool never timed out (first error: {error!r})"
+    assert "QueuePool limit" in str(error)
+    assert small_pool_engine.pool.checkedout() == 0
+
+
 async def test_sync_routes_do_not_deadlock_when_requests_outnumber_connections(
     issue_pool_engine: Engine, backend: str
 ) -> None:
@@ -118,6 +215,21 @@ async def test_sync_routes_do_not_deadlock_when_requests_outnumber_connections(
     assert [r.status_code for r in responses] == [200] * REQUESTS
     with issue_pool_engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(Item)) == REQUESTS
+    assert issue_pool_engine.pool.checkedout() == 0
+
+
+async def test_control_without_admission_sync_routes_deadlock_when_requests_outnumber_connections(
+    issue_pool_engine: Engine, backend: str
+) -> None:
+    skip_on_sqlite(backend)
+    closed = threading.Event()
+    app = writer_app(issue_pool_engine, backend, max_concurrent_sessions=None, closed=closed)
+    async with client_for(app) as client:
+        error = await until_the_first_error(
+            60, [client.post(f"/sync/row-{n}") for n in range(REQUESTS)], closed
+        )
+    assert isinstance(error, PoolTimeout), f"the pool never timed out (first error: {error!r})"
+    assert "QueuePool limit" in str(error)
     assert issue_pool_engine.pool.checkedout() == 0
 
 
