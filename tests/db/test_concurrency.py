@@ -14,7 +14,7 @@ from typing import Any, Literal
 import anyio.to_thread
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -58,20 +58,23 @@ async def all_within(
 
 
 async def until_the_first_error(
-    seconds: float, requests: list[Coroutine[Any, Any, httpx.Response]]
+    seconds: float,
+    requests: list[Coroutine[Any, Any, httpx.Response]],
+    writers_closed: threading.Event,
 ) -> BaseException | None:
-    """Send `requests` at once; at the first that raises, cancel the rest and wait until
-    every one has ended (its session closed), so nothing runs on into the next test. The
-    first error, or None if all succeeded; TimeoutError if they are still going after
-    `seconds`."""
+    """Send `requests` at once until the first raises; then close the writers (those not
+    yet started answer 503 without touching the database) and wait for every request to
+    end by itself, so nothing runs on into the next test. Nothing is cancelled: a request
+    cancelled while its sync handler runs leaves the handler running in its worker thread.
+    Returns the first error, or None if all succeeded; TimeoutError if they are still
+    going after `seconds`."""
     tasks = [asyncio.ensure_future(request) for request in requests]
     try:
         done, pending = await asyncio.wait(
             tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION
         )
     finally:
-        for task in tasks:
-            task.cancel()  # once: the middleware still closes the session it opened
+        writers_closed.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), seconds)
     errors = [task.exception() for task in done if task.exception() is not None]
     if pending and not errors:
@@ -97,14 +100,22 @@ def writer_app(
     engine: Engine,
     backend: str,
     max_concurrent_sessions: int | Literal["auto"] | None = "auto",
+    closed: threading.Event | None = None,
 ) -> FastAPI:
+    """Writers that report what they saw; once `closed` is set, those not yet started
+    answer 503 without touching the database (how a control ends its flood)."""
     app = FastAPI()
     app.add_middleware(
         DBSessionMiddleware, custom_engine=engine, max_concurrent_sessions=max_concurrent_sessions
     )
 
+    def refuse_when_closed() -> None:
+        if closed is not None and closed.is_set():
+            raise HTTPException(503, "closed")
+
     @app.post("/async/{name}")
     async def write_async(name: str) -> Written:
+        refuse_when_closed()
         session = db.session
         await asyncio.sleep(0)  # let other requests in between
         item = add_item(name)  # held: the identity map keeps objects only weakly
@@ -120,6 +131,7 @@ def writer_app(
 
     @app.post("/sync/{name}")
     def write_sync(name: str) -> Written:
+        refuse_when_closed()
         session = db.session
         item = add_item(name)  # held: the identity map keeps objects only weakly
         db.session.flush()
@@ -156,10 +168,11 @@ async def test_control_without_admission_200_sync_writers_deadlock_on_the_pool(
     # hold connections wait for a worker to finish: each waiter gives up after the pool
     # timeout (5 s).
     skip_on_sqlite(backend)
-    app = writer_app(small_pool_engine, backend, max_concurrent_sessions=None)
+    closed = threading.Event()
+    app = writer_app(small_pool_engine, backend, max_concurrent_sessions=None, closed=closed)
     async with client_for(app) as client:
         error = await until_the_first_error(
-            60, [client.post(f"/sync/sync-{n}") for n in range(REQUESTS)]
+            60, [client.post(f"/sync/sync-{n}") for n in range(REQUESTS)], closed
         )
     assert isinstance(error, PoolTimeout), f"the pool never timed out (first error: {error!r})"
     assert "QueuePool limit" in str(error)
@@ -177,12 +190,14 @@ async def test_control_without_admission_an_async_writer_beyond_the_pool_stalls_
     skip_on_sqlite(backend)
     capacity = pool_capacity(small_pool_engine)
     assert capacity is not None
-    app = writer_app(small_pool_engine, backend, max_concurrent_sessions=None)
+    closed = threading.Event()
+    app = writer_app(small_pool_engine, backend, max_concurrent_sessions=None, closed=closed)
     async with client_for(app) as client:
         error = await until_the_first_error(
-            60, [client.post(f"/async/async-{n}") for n in range(capacity + 1)]
+            60, [client.post(f"/async/async-{n}") for n in range(capacity + 1)], closed
         )
     assert isinstance(error, PoolTimeout), f"the pool never timed out (first error: {error!r})"
+    assert "QueuePool limit" in str(error)
     assert small_pool_engine.pool.checkedout() == 0
 
 
@@ -207,10 +222,11 @@ async def test_control_without_admission_sync_routes_deadlock_when_requests_outn
     issue_pool_engine: Engine, backend: str
 ) -> None:
     skip_on_sqlite(backend)
-    app = writer_app(issue_pool_engine, backend, max_concurrent_sessions=None)
+    closed = threading.Event()
+    app = writer_app(issue_pool_engine, backend, max_concurrent_sessions=None, closed=closed)
     async with client_for(app) as client:
         error = await until_the_first_error(
-            60, [client.post(f"/sync/row-{n}") for n in range(REQUESTS)]
+            60, [client.post(f"/sync/row-{n}") for n in range(REQUESTS)], closed
         )
     assert isinstance(error, PoolTimeout), f"the pool never timed out (first error: {error!r})"
     assert "QueuePool limit" in str(error)

@@ -18,7 +18,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from service.db import DBSessionMiddleware, MissingSessionError, create_engine, db
 from service.db import asyncio as async_mode
 from service.items.models import Item
-from tests.db.conftest import MakeApp, Mode, async_url, client_for, stored_names
+from tests.db.conftest import MakeApp, Mode, add_item, async_url, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 
@@ -250,6 +250,47 @@ async def test_cancelled_request_returns_the_connection(mode: Mode, engine: Engi
             await asyncio.wait_for(task, timeout=5)
     assert mode.checked_out() == 0
     assert stored_names(engine) == set()
+
+
+async def test_request_cancelled_while_its_sync_handler_runs_returns_the_connection(
+    make_app: MakeApp, engine: Engine
+) -> None:
+    """Sync mode: a thread cannot be interrupted, so a cancelled request's handler goes on
+    after the middleware has ended the request. Its session is closed for good then: the
+    handler's next statement fails instead of opening a connection nobody would return.
+    (Found by the admission controls: it used to stay checked out until garbage collection.)"""
+    app = make_app()
+    in_handler = threading.Event()
+    request_over = threading.Event()
+    handler_done = threading.Event()
+    # Held here, so the garbage collector cannot give the connection back: the middleware must.
+    sessions: list[Session] = []
+
+    @app.post("/items/{name}")
+    def create(name: str) -> None:
+        sessions.append(db.session)
+        in_handler.set()
+        request_over.wait(5)  # goes on once the request is over
+        try:
+            add_item(name)
+            db.session.flush()
+        finally:
+            handler_done.set()
+
+    async with client_for(app) as client:
+        task = asyncio.create_task(client.post("/items/lamp"))
+        try:
+            assert await asyncio.to_thread(in_handler.wait, 5), "the handler never ran"
+            task.add_done_callback(lambda _: request_over.set())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=10)
+            assert await asyncio.to_thread(handler_done.wait, 10), "the handler never ended"
+            assert engine.pool.checkedout() == 0
+            assert stored_names(engine) == set()
+        finally:
+            for session in sessions:
+                session.close()  # the next test needs the database (SQLite's write lock)
 
 
 async def test_scope_is_reset_after_the_request(mode: Mode) -> None:
