@@ -92,8 +92,16 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
     def open_unit(
         self, factory: FactoryT, commit_on_exit: bool, session_args: dict[str, Any] | None = None
     ) -> UnitT:
-        """Open a unit of work on a new session (not yet current; see `activate`)."""
+        """Open a unit of work on a new session (not yet current; see `activate`).
+
+        Once its unit of work has ended, the session refuses further use (unless the
+        session arguments say `close_resets_only`): a sync handler still running in its
+        thread after its request was cancelled gets an error at its next statement, instead
+        of a connection that nobody would give back.
+        """
         args = dict(session_args or {})
+        if "close_resets_only" not in getattr(factory, "kw", {}):
+            args.setdefault("close_resets_only", False)
         if self._test_connection is not None:
             # Test isolation: every commit becomes a savepoint release on the test's
             # connection, and the test's outer transaction is rolled back at the end.
