@@ -18,11 +18,13 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import DBSessionMiddleware, create_engine, db
+from service.db import asyncio as async_mode
 from service.db.admission import pool_capacity
 from service.items.models import Item
-from tests.db.conftest import MakeApp, add_item, client_for, stored_names
+from tests.db.conftest import MakeApp, add_item, async_url, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 REQUESTS = 200
@@ -145,11 +147,42 @@ def writer_app(
     return app
 
 
-@pytest.mark.parametrize("kind", ["async", "sync"])
+def async_mode_writer_app(engine: AsyncEngine, backend: str) -> FastAPI:
+    """The writers on service.db.asyncio: an AsyncSession per request."""
+    app = FastAPI()
+    app.add_middleware(async_mode.DBSessionMiddleware, custom_engine=engine)
+    adb = async_mode.db
+
+    @app.post("/asyncio/{name}")
+    async def write(name: str) -> Written:
+        session = adb.session
+        await asyncio.sleep(0)  # let other requests in between
+        item = add_item(name, adb)  # held: the identity map keeps objects only weakly
+        await adb.session.flush()
+        if backend != "sqlite":
+            await asyncio.sleep(0.001)
+        names = {o.name for o in adb.session.identity_map.values() if isinstance(o, Item)}
+        return Written(
+            name=item.name, own_session=adb.session is session, only_own_rows=names == {name}
+        )
+
+    return app
+
+
+@pytest.mark.parametrize("kind", ["async", "sync", "asyncio"])
 async def test_200_concurrent_writers_each_see_only_their_own_session_and_rows(
-    small_pool_engine: Engine, backend: str, kind: str
+    small_pool_engine: Engine, migrated_url: str, backend: str, kind: str
 ) -> None:
-    app = writer_app(small_pool_engine, backend)
+    """`async`/`sync`: async and def routes on service.db; `asyncio`: service.db.asyncio,
+    on a pool of 5 + 5 as well."""
+    async_engine = async_mode.create_async_engine(
+        async_url(migrated_url), pool_size=5, max_overflow=5, pool_timeout=5
+    )
+    app = (
+        async_mode_writer_app(async_engine, backend)
+        if kind == "asyncio"
+        else writer_app(small_pool_engine, backend)
+    )
     async with client_for(app) as client:
         responses = await all_within(
             60, [client.post(f"/{kind}/{kind}-{n}") for n in range(REQUESTS)]
@@ -159,6 +192,8 @@ async def test_200_concurrent_writers_each_see_only_their_own_session_and_rows(
     assert all(b.own_session and b.only_own_rows for b in bodies)
     assert stored_names(small_pool_engine) == {f"{kind}-{n}" for n in range(REQUESTS)}
     assert small_pool_engine.pool.checkedout() == 0
+    assert async_engine.sync_engine.pool.checkedout() == 0
+    await async_engine.dispose()
 
 
 async def test_control_without_admission_200_sync_writers_deadlock_on_the_pool(
