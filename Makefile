@@ -58,7 +58,8 @@ test-faults: venv
 
 # make bench (a few minutes) | make bench FULL=1 (adds 1M rows): writes bench/RESULTS.md
 bench: venv
-	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@$(BIN)/python -c "import matplotlib, orjson, fastapi_async_sqlalchemy" 2>/dev/null \
+	  || $(BIN)/python -m pip install -q -e '.[dev,bench]'
 	@for tool in wrk; do command -v $$tool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done

@@ -1,24 +1,41 @@
 """The apps the benchmark serves (`uvicorn --factory bench.apps:<name>`).
 
-One list handler - the items page of the service, `SELECT count(*)` plus 20 rows, rendered
-as the same `ItemPage` - served with three ways of managing its session, plus the
-framework's ceiling. Every app gets the same engine settings (the service's own).
+Sync: one list handler - the items page of the service, `SELECT count(*)` plus 20 rows,
+rendered as the same `ItemPage` - served with three ways of managing its session, plus the
+framework's ceiling; and the service's two lists as they were before they went async
+(`service_sync`).
+
+Async: one rows handler - the first keyset page, 20 rows of `items` read as Core rows and
+rendered as the service's `ItemScroll` - served with three ways of managing its
+`AsyncSession`, and with ours configured as the service configures it; and the floor under
+it, the same SQL on a bare asyncpg pool, rendered with orjson (`raw_asyncpg`).
+
+Every app gets the same engine settings (the service's own).
 """
 
-from collections.abc import Iterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Collection, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, cast
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Response
 from fastapi_pagination import Page, add_pagination
 from fastapi_pagination.customization import CustomizedPage, UseParamsFields
 from fastapi_pagination.ext.sqlalchemy import paginate
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Row, Table, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench import sync_items
+from service.auth import TokenCheck
+from service.body_limit import BodySizeLimit
 from service.config import get_settings
+from service.cursors import sign_cursor
 from service.db import DBSessionMiddleware, create_engine, db
+from service.db import asyncio as async_db
 from service.items.models import Item
-from service.items.schemas import ItemOut
+from service.items.schemas import ItemOut, ItemScroll
+from service.problems import failure_problem, install_problem_handlers
 
 # The items page as the service had it before its count modes: Page + size 1-100.
 ItemPage = CustomizedPage[Page[ItemOut], UseParamsFields(size=Query(20, ge=1, le=100))]
@@ -121,7 +138,179 @@ def constant() -> FastAPI:
 
 
 def service() -> FastAPI:
-    """The service itself, as `make run` serves it."""
+    """The service itself, as `make run` serves it (async)."""
     from service.main import create_app
 
     return create_app()
+
+
+def service_sync() -> FastAPI:
+    """The service's GET /items and GET /items/scroll as they were before the items API went
+    async (bench/sync_items.py), in the service's sync app: `service.db`'s middleware on
+    psycopg2, set up as the sync `create_app` did, and the same problem documents."""
+    from service.main import sessionless_paths
+
+    settings = get_settings()
+    app = FastAPI()
+    app.state.settings = settings
+    app.state.token_check = TokenCheck.from_settings(settings)
+    app.add_middleware(
+        DBSessionMiddleware,
+        custom_engine=create_engine(settings.sync_database_url(), **settings.engine_args()),
+        server_timing=settings.db_server_timing,
+        sessionless_paths=sessionless_paths(app),
+        error_response=failure_problem,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_problem_handlers(app)
+    app.include_router(sync_items.router)
+    add_pagination(app)
+    return app
+
+
+# -- async: the first keyset page of 20 rows, three session managers and the floor -------
+
+ITEMS = cast(Table, Item.__table__)
+FIRST_ROWS = select(ITEMS).order_by(ITEMS.c.id)  # the service's scroll query, no cursor
+Size = Annotated[int, Query(ge=1, le=100)]
+
+
+def cursor_after(item_id: int, secret: bytes) -> str:
+    """The cursor the service hands out for the next page after item `item_id` (by id)."""
+    return sign_cursor({"sort": "id", "after": [item_id, item_id]}, secret)
+
+
+async def first_rows(session: AsyncSession, size: int, secret: bytes) -> ItemScroll:
+    """The async handler under test: one SELECT of `size + 1` rows (one more: is there a
+    next page?), rendered as the service renders a scroll page."""
+    rows: list[Row[Any]] = list((await session.execute(FIRST_ROWS.limit(size + 1))).all())
+    page = rows[:size]
+    next_page = cursor_after(page[-1].id, secret) if len(rows) > size else None
+    return ItemScroll(items=[ItemOut.model_validate(row) for row in page], next_page=next_page)
+
+
+def _async_app() -> tuple[FastAPI, AsyncEngine, bytes]:
+    """An app whose engine is made as the service makes its own, and disposed of at
+    shutdown; with the cursor secret the service signs with."""
+    settings = get_settings()
+    engine = async_db.create_async_engine(
+        settings.async_database_url(), **settings.async_engine_args()
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    return FastAPI(lifespan=lifespan), engine, settings.cursor_secret.get_secret_value().encode()
+
+
+def ours_async(autocommit_methods: Collection[str] = ()) -> FastAPI:
+    """service.db.asyncio's DBSessionMiddleware and its db.session (defaults: a transaction
+    per request, committed)."""
+    app, engine, secret = _async_app()
+    app.add_middleware(
+        async_db.DBSessionMiddleware, custom_engine=engine, autocommit_methods=autocommit_methods
+    )
+
+    @app.get("/items/scroll")
+    async def items(size: Size = 20) -> ItemScroll:
+        return await first_rows(async_db.db.session, size, secret)
+
+    return app
+
+
+def ours_async_autocommit() -> FastAPI:
+    """`ours_async` configured as the service configures it: GET, HEAD and OPTIONS read
+    outside a transaction (`autocommit_methods`), without BEGIN and COMMIT."""
+    from service.main import SAFE_METHODS
+
+    return ours_async(autocommit_methods=SAFE_METHODS)
+
+
+def peer_async() -> FastAPI:
+    """fastapi-async-sqlalchemy's SQLAlchemyMiddleware and its db.session (defaults:
+    closes without committing)."""
+    from fastapi_async_sqlalchemy import SQLAlchemyMiddleware
+    from fastapi_async_sqlalchemy import db as peer_db
+
+    app, engine, secret = _async_app()
+    app.add_middleware(SQLAlchemyMiddleware, custom_engine=engine)
+
+    @app.get("/items/scroll")
+    async def items(size: Size = 20) -> ItemScroll:
+        return await first_rows(peer_db.session, size, secret)
+
+    return app
+
+
+def depends_async() -> FastAPI:
+    """The FastAPI documentation's pattern, async: a `Depends(get_async_db)` yield dependency
+    on an `async_sessionmaker`."""
+    app, engine, secret = _async_app()
+    session_factory = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def get_async_db() -> AsyncIterator[AsyncSession]:
+        async with session_factory() as session:
+            yield session
+
+    @app.get("/items/scroll")
+    async def items(
+        session: Annotated[AsyncSession, Depends(get_async_db)], size: Size = 20
+    ) -> ItemScroll:
+        return await first_rows(session, size, secret)
+
+    return app
+
+
+# The service's scroll query as asyncpg receives it from SQLAlchemy (`scenarios.raw_checks`
+# checks that it still is).
+RAW_SCROLL_SQL = (
+    "SELECT items.id, items.name, items.description, items.price, items.created_at, "
+    "items.updated_at, items.version \nFROM items ORDER BY items.id ASC \n LIMIT $1::INTEGER"
+)
+
+
+def raw_asyncpg() -> FastAPI:
+    """The floor: the service's scroll SQL on an asyncpg pool (no SQLAlchemy, no session,
+    no pydantic), the same JSON made by orjson - the cost of the framework, the driver and
+    the encoding alone."""
+    import asyncpg
+    import orjson
+
+    settings = get_settings()
+    url = make_url(settings.async_database_url()).set(drivername="postgresql")
+    secret = settings.cursor_secret.get_secret_value().encode()
+    pools: list[asyncpg.Pool] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with asyncpg.create_pool(
+            url.render_as_string(hide_password=False), min_size=1, max_size=settings.db_pool_size
+        ) as pool:
+            pools.append(pool)
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/items/scroll")
+    async def items(size: Size = 20) -> Response:
+        rows = await pools[0].fetch(RAW_SCROLL_SQL, size + 1)
+        body = {
+            "items": [
+                {
+                    "id": row["id"],
+                    "name": row["name"],
+                    "description": row["description"],
+                    "price": f"{row['price']:.2f}",
+                    "created_at": row["created_at"],
+                    "updated_at": row["updated_at"],
+                    "version": row["version"],
+                }
+                for row in rows[:size]
+            ],
+            "next_page": cursor_after(rows[size - 1]["id"], secret) if len(rows) > size else None,
+        }
+        return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")
+
+    return app

@@ -24,6 +24,8 @@ from bench.scenarios import (
     Floor,
     Latency,
     Memory,
+    RawChecks,
+    ScrollLoad,
     Throughput,
 )
 
@@ -54,6 +56,9 @@ def versions(engine: Engine) -> str:
         "psycopg2-binary",
         "uvicorn",
         "fastapi-sqlalchemy",
+        "asyncpg",
+        "fastapi-async-sqlalchemy",
+        "orjson",
     ]
     listed = ", ".join(f"{name} {version(name)}" for name in packages)
     return f"Python {platform.python_version()}, PostgreSQL {server}, {listed}"
@@ -69,6 +74,8 @@ class Report:
     versions: str
     budget: Budget
     throughput: Throughput
+    scroll_load: ScrollLoad
+    raw_checks: RawChecks
     latency: Latency
     floor_page: Floor
     floor_scroll: Floor
@@ -140,6 +147,61 @@ class Report:
                 checks.none_server_timing,
                 checks.none_is_one_statement,
             ),
+            *self.async_targets(),
+        ]
+
+    def async_targets(self) -> list[tuple[str, str, bool]]:
+        """Issue #13: the async service against its sync self (measured in this run), the
+        session managers and the raw floor. CPU is the server's, per request, from /proc."""
+        load = self.scroll_load
+
+        def cpu(series: Series) -> float:
+            return series.median("cpu_ms_per_request")
+
+        scroll, scroll_sync = cpu(load.service_async), cpu(load.service_sync)
+        ours, peer, depends, raw = cpu(load.ours), cpu(load.peer), cpu(load.depends), cpu(load.raw)
+        c = self.counting
+        page, page_sync = cpu(c.estimated), cpu(c.sync_estimated)
+        p50, cursor = c.estimated.median("p50_ms"), c.cursor.median("p50_ms")
+        p50_sync, cursor_sync = c.sync_estimated.median("p50_ms"), c.sync_cursor.median("p50_ms")
+        under_load = f"{self.budget.connections} connections"
+        peer_name = f"fastapi-async-sqlalchemy {version('fastapi-async-sqlalchemy')}"
+        return [
+            (
+                f"async GET /items/scroll?size=20: server CPU <= 1.2 ms/request ({under_load})",
+                f"{scroll:.2f} ms (sync: {scroll_sync:.2f} ms)",
+                scroll <= 1.2,
+            ),
+            (
+                f"async GET /items?size=20 (count=estimated), {c.rows:,} rows: server CPU <= "
+                "2.0 ms/request and p50 <= 2x cursor page p50 (one connection)"
+                + ("" if c.rows >= 1_000_000 else "; the target names 1M: FULL=1"),
+                f"{page:.2f} ms, {p50 / cursor:.2f}x ({p50:.2f} / {cursor:.2f} ms); "
+                f"sync: {page_sync:.2f} ms, {p50_sync / cursor_sync:.2f}x",
+                page <= 2.0 and p50 <= 2 * cursor,
+            ),
+            (
+                f"async rows handler, ours vs {peer_name}: CPU/request <= 1.03x ({under_load})",
+                f"{ours / peer:.3f}x ({ours:.2f} / {peer:.2f} ms)",
+                ours <= 1.03 * peer,
+            ),
+            (
+                f"async rows handler, ours vs Depends(get_async_db): CPU/request <= 1.03x "
+                f"({under_load})",
+                f"{ours / depends:.3f}x ({ours:.2f} / {depends:.2f} ms)",
+                ours <= 1.03 * depends,
+            ),
+            (
+                "async GET /items/scroll / raw asyncpg + orjson, CPU per request <= 3.0 "
+                f"({under_load})",
+                f"{scroll / raw:.2f} ({scroll:.2f} / {raw:.2f} ms; sync: {scroll_sync / raw:.2f})",
+                scroll <= 3.0 * raw,
+            ),
+            (
+                "the raw floor runs the service's scroll SQL and answers its JSON",
+                str(self.raw_checks),
+                self.raw_checks.same_sql and self.raw_checks.same_json,
+            ),
         ]
 
     def markdown(self) -> str:
@@ -171,6 +233,25 @@ class Report:
                 f"| {name} | {s.median('rps'):,.0f} | {s.median('cpu_ms_per_request'):.2f} | "
                 f"{s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} |"
                 for name, s in self.throughput.labelled()
+            ),
+            "",
+            f"## Async: the first cursor page (20 rows of {THROUGHPUT_ROWS:,}), "
+            f"{budget.connections} connections",
+            "",
+            "The service's `GET /items/scroll?size=20` async and as it was sync; one async "
+            "handler reading the same rows (Core, rendered as the service's `ItemScroll`) "
+            "under three session managers, each with its defaults (a transaction per "
+            "request: ours commits it, the other two roll it back), and under ours as the "
+            "service configures it (GETs read outside a transaction: no BEGIN, no COMMIT); "
+            "and the floor: the service's SQL on an asyncpg pool, the same JSON made by "
+            "orjson. Same engine settings for all.",
+            "",
+            "| variant | req/s | server CPU ms/req | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {s.median('rps'):,.0f} | {s.median('cpu_ms_per_request'):.2f} | "
+                f"{s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} |"
+                for name, s in self.scroll_load.labelled()
             ),
             "",
             "## Latency, one connection",
@@ -253,13 +334,27 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5))
+        figure = plt.figure(figsize=(16, 10))
+        grid = figure.add_gridspec(2, 3)
+        left, middle, right = (figure.add_subplot(grid[0, n]) for n in range(3))
+        cpu = figure.add_subplot(grid[1, :])
         throughput = self.throughput.labelled()
         left.barh([name for name, _ in throughput], [s.median("rps") for _, s in throughput],
                   color="#4c72b0")
         left.set_xlabel("requests/s (median)")
         left.set_title(f"Throughput, {self.budget.connections} connections")
         left.invert_yaxis()
+        scroll = self.scroll_load.labelled()
+        cpu.barh(
+            [name for name, _ in scroll],
+            [s.median("cpu_ms_per_request") for _, s in scroll],
+            color="#dd8452",
+        )
+        cpu.axvline(1.2, color="black", linestyle=":", label="target, service async: 1.2 ms")
+        cpu.set_xlabel("server CPU ms/request (median)")
+        cpu.set_title(f"First cursor page, {self.budget.connections} connections")
+        cpu.invert_yaxis()
+        cpu.legend()
         pages = list(DEPTHS)
         middle.plot(
             pages,

@@ -64,12 +64,15 @@ def run(url: str, budget: Budget) -> Report:
     }
     try:
         for name, server in servers.items():
-            server.wait_until_answers("/health/live" if name == "service" else "/items")
+            server.wait_until_answers(scenarios.VARIANTS[name])
         throughput = scenarios.throughput(servers, budget)
+        scroll_load = scenarios.scroll_load(servers, budget)
+        raw_checks = scenarios.raw_checks(settings, servers["service"], servers["raw_asyncpg"])
         latency = scenarios.latency(servers, budget)
-        for name in ("ours", "peer", "depends", "constant"):
+        # The service, async and as it was sync, serves the rest.
+        for name in [n for n in servers if n not in ("service", "service_sync")]:
             servers.pop(name).stop()
-        service = servers["service"]
+        service, service_sync = servers["service"], servers["service_sync"]
 
         log("floor: the same SQL through psycopg2")
         floor_page = scenarios.floor(settings, PAGE)
@@ -89,7 +92,7 @@ def run(url: str, budget: Budget) -> Report:
             size[rows] = scenarios.cursor_page_mid_table(engine, service, budget)
 
         # On the largest table of the run.
-        counting = scenarios.count_modes(engine, service, budget)
+        counting = scenarios.count_modes(engine, service, service_sync, budget)
         checks = scenarios.count_checks(engine, service)
         memory = scenarios.memory(service, budget.memory_path)
     finally:
@@ -101,6 +104,8 @@ def run(url: str, budget: Budget) -> Report:
         versions=versions(engine),
         budget=budget,
         throughput=throughput,
+        scroll_load=scroll_load,
+        raw_checks=raw_checks,
         latency=latency,
         floor_page=floor_page,
         floor_scroll=floor_scroll,

@@ -8,20 +8,35 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from importlib.metadata import version
 
 import httpx
 import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from bench.apps import RAW_SCROLL_SQL
 from bench.database import count_rows, scroll_path, statements_of
 from bench.harness import Run, Series, ServerProcess, interleaved, log, wrk
 from service.config import Settings
 
-VARIANTS = ("ours", "peer", "depends", "constant", "service")  # bench/apps.py factories
 PAGE_SIZE = 20
 PAGE = f"/items?size={PAGE_SIZE}"
 SCROLL = f"/items/scroll?size={PAGE_SIZE}"
+# The bench/apps.py factories, each with a path it answers once it is up.
+VARIANTS = {
+    "ours": PAGE,
+    "peer": PAGE,
+    "depends": PAGE,
+    "constant": PAGE,
+    "service": "/health/live",
+    "service_sync": SCROLL,
+    "ours_async": SCROLL,
+    "ours_async_autocommit": SCROLL,
+    "peer_async": SCROLL,
+    "depends_async": SCROLL,
+    "raw_asyncpg": SCROLL,
+}
 THROUGHPUT_ROWS = 10_000  # the table of the throughput and latency scenarios
 DEPTHS = (1, 100, 10_000)  # page numbers
 DEPTH_ROWS = DEPTHS[-1] * PAGE_SIZE  # the depth scenario's table: its deepest page is the last
@@ -90,7 +105,7 @@ class Throughput:
 
 def throughput(servers: Servers, budget: Budget) -> Throughput:
     c, seconds = budget.connections, budget.load_seconds
-    for name in VARIANTS:  # warm-up
+    for name in ("ours", "peer", "depends", "constant", "service"):  # warm-up
         wrk(servers[name], PAGE, c, 1)
     series = interleaved(
         budget.rounds,
@@ -104,6 +119,76 @@ def throughput(servers: Servers, budget: Budget) -> Throughput:
         },
     )
     return Throughput(**series)
+
+
+@dataclass
+class ScrollLoad:
+    """The first keyset page (20 rows of the throughput table) under load: the service's
+    GET /items/scroll sync and async; one async rows handler under three session managers
+    with their defaults, and under ours as the service configures it; and the floor, the
+    service's SQL on a bare asyncpg pool rendered with orjson."""
+
+    service_sync: Series
+    service_async: Series
+    ours: Series
+    peer: Series
+    depends: Series
+    ours_autocommit: Series
+    raw: Series
+
+    def labelled(self) -> list[tuple[str, Series]]:
+        peer = f"fastapi-async-sqlalchemy {version('fastapi-async-sqlalchemy')}"
+        return [
+            ("service GET /items/scroll, sync (before: service.db, ORM)", self.service_sync),
+            ("service GET /items/scroll, async", self.service_async),
+            ("rows handler: ours, service.db.asyncio DBSessionMiddleware", self.ours),
+            (f"rows handler: {peer} SQLAlchemyMiddleware", self.peer),
+            ("rows handler: Depends(get_async_db)", self.depends),
+            ("rows handler: ours, autocommit_methods as the service", self.ours_autocommit),
+            ("raw asyncpg pool + orjson (no SQLAlchemy)", self.raw),
+        ]
+
+
+def scroll_load(servers: Servers, budget: Budget) -> ScrollLoad:
+    c, seconds = budget.connections, budget.load_seconds
+    cases = {  # the names of ScrollLoad's fields, and their servers
+        "service_sync": servers["service_sync"],
+        "service_async": servers["service"],
+        "ours": servers["ours_async"],
+        "peer": servers["peer_async"],
+        "depends": servers["depends_async"],
+        "ours_autocommit": servers["ours_async_autocommit"],
+        "raw": servers["raw_asyncpg"],
+    }
+    for server in cases.values():  # warm-up
+        wrk(server, SCROLL, c, 1)
+    series = interleaved(
+        budget.rounds,
+        {name: lambda s=server: wrk(s, SCROLL, c, seconds) for name, server in cases.items()},
+    )
+    return ScrollLoad(**series)
+
+
+@dataclass
+class RawChecks:
+    """Whether the raw floor serves what the service serves for GET /items/scroll?size=20."""
+
+    same_sql: bool  # its one statement is the one the service's driver receives
+    same_json: bool  # its response body, parsed, equals the service's
+
+    def __str__(self) -> str:
+        def yes(ok: bool) -> str:
+            return "same" if ok else "DIFFERENT"
+
+        return f"SQL {yes(self.same_sql)}, JSON {yes(self.same_json)}"
+
+
+def raw_checks(settings: Settings, service: ServerProcess, raw: ServerProcess) -> RawChecks:
+    sql = [statement.sql for statement in statements_of(settings, SCROLL)]
+    return RawChecks(
+        same_sql=sql == [RAW_SCROLL_SQL],
+        same_json=httpx.get(raw.url(SCROLL)).json() == httpx.get(service.url(SCROLL)).json(),
+    )
 
 
 @dataclass
@@ -208,13 +293,16 @@ def cursor_page_mid_table(engine: Engine, service: ServerProcess, budget: Budget
 
 @dataclass
 class CountModes:
-    """GET /items?size=20 by count mode, with the cursor page to compare, on `rows` rows."""
+    """GET /items?size=20 by count mode, with the cursor page to compare, on `rows` rows;
+    count=estimated and the cursor page also as the service served them sync."""
 
     rows: int
     estimated: Series
     exact: Series
     none: Series
     cursor: Series
+    sync_estimated: Series
+    sync_cursor: Series
 
     def labelled(self) -> list[tuple[str, Series]]:
         return [
@@ -222,10 +310,14 @@ class CountModes:
             ("count=exact", self.exact),
             ("count=none", self.none),
             ("cursor page (/items/scroll)", self.cursor),
+            ("sync (before): count=estimated", self.sync_estimated),
+            ("sync (before): cursor page", self.sync_cursor),
         ]
 
 
-def count_modes(engine: Engine, service: ServerProcess, budget: Budget) -> CountModes:
+def count_modes(
+    engine: Engine, service: ServerProcess, service_sync: ServerProcess, budget: Budget
+) -> CountModes:
     seconds = budget.scan_seconds
     series = interleaved(
         budget.rounds,
@@ -234,6 +326,8 @@ def count_modes(engine: Engine, service: ServerProcess, budget: Budget) -> Count
             "exact": lambda: wrk(service, f"{PAGE}&count=exact", 1, seconds),
             "none": lambda: wrk(service, f"{PAGE}&count=none", 1, seconds),
             "cursor": lambda: wrk(service, SCROLL, 1, seconds),
+            "sync_estimated": lambda: wrk(service_sync, PAGE, 1, seconds),
+            "sync_cursor": lambda: wrk(service_sync, SCROLL, 1, seconds),
         },
     )
     return CountModes(rows=count_rows(engine), **series)
