@@ -29,7 +29,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from service.db.asyncio import db
 from service.items.models import Item
@@ -117,11 +116,9 @@ async def estimated_count(filters: ItemFilters) -> int | None:
 
 class Explain(Executable, ClauseElement):
     """`EXPLAIN (FORMAT JSON) <statement>`, with the statement's parameters bound by the
-    driver like any other query's (PostgreSQL only). Its cache key is the statement's, so
-    SQLAlchemy compiles it once per shape of filters, not on every request."""
+    driver like any other query's (PostgreSQL only)."""
 
-    _traverse_internals = [("statement", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
-    inherit_cache = True
+    inherit_cache = False
 
     def __init__(self, statement: Select[Any]) -> None:
         self.statement = statement
