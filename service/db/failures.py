@@ -61,34 +61,33 @@ def database_unavailable(exc: BaseException) -> bool:
 
 def failure_of_statement(exc: BaseException) -> Failure:
     """What `exc`, raised by a statement of the route (and not handled there), answers."""
-    if isinstance(exc, IntegrityError):
-        return _CONFLICT
-    if isinstance(exc, StaleDataError):
-        return _STALE
-    if database_unavailable(exc):
-        return Failure(
-            503, "The database is not available right now; try again shortly.",
-            RETRY_AFTER_SECONDS,
-        )
-    return Failure(500, "Something went wrong on our side; nothing was stored.")
+    return _classify(exc, unavailable=_UNAVAILABLE, other=_BUG)
 
 
 def failure_of_commit(exc: BaseException) -> Failure:
     """What a COMMIT that raised `exc` answers instead of the route's own status."""
+    return _classify(exc, unavailable=_LOST_DURING_COMMIT, other=_NOT_SAVED)
+
+
+def _classify(exc: BaseException, *, unavailable: Failure, other: Failure) -> Failure:
     if isinstance(exc, IntegrityError):
         return _CONFLICT
     if isinstance(exc, StaleDataError):
         return _STALE
-    if database_unavailable(exc):
-        # The connection broke during COMMIT: whether the server committed is unknown.
-        return Failure(
-            503,
-            "The database became unavailable while saving; the change may not have been "
-            "stored. Check before repeating it.",
-            RETRY_AFTER_SECONDS,
-        )
-    return Failure(500, "The change could not be saved; nothing was stored.")
+    return unavailable if database_unavailable(exc) else other
 
 
 _CONFLICT = Failure(409, "The change conflicts with data already stored; nothing was saved.")
 _STALE = Failure(409, "The record was changed or deleted meanwhile; nothing was saved.")
+_UNAVAILABLE = Failure(
+    503, "The database is not available right now; try again shortly.", RETRY_AFTER_SECONDS
+)
+# The connection broke during COMMIT: whether the server committed is unknown.
+_LOST_DURING_COMMIT = Failure(
+    503,
+    "The database became unavailable while saving; the change may not have been stored. "
+    "Check before repeating it.",
+    RETRY_AFTER_SECONDS,
+)
+_BUG = Failure(500, "Something went wrong on our side; nothing was stored.")
+_NOT_SAVED = Failure(500, "The change could not be saved; nothing was stored.")
