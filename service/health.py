@@ -5,6 +5,7 @@ never waits for a connection slot, so it answers while the database work is satu
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -15,14 +16,23 @@ router = APIRouter(prefix="/health", tags=["health"])
 LIVENESS_PATH = "/health/live"
 
 
-@router.get("/live", summary="The process is up")
-async def live() -> dict[str, str]:
+class Liveness(BaseModel):
+    status: str = "ok"
+
+
+@router.get("/live", name="check_liveness", summary="The process is up")
+async def live() -> Liveness:
     # On the event loop, not the threadpool: the probe answers while every worker thread is
     # busy, as long as the process itself is responsive.
-    return {"status": "ok"}
+    return Liveness()
 
 
-@router.get("/ready", summary="The database answers", responses=problem_responses(503))
+@router.get(
+    "/ready",
+    name="check_readiness",
+    summary="The database answers",
+    responses=problem_responses(503),
+)
 async def ready() -> JSONResponse:
     try:
         await db.session.execute(text("SELECT 1"))

@@ -3,10 +3,15 @@
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from fastapi_pagination import add_pagination
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 
 from service.auth import TokenCheck
 from service.body_limit import BodySizeLimit
@@ -42,11 +47,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await engine.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself
+    # (assets shipped in the fastapi-offline wheel), not from a CDN.
+    app = FastAPIOffline(
+        docs_url=DOCS_URL,
+        redoc_url=REDOC_URL,
         title="Items service",
         version="0.1.0",
         responses=problem_responses(413, 500, 503),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        swagger_ui_parameters={"persistAuthorization": True},
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -80,13 +91,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+DOCS_URL = "/docs"
+REDOC_URL = "/redoc"
+
+
+def operation_id(route: APIRoute) -> str:
+    """The OpenAPI operationId of a route: its name (`list_items`, `get_item`, ...), which
+    client generators turn into method names as they are."""
+    return route.name
 
 
 def sessionless_paths(app: FastAPI) -> set[str]:
     """Paths that never touch the database, so they never wait for a connection slot: the
-    liveness probe and the API docs."""
-    docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
-    return {LIVENESS_PATH, *(path for path in docs if path)}
+    liveness probe, the API docs and the static files they load."""
+    docs = (app.openapi_url, DOCS_URL, app.swagger_ui_oauth2_redirect_url, REDOC_URL)
+    return {LIVENESS_PATH, *(path for path in docs if path), *static_file_paths(app)}
+
+
+def static_file_paths(app: FastAPI) -> set[str]:
+    """The URL path of every file served by a `StaticFiles` mount of `app`."""
+    paths = set()
+    for route in app.routes:
+        if isinstance(route, Mount) and isinstance(route.app, StaticFiles):
+            for directory in route.app.all_directories:
+                root = Path(directory)
+                paths |= {
+                    f"{route.path}/{file.relative_to(root).as_posix()}"
+                    for file in root.rglob("*")
+                    if file.is_file()
+                }
+    return paths
 
 
 def __getattr__(name: str) -> FastAPI:

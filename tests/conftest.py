@@ -7,17 +7,21 @@ available too.
 """
 
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from alembic import command
 from alembic.config import Config
 from fastapi import FastAPI
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
+from bench.harness import free_port
 from service.config import Settings
 from service.db import create_engine
 from service.main import create_app
@@ -115,3 +119,22 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     ) as client:
         yield client
     await app.state.engine.dispose()  # what the app's lifespan does (not run by ASGITransport)
+
+
+@pytest.fixture
+def live_url(app: FastAPI) -> Iterator[str]:
+    """The test app served by uvicorn over real TCP on a loopback port (in a thread of
+    this process), for clients that are not Python: a browser, a generated client."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)

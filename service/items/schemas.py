@@ -22,9 +22,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StringConstraints,
     field_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 CENT = Decimal("0.01")
 
@@ -210,6 +213,17 @@ class ItemSort(StrEnum):
     price_desc = "-price"
     created_at_asc = "created_at"
     created_at_desc = "-created_at"
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # Client generators name enum members after the values; `-id` would become `VALUE_1`.
+        # x-enum-varnames gives them readable names: ID_ASC, ID_DESC, ...
+        schema = handler(core_schema)
+        schema = handler.resolve_ref_schema(schema)
+        schema["x-enum-varnames"] = [member.name.upper() for member in cls]
+        return schema
 
     @property
     def field(self) -> str:

@@ -72,7 +72,13 @@ async def timed_get(client: httpx.AsyncClient, path: str) -> tuple[httpx.Respons
     return response, time.perf_counter() - started
 
 
-@pytest.mark.parametrize("path", ["/health/live", "/openapi.json", "/docs", "/redoc"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health/live", "/openapi.json", "/docs", "/redoc",
+        "/static-offline-docs/swagger-ui-bundle.js", "/static-offline-docs/redoc.standalone.js",
+    ],
+)
 async def test_probe_and_docs_answer_at_once_while_every_slot_is_held(
     busy_service: tuple[httpx.AsyncClient, Holder], path: str
 ) -> None:

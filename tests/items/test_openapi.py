@@ -71,3 +71,43 @@ async def test_patch_documents_the_if_match_header(openapi: dict[str, Any]) -> N
     parameters = openapi["paths"]["/items/{item_id}"]["patch"]["parameters"]
 
     assert any(p["name"] == "If-Match" and p["in"] == "header" for p in parameters)
+
+
+async def test_operation_ids_name_what_each_operation_does(openapi: dict[str, Any]) -> None:
+    ids = {
+        (path, method): operation["operationId"]
+        for path, methods in openapi["paths"].items()
+        if path.startswith("/items")
+        for method, operation in methods.items()
+    }
+
+    assert ids == {
+        ("/items", "get"): "list_items",
+        ("/items", "post"): "create_item",
+        ("/items/scroll", "get"): "scroll_items",
+        ("/items/{item_id}", "get"): "get_item",
+        ("/items/{item_id}", "patch"): "update_item",
+        ("/items/{item_id}", "delete"): "delete_item",
+    }
+
+
+async def test_sort_values_carry_readable_enum_names(openapi: dict[str, Any]) -> None:
+    sort = openapi["components"]["schemas"]["ItemSort"]
+
+    assert dict(zip(sort["enum"], sort["x-enum-varnames"], strict=True)) == {
+        "id": "ID_ASC", "-id": "ID_DESC", "name": "NAME_ASC", "-name": "NAME_DESC",
+        "price": "PRICE_ASC", "-price": "PRICE_DESC",
+        "created_at": "CREATED_AT_ASC", "-created_at": "CREATED_AT_DESC",
+    }
+
+
+async def test_writes_declare_the_bearer_scheme(openapi: dict[str, Any]) -> None:
+    schemes = openapi["components"]["securitySchemes"]
+    assert {scheme["type"] for scheme in schemes.values()} == {"http"}
+    assert {scheme["scheme"] for scheme in schemes.values()} == {"bearer"}
+
+    for path, method in (("/items", "post"), ("/items/{item_id}", "patch"),
+                         ("/items/{item_id}", "delete")):
+        security = openapi["paths"][path][method]["security"]
+        assert {name for requirement in security for name in requirement} <= set(schemes)
+        assert security
