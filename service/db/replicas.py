@@ -124,6 +124,7 @@ class Replicas:
         self.connect_timeout = connect_timeout
         self.primary = PrimaryState(_name(self.primary_engine.url))
         self.replicas = [ReplicaState(_name(_sync(e).url), _sync(e)) for e in replicas]
+        self.engines = list(replicas)  # as given: the owner disposes of them
         self._round_robin = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

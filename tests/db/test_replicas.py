@@ -175,7 +175,10 @@ async def test_a_token_is_served_by_the_replica_once_it_has_replayed_it(
 
 @pytest.mark.parametrize(
     "token",
-    ["garbage", "0/16B3D48", "1a2b.AAAAAAAAAAAAAAAAAAAAAA", "", "ff" * 20 + ".x", "1.ä".encode("latin-1")],
+    [
+        "garbage", "0/16B3D48", "1a2b.AAAAAAAAAAAAAAAAAAAAAA", "", "ff" * 20 + ".x",
+        "1.ä".encode("latin-1"),
+    ],
 )
 async def test_a_malformed_or_forged_token_is_a_400_problem(
     routed: Routed, token: str | bytes
