@@ -30,13 +30,15 @@ test-sqlite: venv
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  DATABASE_URL="sqlite:///$$tmp/test.db" $(BIN)/pytest
 
+# A throwaway primary, its streaming hot standby and PgBouncer in front (the read-replica and
+# PgBouncer tests need them; tests/standby.py).
 # On an existing server: make test-postgres TEST_POSTGRES_URL=postgresql+psycopg2://u:p@host/db
 test-postgres: venv
 	@echo "==> pytest on PostgreSQL"
 	@if [ -n "$$TEST_POSTGRES_URL" ]; then \
 	  DATABASE_URL="$$TEST_POSTGRES_URL" $(BIN)/pytest; \
 	else \
-	  PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh pytest; status=$$?; \
+	  PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh --replica --pgbouncer pytest; status=$$?; \
 	  if [ $$status = 3 ]; then \
 	    echo ""; \
 	    echo "!!!!! PostgreSQL pass SKIPPED: no PostgreSQL server installed. Install it with"; \

@@ -12,7 +12,8 @@
 # --replica also starts a streaming hot standby of that server (pg_basebackup -R; about half a
 # second) and exports TEST_REPLICA_URL, TEST_REPLICA_DATADIR and TEST_REPLICA_LOG (stop and start
 # it like the primary). --pgbouncer also starts PgBouncer in transaction pooling mode in front of
-# the primary and exports TEST_PGBOUNCER_URL; without a pgbouncer binary it prints a warning and
+# the primary and exports TEST_PGBOUNCER_URL (and TEST_PGBOUNCER_SMALL_POOL_URL: the same database
+# through only 2 server connections, so that clients must share them); without a pgbouncer binary it prints a warning and
 # exports nothing (tests needing it skip, or fail under REQUIRE_PGBOUNCER=1).
 # Exit status: the command's; 3 if no PostgreSQL server binaries are installed.
 set -euo pipefail
@@ -124,6 +125,8 @@ if [ "$with_pgbouncer" = 1 ]; then
     cat >"$dir/pgbouncer.ini" <<EOF
 [databases]
 service = host=127.0.0.1 port=$port dbname=service
+; the same database through 2 server connections: clients must share them
+service_small = host=127.0.0.1 port=$port dbname=service pool_size=2
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $bouncer_port
@@ -141,6 +144,7 @@ EOF
     as_owner "$pgbouncer" -d "$dir/pgbouncer.ini" >/dev/null 2>&1 \
       || { cat "$dir/pgbouncer.log" >&2 || true; exit 1; }
     export TEST_PGBOUNCER_URL="postgresql+psycopg2://postgres@127.0.0.1:$bouncer_port/service"
+    export TEST_PGBOUNCER_SMALL_POOL_URL="postgresql+psycopg2://postgres@127.0.0.1:$bouncer_port/service_small"
     echo "with-postgres: PgBouncer $("$pgbouncer" --version | head -n 1 | awk '{print $2}') (transaction pooling) on 127.0.0.1:$bouncer_port"
   fi
 fi
