@@ -113,9 +113,7 @@ def read_replicas(settings: Settings, primary: AsyncEngine) -> Replicas | None:
     if not settings.database_replica_urls:
         return None
     engines = [
-        create_async_engine(url, **settings.replica_engine_args()).execution_options(
-            isolation_level="AUTOCOMMIT"
-        )
+        create_async_engine(url, isolation_level="AUTOCOMMIT", **settings.replica_engine_args())
         for url in settings.async_replica_urls()
     ]
     return Replicas(

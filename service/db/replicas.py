@@ -93,9 +93,11 @@ class Replicas:
     """The replicas of one primary: which one a read may use, and their health.
 
     `primary` and `replicas` are engines of the app's mode (sync `Engine`s, or
-    `AsyncEngine`s); sessions read from the replica engines as given (make them
-    autocommit with `execution_options(isolation_level="AUTOCOMMIT")` to save a replica
-    read its BEGIN and COMMIT). Polling starts with the first `choose` or `start()`;
+    `AsyncEngine`s); sessions read from the replica engines as given. Create them with
+    `isolation_level="AUTOCOMMIT"` to save each replica read its BEGIN and COMMIT (at
+    engine creation, not through `execution_options`: a connection switched per checkout
+    is switched back at checkin, which fails - and fails the request - when the replica
+    died meanwhile). Polling starts with the first `choose` or `start()`;
     `close()` stops it. Give `session_args()` to the sessionmaker (the middleware's
     `session_args=`) to route.
 
