@@ -172,8 +172,13 @@ async def test_a_token_is_served_by_the_replica_once_it_has_replayed_it(
     routed: Routed, standby: Standby, engine: Engine
 ) -> None:
     created = await routed.client.post("/items/caught-up")
-    standby.catch_up(engine)
-    time.sleep(0.3)  # a few polls of the replica's position
+    position = int(created.headers[HEADER].split(".")[0], 16)
+    deadline = time.monotonic() + 10
+    # Until the poller has seen the standby replay the commit (with synchronous_commit off
+    # the commit record may reach the standby a WAL-writer round later).
+    while (routed.replicas.replicas[0].position or 0) < position:
+        assert time.monotonic() < deadline, "the standby did not replay the commit"
+        await anyio.sleep(0.05)
     read = await routed.client.get(
         f"/items/{created.json()['id']}", headers={HEADER: created.headers[HEADER]}
     )
