@@ -262,3 +262,17 @@ def test_cursors_and_consistency_tokens_work_across_two_workers(
     # cursors and tokens made by one were honoured by the other.
     used = [cpu_seconds(pid) - before for pid, before in zip(workers, cpu_before, strict=True)]
     assert min(used) > 0.1 * max(used), f"CPU seconds per worker: {used}"
+
+
+def test_replicas_need_postgresql_urls(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}",
+                 database_replica_urls="postgresql://replica/service")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="postgresql"):
+        Settings(database_url="postgresql://primary/service",
+                 database_replica_urls="sqlite:///replica.db")  # type: ignore[arg-type]
+    settings = Settings(database_url="postgresql://primary/service",
+                        database_replica_urls=" postgresql://r1/service, postgresql://r2/service")  # type: ignore[arg-type]
+    assert settings.async_replica_urls() == [
+        "postgresql+asyncpg://r1/service", "postgresql+asyncpg://r2/service"
+    ]

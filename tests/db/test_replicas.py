@@ -276,3 +276,32 @@ async def test_sqlite_and_a_single_server_get_no_token(mode: Mode) -> None:
         response = await client.post("/items/plain")
     assert response.status_code == 200
     assert HEADER not in response.headers
+
+
+async def test_a_replica_further_behind_than_max_lag_is_skipped_until_it_catches_up(
+    mode: Mode, standby: Standby, engine: Engine
+) -> None:
+    if mode.name == "sync":
+        replica_engine: Any = create_engine(standby.url, isolation_level="AUTOCOMMIT")
+    else:
+        replica_engine = create_async_engine(async_url(standby.url), isolation_level="AUTOCOMMIT")
+    replicas = Replicas(mode.engine, [replica_engine], max_lag=1.0, poll_interval=0.1)
+    assert replicas.wait_until_polled()
+    try:
+        async with client_for(routed_app(mode, replicas)) as client:
+            assert (await client.get("/server")).json() == {"standby": True}
+            standby.pause_replay()
+            await client.post("/items/makes-wal")  # WAL the paused standby will lack
+            deadline = time.monotonic() + 3
+            while (await client.get("/server")).json()["standby"]:
+                assert time.monotonic() < deadline, "a replica 1 s behind was still read from"
+                await anyio.sleep(0.05)
+            assert replicas.status()["replicas"][0]["state"] == "lagging"
+            standby.resume_replay()
+            deadline = time.monotonic() + 5
+            while not (await client.get("/server")).json()["standby"]:
+                assert time.monotonic() < deadline, "the caught-up replica was not used again"
+                await anyio.sleep(0.05)
+    finally:
+        replicas.close()
+        await mode.dispose(replica_engine)
