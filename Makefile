@@ -30,13 +30,15 @@ test-sqlite: venv
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  DATABASE_URL="sqlite:///$$tmp/test.db" $(BIN)/pytest
 
+# A throwaway primary, its streaming hot standby and PgBouncer in front (the read-replica and
+# PgBouncer tests need them; tests/standby.py).
 # On an existing server: make test-postgres TEST_POSTGRES_URL=postgresql+psycopg2://u:p@host/db
 test-postgres: venv
 	@echo "==> pytest on PostgreSQL"
 	@if [ -n "$$TEST_POSTGRES_URL" ]; then \
 	  DATABASE_URL="$$TEST_POSTGRES_URL" $(BIN)/pytest; \
 	else \
-	  PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh pytest; status=$$?; \
+	  PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh --replica --pgbouncer pytest; status=$$?; \
 	  if [ $$status = 3 ]; then \
 	    echo ""; \
 	    echo "!!!!! PostgreSQL pass SKIPPED: no PostgreSQL server installed. Install it with"; \
@@ -56,14 +58,16 @@ test-faults: venv
 	@if [ -n "$$TEST_POSTGRES_URL" ]; then DATABASE_URL="$$TEST_POSTGRES_URL" $(BIN)/pytest -m slow; \
 	else PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh pytest -m slow; fi
 
-# make bench (a few minutes) | make bench FULL=1 (adds 1M rows): writes bench/RESULTS.md
+# make bench (a few minutes) | make bench FULL=1 (adds 1M rows): writes bench/RESULTS.md, then
+# the scale section (workers, a read replica) bench/SCALE.md
 bench: venv
 	@$(BIN)/python -c "import matplotlib, orjson, fastapi_async_sqlalchemy" 2>/dev/null \
 	  || $(BIN)/python -m pip install -q -e '.[dev,bench]'
 	@for tool in wrk; do command -v $$tool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
-	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python -m bench.run $(if $(FULL),--full)
+	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh --replica \
+	  sh -c 'python -m bench.run $(if $(FULL),--full) && python -m bench.scale'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -78,10 +78,18 @@ def migrate(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Serve the app with uvicorn."""
+    """Serve the app with uvicorn: --workers N (default WEB_CONCURRENCY, else 1) processes."""
     import uvicorn
 
     settings = load_settings()
+    workers = args.workers if args.workers is not None else web_concurrency()
+    if workers > 1 and "cursor_secret" not in settings.model_fields_set:
+        raise CommandError(
+            f"{workers} workers need one CURSOR_SECRET: without it each worker makes up its "
+            "own, and a scroll cursor (or a consistency token) from one worker is refused by "
+            "the next. Set it (environment or .env), the same on every instance, e.g.:\n"
+            "    CURSOR_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     check_database(settings)
     if not settings.api_token_list():
         token = development_token()
@@ -92,15 +100,32 @@ def serve(args: argparse.Namespace) -> None:
             "Set API_TOKENS (environment or .env) to choose your own.",
             flush=True,
         )
-    print(f"Serving on http://{args.host}:{args.port} - API docs at http://{args.host}:{args.port}/docs")
+    print(
+        f"Serving on http://{args.host}:{args.port} with {workers} worker"
+        f"{'s' if workers > 1 else ''} - API docs at http://{args.host}:{args.port}/docs",
+        flush=True,
+    )
     uvicorn.run(
         "service.main:app",
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        workers=workers,
         access_log=not args.no_access_log,
         log_level=settings.log_level.lower(),
     )
+
+
+def web_concurrency() -> int:
+    """WEB_CONCURRENCY (the variable Heroku, gunicorn and uvicorn read), else 1."""
+    value = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if not value:
+        return 1
+    try:
+        return _positive(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise CommandError(
+            f"WEB_CONCURRENCY={value!r}: expected a number of worker processes, at least 1"
+        ) from None
 
 
 def development_token() -> str:
@@ -162,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help=serve.__doc__)
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--workers", type=int, default=1)
+    serve_parser.add_argument(
+        "--workers", type=_positive, default=None, metavar="N",
+        help="worker processes (default: WEB_CONCURRENCY, else 1); more than 1 needs "
+        "CURSOR_SECRET",
+    )
     serve_parser.add_argument("--no-access-log", action="store_true")
     serve_parser.set_defaults(handler=serve)
 

@@ -1,6 +1,7 @@
 """Every setting of the service, read from the environment and `.env`."""
 
 import secrets
+import uuid
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -33,6 +34,31 @@ class Settings(BaseSettings):
         None,
         description="SQLAlchemy URL the requests use (async driver); default: DATABASE_URL "
         "with its backend's async driver (postgresql+asyncpg, sqlite+aiosqlite).",
+    )
+    database_replica_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Streaming read replicas of DATABASE_URL's server, comma-separated "
+        "SQLAlchemy URLs (any PostgreSQL driver; each mode uses its own); empty = none. "
+        "GET, HEAD and OPTIONS requests read from them, other requests use the primary, and "
+        "responses to requests that wrote carry X-Consistency-Token (see Scaling out).",
+    )
+    replica_max_lag: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a replica may be behind the primary and still serve reads; "
+        "one further behind, or not answering, is skipped until it catches up.",
+    )
+    replica_poll_interval: float = Field(
+        0.5,
+        gt=0,
+        description="Seconds between two polls of each server's WAL position (a background "
+        "thread per server, never per request).",
+    )
+    database_pgbouncer: bool = Field(
+        False,
+        description="DATABASE_URL points at PgBouncer in transaction pooling mode: asyncpg "
+        "then uses no prepared-statement cache and unique statement names, and reads run in "
+        "transactions (statements outside one may land on different server connections).",
     )
     db_pool_size: int = Field(
         20,
@@ -92,14 +118,36 @@ class Settings(BaseSettings):
     def _parsable_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        try:
-            make_url(value)
-        except ArgumentError:
-            raise ValueError(
-                "not a valid SQLAlchemy URL; expected e.g. 'sqlite:///./service.db' or "
-                "'postgresql+psycopg2://user:password@localhost:5432/service'"
-            ) from None
+        _check_url(value)
         return value
+
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _replica_urls(cls, value: Any) -> Any:
+        urls = _split(value) if isinstance(value, str) else value
+        for url in urls if isinstance(urls, list) else ():
+            _check_url(url)
+            if make_url(url).get_backend_name() != "postgresql":
+                raise ValueError("read replicas are PostgreSQL streaming replicas: each URL "
+                                 "must be a postgresql:// URL")
+        return urls
+
+    @model_validator(mode="after")
+    def _replicas_of_postgresql(self) -> "Settings":
+        if self.database_replica_urls and make_url(self.database_url).get_backend_name() != (
+            "postgresql"
+        ):
+            raise ValueError("DATABASE_REPLICA_URLS needs a PostgreSQL DATABASE_URL")
+        return self
+
+    def async_replica_urls(self) -> list[str]:
+        """DATABASE_REPLICA_URLS with the async driver the requests use (asyncpg)."""
+        return [
+            make_url(url).set(drivername=ASYNC_DRIVERS["postgresql"]).render_as_string(
+                hide_password=False
+            )
+            for url in self.database_replica_urls
+        ]
 
     @model_validator(mode="after")
     def _both_modes_reachable(self) -> "Settings":
@@ -174,6 +222,12 @@ class Settings(BaseSettings):
         """Keyword arguments for `service.db.asyncio.create_async_engine`."""
         return {**self._pool_args(), **self._connect_args(self.async_database_url())}
 
+    def replica_engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for each replica's async engine: the primary's pool sizes (a
+        request holds at most one replica connection), connected directly (not through
+        PgBouncer, which sits in front of the primary)."""
+        return {**self._pool_args(), "connect_args": {"timeout": self.db_connect_timeout}}
+
     def _pool_args(self) -> dict[str, Any]:
         return {
             "echo": self.db_echo,
@@ -184,13 +238,37 @@ class Settings(BaseSettings):
         }
 
     def _connect_args(self, url: str) -> dict[str, Any]:
-        """The connect timeout, in the words of each PostgreSQL driver."""
+        """The connect timeout, in the words of each PostgreSQL driver; for asyncpg behind
+        PgBouncer (transaction pooling, 1.18 has no prepared statements), no statement
+        cache and a unique name per prepared statement (SQLAlchemy's asyncpg dialect docs,
+        "Prepared Statement Name with PGBouncer")."""
         driver = make_url(url).drivername
         if driver == "postgresql+asyncpg":
-            return {"connect_args": {"timeout": self.db_connect_timeout}}
+            args: dict[str, Any] = {"timeout": self.db_connect_timeout}
+            if self.database_pgbouncer:
+                args.update(
+                    statement_cache_size=0,
+                    prepared_statement_cache_size=0,
+                    prepared_statement_name_func=_unique_statement_name,
+                )
+            return {"connect_args": args}
         if make_url(url).get_backend_name() == "postgresql":
             return {"connect_args": {"connect_timeout": self.db_connect_timeout}}
         return {}
+
+
+def _check_url(value: str) -> None:
+    try:
+        make_url(value)
+    except ArgumentError:
+        raise ValueError(
+            "not a valid SQLAlchemy URL; expected e.g. 'sqlite:///./service.db' or "
+            "'postgresql+psycopg2://user:password@localhost:5432/service'"
+        ) from None
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4()}__"
 
 
 def _split(value: str) -> list[str]:

@@ -1,15 +1,22 @@
 """Liveness and readiness probes.
 
 The liveness probe is one of the app's `sessionless_paths`: it gets no database session and
-never waits for a connection slot, so it answers while the database work is saturated."""
+never waits for a connection slot, so it answers while the database work is saturated.
 
-from fastapi import APIRouter
+The readiness probe asks the primary (`SELECT 1`); with read replicas it also reports each
+replica as the background poller last saw it. A replica down or lagging makes the service
+`degraded` (reads fall back to the primary), still ready: 200. The primary down is 503."""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.db.asyncio import db
+from service.db.replicas import Replicas
 from service.problems import problem_response, problem_responses
 
 router = APIRouter(prefix="/health", tags=["health"])
@@ -31,11 +38,25 @@ async def live() -> Liveness:
     "/ready",
     name="check_readiness",
     summary="The database answers",
+    description="200 `{\"status\": \"ok\"}` when the primary answers. With read replicas "
+    "also `primary` and `replicas` (each `ok`, `lagging` or `down`, with its lag in "
+    "seconds); any replica not `ok` makes the status `degraded` - reads use the primary "
+    "meanwhile - but the service stays ready. 503 when the primary does not answer.",
     responses=problem_responses(503),
 )
-async def ready() -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     try:
-        await db.session.execute(text("SELECT 1"))
+        with db.primary():
+            await db.session.execute(text("SELECT 1"))
     except SQLAlchemyError:
         return problem_response(503, "The database is not reachable.")
-    return JSONResponse({"status": "ok"})
+    replicas: Replicas | None = request.app.state.replicas
+    if replicas is None:
+        return JSONResponse({"status": "ok"})
+    status = replicas.status()
+    body: dict[str, Any] = {
+        "status": "ok" if all(r["state"] == "ok" for r in status["replicas"]) else "degraded",
+        "primary": "ok",
+        "replicas": status["replicas"],
+    }
+    return JSONResponse(body)

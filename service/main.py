@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from fastapi_pagination import add_pagination
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
@@ -19,10 +20,18 @@ from service.config import Settings, get_settings
 from service.db import db
 from service.db.asyncio import DBSessionMiddleware, create_async_engine
 from service.db.asyncio import db as async_db
+from service.db.consistency import HEADER as CONSISTENCY_HEADER
+from service.db.consistency import ConsistencyMiddleware, ConsistencyTokens
+from service.db.replicas import Replicas
 from service.health import LIVENESS_PATH
 from service.health import router as health_router
 from service.items.router import router as items_router
-from service.problems import failure_problem, install_problem_handlers, problem_responses
+from service.problems import (
+    failure_problem,
+    install_problem_handlers,
+    problem_response,
+    problem_responses,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,12 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(level=settings.log_level)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     engine = create_async_engine(settings.async_database_url(), **settings.async_engine_args())
-    async_db.configure(engine)
+    replicas = read_replicas(settings, engine)
+    async_db.configure(engine, session_args=replicas.session_args() if replicas else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await engine.dispose()
+        await close_engines(app)
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself
     # (assets shipped in the fastapi-offline wheel), not from a CDN.
@@ -60,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True},
     )
     app.state.engine = engine
+    app.state.replicas = replicas
     app.state.settings = settings
     app.state.token_check = token_check
     # The last added runs first: CORS, then the body limit, then the database session - so
@@ -67,12 +78,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
+        session_args=replicas.session_args() if replicas else None,
         server_timing=settings.db_server_timing,
         sessionless_paths=sessionless_paths(app),
-        # Safe methods only read: no BEGIN/COMMIT round trips for them (PostgreSQL).
-        autocommit_methods=SAFE_METHODS,
+        # Safe methods only read: no BEGIN/COMMIT round trips for them (PostgreSQL). Not
+        # through PgBouncer: outside a transaction, asyncpg's prepare and execute could land
+        # on two different server connections.
+        autocommit_methods=() if settings.database_pgbouncer else SAFE_METHODS,
         error_response=failure_problem,
     )
+    if replicas is not None:
+        # Outside the session middleware: it commits before the response starts, so the
+        # commit's WAL position is known when this one adds the token.
+        app.add_middleware(
+            ConsistencyMiddleware,
+            tokens=ConsistencyTokens(settings.cursor_secret.get_secret_value().encode()),
+            read_methods=SAFE_METHODS,
+            invalid_token_response=lambda reason: problem_response(400, reason),
+        )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -80,8 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "X-Request-ID"],
-            expose_headers=["ETag", "Location", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "X-Request-ID",
+                           CONSISTENCY_HEADER],
+            expose_headers=["ETag", "Location", "Retry-After", CONSISTENCY_HEADER],
         )
     install_problem_handlers(app)
     app.include_router(health_router)
@@ -99,6 +123,37 @@ def operation_id(route: APIRoute) -> str:
     """The OpenAPI operationId of a route: its name (`list_items`, `get_item`, ...), which
     client generators turn into method names as they are."""
     return route.name
+
+
+def read_replicas(settings: Settings, primary: AsyncEngine) -> Replicas | None:
+    """The settings' read replicas of `primary` (None without DATABASE_REPLICA_URLS): an
+    async engine each, autocommit (a replica read needs no BEGIN and COMMIT), and their
+    poller."""
+    if not settings.database_replica_urls:
+        return None
+    engines = [
+        create_async_engine(url, isolation_level="AUTOCOMMIT", **settings.replica_engine_args())
+        for url in settings.async_replica_urls()
+    ]
+    return Replicas(
+        primary,
+        engines,
+        max_lag=settings.replica_max_lag,
+        poll_interval=settings.replica_poll_interval,
+        connect_timeout=settings.db_connect_timeout,
+        transaction_pooled=settings.database_pgbouncer,
+    )
+
+
+async def close_engines(app: FastAPI) -> None:
+    """What the app's lifespan does at shutdown: stop the replica poller, close every pool."""
+    replicas: Replicas | None = app.state.replicas
+    if replicas is not None:
+        replicas.close()
+        for replica_engine in replicas.engines:
+            assert isinstance(replica_engine, AsyncEngine)
+            await replica_engine.dispose()
+    await app.state.engine.dispose()
 
 
 def sessionless_paths(app: FastAPI) -> set[str]:

@@ -26,6 +26,9 @@ from service.config import Settings
 from service.db import create_engine
 from service.main import create_app
 
+# The standby and PgBouncer of scripts/with-postgres.sh --replica --pgbouncer.
+pytest_plugins = ["tests.standby"]
+
 ROOT = Path(__file__).resolve().parent.parent
 # The API token of the test apps; `client` sends it, so tests/items/* can write.
 TEST_TOKEN = "test-token-0123456789abcdef"

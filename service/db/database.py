@@ -12,7 +12,7 @@ joining an open unit, the errors outside one) and are shared with the async twin
 """
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.accounting import QueryStats, current_stats, instrument
 from service.db.engine import create_engine
+from service.db.routing import primary, replica
 from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
 from service.db.unit_of_work import CommitHook, UnitOfWork, UnitOfWorkBase
 
@@ -86,6 +87,18 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         if unit is None:
             raise MissingSessionError(self.name)
         unit.on_commit(hook)
+
+    def primary(self) -> AbstractContextManager[None]:
+        """`with db.primary():` - the statements of the block run on the primary, in a
+        session that routes reads to replicas (`service.db.routing`); a no-op without
+        replicas."""
+        return primary()
+
+    def replica(self) -> AbstractContextManager[None]:
+        """`with db.replica():` - the reads of the block run on a replica if one is usable
+        and fresh enough for the request (else on the primary), even in a request that may
+        write; once the request has written, the primary. A no-op without replicas."""
+        return replica()
 
     # -- used by the middleware, the blocks and the test plugin ---------------------------
 

@@ -1,0 +1,214 @@
+"""`RoutingSession`: which server each statement of a request runs on - a read replica or the
+primary - decided in `Session.get_bind()`, SQLAlchemy's documented hook, so one class serves
+both modes (an `AsyncSession` runs it as its `sync_session_class`).
+
+The rules, per request (`Route`, set by `ConsistencyMiddleware` for each HTTP request):
+
+- a request whose method only reads (GET, HEAD, OPTIONS) reads from a replica; every other
+  request, and everything outside requests (`with db():` in scripts), uses the primary;
+- a statement that writes (INSERT, UPDATE, DELETE, a flush) or locks (`with_for_update`) runs
+  on the primary, and so does every later statement of that request: it reads its own writes;
+- a request that sent a consistency token reads only from a replica that has replayed that
+  position (`Replicas.choose`), else from the primary;
+- a request keeps the replica it was given, so its reads never go back in time;
+- a replica read that fails because the replica is unavailable (stopped, connection lost)
+  marks the replica down and runs again on the primary, once: the client never sees it;
+- `with primary():` / `with replica():` (also `db.primary()` / `db.replica()`) choose
+  explicitly for the statements inside; after a write the request stays on the primary.
+
+A session without `replicas` (no replicas configured) routes nothing: every statement goes
+to its bind, as before. A session bound to a connection (test isolation) routes nothing.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.selectable import Select
+
+from service.db.failures import database_unavailable
+from service.db.replicas import Replicas, ReplicaState
+
+Choice = Literal["primary", "replica"]
+
+
+class Route:
+    """Where one request reads, and what it has done so far."""
+
+    __slots__ = ("commit_position", "min_position", "on_primary", "reads_from_replica",
+                 "replica")
+
+    def __init__(self, reads_from_replica: bool, min_position: int = 0) -> None:
+        self.reads_from_replica = reads_from_replica
+        self.min_position = min_position  # from the client's consistency token
+        self.on_primary = False  # wrote, locked, or a replica failed: primary from now on
+        self.replica: ReplicaState | None = None  # the replica this request reads from
+        # The primary's WAL position after this request's last COMMIT that wrote.
+        self.commit_position: int | None = None
+
+
+_route: ContextVar[Route | None] = ContextVar("service_db_route", default=None)
+_choice: ContextVar[Choice | None] = ContextVar("service_db_route_choice", default=None)
+
+
+def current_route() -> Route | None:
+    """The route of the request being served in this context, if any."""
+    return _route.get()
+
+
+@contextmanager
+def routed(route: Route) -> Iterator[Route]:
+    """Make `route` the current request's route for the block (the middleware's job)."""
+    token = _route.set(route)
+    try:
+        yield route
+    finally:
+        _route.reset(token)
+
+
+@contextmanager
+def primary() -> Iterator[None]:
+    """Run the statements of the block on the primary (a read that must be fresh, a check
+    before a write)."""
+    token = _choice.set("primary")
+    try:
+        yield
+    finally:
+        _choice.reset(token)
+
+
+@contextmanager
+def replica() -> Iterator[None]:
+    """Run the reads of the block on a replica, even in a request that may write (reports,
+    exports). Still the primary once the request has written, when no replica is usable, or
+    when the request's consistency token asks for more than any replica has."""
+    token = _choice.set("replica")
+    try:
+        yield
+    finally:
+        _choice.reset(token)
+
+
+class RoutingSession(Session):
+    """A `Session` that sends reads to `replicas` as the module docstring says.
+
+    Make one with `sessionmaker(class_=RoutingSession, replicas=...)`, or
+    `async_sessionmaker(sync_session_class=RoutingSession, replicas=...)` - which is what
+    `Replicas.session_args()` returns.
+    """
+
+    def __init__(self, *args: Any, replicas: Replicas | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replicas = replicas
+        self._reading_from: ReplicaState | None = None  # the replica of the last statement
+        # The primary engine with a transaction of ours, whose COMMIT earns a token.
+        self._primary_in_transaction: Engine | None = None
+        self._written = False  # wrote or locked since the last COMMIT/ROLLBACK
+
+    def get_bind(self, mapper: Any = None, *, clause: Any = None, **kwargs: Any) -> Any:
+        """The primary or a replica engine for this statement (see the module docstring);
+        a bind given explicitly (`bind_arguments={"bind": ...}`) is used as it is."""
+        bind = super().get_bind(mapper, clause=clause, **kwargs)
+        self._reading_from = None
+        if self.replicas is None or isinstance(bind, Connection) or kwargs.get("bind"):
+            return bind
+        route = _route.get()
+        if self._flushing or _writes_or_locks(clause):
+            self._written = True
+            if route is not None:
+                route.on_primary = True
+            return self._on_primary(bind)
+        choice = _choice.get()
+        on_primary = route.on_primary if route is not None else self._written
+        wants_replica = choice == "replica" or (
+            choice is None and route is not None and route.reads_from_replica
+        )
+        if on_primary or not wants_replica:
+            return self._on_primary(bind)
+        chosen = self._replica_for(route)
+        if chosen is None:
+            return self._on_primary(bind)
+        self._reading_from = chosen
+        return chosen.engine
+
+    def _replica_for(self, route: Route | None) -> ReplicaState | None:
+        assert self.replicas is not None
+        if route is None:
+            return self.replicas.choose()
+        if route.replica is None or not route.replica.up:
+            route.replica = self.replicas.choose(route.min_position)
+        return route.replica
+
+    def _on_primary(self, bind: Engine) -> Engine:
+        if bind.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            self._primary_in_transaction = bind
+        return bind
+
+    def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
+        # Every execution of the Session (execute, scalars, get, ...) passes here: a replica
+        # that broke under a read is retried on the primary, once, before anyone sees it.
+        try:
+            return super()._execute_internal(*args, **kwargs)
+        except DBAPIError as exc:
+            failed = self._reading_from
+            if (
+                failed is None
+                or self.replicas is None
+                or self._primary_in_transaction is not None  # work a rollback would lose
+                or not database_unavailable(exc)
+            ):
+                raise
+            self.replicas.mark_down(failed, _reason(exc))
+            route = _route.get()
+            if route is not None:
+                route.on_primary = True
+                route.replica = None
+            # The broken connection must leave the session; it only ever read, so nothing
+            # is lost (objects loaded before are expired, as by any rollback).
+            self.rollback()
+            with primary():
+                return super()._execute_internal(*args, **kwargs)
+
+
+@event.listens_for(RoutingSession, "after_commit")
+def _note_commit_position(session: Session) -> None:
+    """After a COMMIT on the primary, note the primary's WAL position on the request's
+    route: its response carries it as a consistency token. Read on the connection that
+    committed, before the session gives it back (a second connection could wait for a
+    pool slot that this very request holds)."""
+    assert isinstance(session, RoutingSession)
+    bind, session._primary_in_transaction = session._primary_in_transaction, None
+    session._written = False
+    route = _route.get()
+    if bind is None or route is None or session.replicas is None:
+        return
+    transaction = session._transaction  # still the committed one, its connections held
+    entry = transaction._connections.get(bind) if transaction is not None else None
+    if entry is None:
+        return
+    position = session.replicas.position_on(entry[0])
+    if position is not None:
+        route.commit_position = max(route.commit_position or 0, position)
+
+
+@event.listens_for(RoutingSession, "after_rollback")
+def _forget_writes(session: Session) -> None:
+    assert isinstance(session, RoutingSession)
+    session._primary_in_transaction = None
+    session._written = False
+
+
+def _writes_or_locks(clause: Any) -> bool:
+    if isinstance(clause, UpdateBase):
+        return True
+    return isinstance(clause, Select) and clause._for_update_arg is not None
+
+
+def _reason(exc: DBAPIError) -> str:
+    lines = str(exc.orig or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

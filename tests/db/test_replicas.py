@@ -1,0 +1,307 @@
+"""Read replicas (service.db.replicas, routing, consistency), in both modes, on a real primary
+and a real streaming hot standby: which server answers each statement, read-your-writes with
+a consistency token while the standby's replay is paused, and a standby that stops and comes
+back under load. Which server answered is asked of the server itself: `pg_is_in_recovery()`
+is true only on the standby."""
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, select, text
+
+from service.db import create_engine
+from service.db.asyncio import create_async_engine
+from service.db.consistency import HEADER, ConsistencyMiddleware, ConsistencyTokens
+from service.db.replicas import Replicas
+from service.items.models import Item
+from service.main import SAFE_METHODS
+from service.problems import problem_response
+from tests.db.conftest import Mode, async_url, client_for
+from tests.standby import Standby
+
+pytestmark = pytest.mark.anyio
+
+SECRET = b"test-consistency-secret-0123456789"
+ON_STANDBY = text("SELECT pg_is_in_recovery()")
+
+
+@dataclass
+class Routed:
+    app: FastAPI
+    client: httpx.AsyncClient
+    replicas: Replicas
+
+
+def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
+    """A test app of `mode` whose sessions route through `replicas`, as the service's."""
+    database = mode.database
+    app = mode.make_app(
+        session_args=replicas.session_args(), autocommit_methods=SAFE_METHODS
+    )
+    app.add_middleware(
+        ConsistencyMiddleware, tokens=ConsistencyTokens(SECRET),
+        invalid_token_response=lambda reason: problem_response(400, reason),
+    )
+
+    @app.get("/server")
+    @app.post("/server")
+    async def server() -> dict[str, bool]:
+        return {"standby": await mode.scalar(ON_STANDBY)}
+
+    @app.get("/lock-then-read")
+    async def lock_then_read() -> dict[str, bool]:
+        await mode.scalar(select(Item.id).limit(1).with_for_update())
+        return {"standby": await mode.scalar(ON_STANDBY)}
+
+    @app.get("/read-explicitly-from-primary")
+    async def read_from_primary() -> dict[str, bool]:
+        with database.primary():
+            first = await mode.scalar(ON_STANDBY)
+        return {"standby": first, "after": await mode.scalar(ON_STANDBY)}
+
+    @app.post("/report")
+    async def report() -> dict[str, bool]:
+        with database.replica():
+            return {"standby": await mode.scalar(ON_STANDBY)}
+
+    @app.post("/items/{name}")
+    async def create(name: str, fail: bool = False) -> Any:
+        item = mode.add_item(name)
+        await mode.flush()
+        if fail:
+            return JSONResponse({"detail": "refused after the write"}, 409)
+        # A write moves the rest of the request to the primary, even a replica() block.
+        with database.replica():
+            after = await mode.scalar(ON_STANDBY)
+        return {"id": item.id, "standby_after_write": after}
+
+    @app.get("/items/{item_id}")
+    async def read(item_id: int, response: Response) -> dict[str, Any]:
+        name = await mode.scalar(select(Item.name).where(Item.id == item_id))
+        response.status_code = 200 if name else 404
+        return {"name": name, "standby": await mode.scalar(ON_STANDBY)}
+
+    return app
+
+
+@pytest.fixture
+async def routed(mode: Mode, standby: Standby) -> AsyncIterator[Routed]:
+    # Autocommit from the start (not execution_options): nothing to reset when a connection
+    # of a replica that died comes back to the pool.
+    if mode.name == "sync":
+        replica_engine: Any = create_engine(standby.url, isolation_level="AUTOCOMMIT")
+    else:
+        replica_engine = create_async_engine(async_url(standby.url), isolation_level="AUTOCOMMIT")
+    replicas = Replicas(
+        mode.engine,
+        [replica_engine],
+        max_lag=300,  # a paused standby stays usable: the token must do the work
+        poll_interval=0.1,
+    )
+    assert replicas.wait_until_polled()
+    app = routed_app(mode, replicas)
+    async with client_for(app) as client:
+        yield Routed(app, client, replicas)
+    replicas.close()
+    await mode.dispose(replica_engine)
+
+
+async def test_safe_methods_read_from_the_replica_and_writes_go_to_the_primary(
+    routed: Routed,
+) -> None:
+    assert (await routed.client.get("/server")).json() == {"standby": True}
+    assert (await routed.client.post("/server")).json() == {"standby": False}
+    created = await routed.client.post("/items/first")
+    assert created.status_code == 200
+    assert created.json()["standby_after_write"] is False
+
+
+async def test_a_lock_moves_the_rest_of_the_request_to_the_primary(routed: Routed) -> None:
+    assert (await routed.client.get("/lock-then-read")).json() == {"standby": False}
+
+
+async def test_primary_and_replica_can_be_chosen_explicitly(routed: Routed) -> None:
+    explicit = (await routed.client.get("/read-explicitly-from-primary")).json()
+    assert explicit == {"standby": False, "after": True}
+    assert (await routed.client.post("/report")).json() == {"standby": True}
+
+
+async def test_only_a_request_that_committed_gets_a_token(
+    routed: Routed, engine: Engine
+) -> None:
+    assert HEADER not in (await routed.client.get("/server")).headers
+    created = await routed.client.post("/items/with-token")
+    assert created.status_code == 200
+    assert created.headers[HEADER]
+    rolled_back = await routed.client.post("/items/rolled-back?fail=1")
+    assert rolled_back.status_code == 409
+    assert HEADER not in rolled_back.headers
+    with engine.connect() as connection:
+        assert connection.scalar(select(Item.id).where(Item.name == "rolled-back")) is None
+
+
+async def test_with_its_token_a_writer_reads_its_write_while_replay_is_paused(
+    routed: Routed, standby: Standby
+) -> None:
+    standby.pause_replay()
+    stale_with_token = 0
+    from_standby_without_token = 0
+    for n in range(200):
+        created = await routed.client.post(f"/items/paused-{n}")
+        token = created.headers[HEADER]
+        item_id = created.json()["id"]
+        with_token = await routed.client.get(f"/items/{item_id}", headers={HEADER: token})
+        stale_with_token += with_token.status_code == 404
+        if n % 20 == 0:
+            without = await routed.client.get(f"/items/{item_id}")
+            from_standby_without_token += without.json()["standby"]
+            assert without.status_code == (404 if without.json()["standby"] else 200)
+    assert stale_with_token == 0
+    assert from_standby_without_token > 0  # without the token, the (stale) replica answered
+
+
+async def test_a_token_is_served_by_the_replica_once_it_has_replayed_it(
+    routed: Routed, standby: Standby, engine: Engine
+) -> None:
+    created = await routed.client.post("/items/caught-up")
+    position = int(created.headers[HEADER].split(".")[0], 16)
+    deadline = time.monotonic() + 10
+    # Until the poller has seen the standby replay the commit (with synchronous_commit off
+    # the commit record may reach the standby a WAL-writer round later).
+    while (routed.replicas.replicas[0].position or 0) < position:
+        assert time.monotonic() < deadline, "the standby did not replay the commit"
+        await anyio.sleep(0.05)
+    read = await routed.client.get(
+        f"/items/{created.json()['id']}", headers={HEADER: created.headers[HEADER]}
+    )
+    assert read.status_code == 200
+    assert read.json()["standby"] is True
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage", "0/16B3D48", "1a2b.AAAAAAAAAAAAAAAAAAAAAA", "", "ff" * 20 + ".x",
+        "1.ä".encode("latin-1"),
+    ],
+)
+async def test_a_malformed_or_forged_token_is_a_400_problem(
+    routed: Routed, token: str | bytes
+) -> None:
+    response = await routed.client.get("/server", headers={HEADER: token})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert HEADER in response.json()["detail"]
+
+
+async def test_a_token_signed_with_another_secret_is_refused(routed: Routed) -> None:
+    forged = ConsistencyTokens(b"another-secret-0123456789abcdef").issue(1)
+    response = await routed.client.get("/server", headers={HEADER: forged})
+    assert response.status_code == 400
+
+
+async def test_reads_move_to_the_primary_when_the_replica_stops_and_back_when_it_returns(
+    routed: Routed, standby: Standby, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    statuses: list[int] = []
+    served_by: list[tuple[float, bool]] = []
+    stop_load = anyio.Event()
+
+    async def reader() -> None:
+        while not stop_load.is_set():
+            response = await routed.client.get("/server")
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                served_by.append((time.monotonic(), response.json()["standby"]))
+            await anyio.sleep(0.005)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(reader)
+        await anyio.sleep(0.5)
+        stopped_at = time.monotonic()
+        await anyio.to_thread.run_sync(standby.stop)
+        await anyio.sleep(2.5)
+        await anyio.to_thread.run_sync(standby.start)
+        started_at = time.monotonic()
+        deadline = started_at + 15
+        while time.monotonic() < deadline:
+            await anyio.sleep(0.2)
+            if any(t > started_at and on_standby for t, on_standby in served_by):
+                break
+        stop_load.set()
+
+    assert set(statuses) == {200}, f"not all 200: {sorted(set(statuses))}"
+    before = [on for t, on in served_by if t < stopped_at]
+    assert before and all(before)
+    # Within 2 s of the stop, and until the restart, every read came from the primary.
+    fallback = [on for t, on in served_by if stopped_at + 2 <= t < started_at - 0.1]
+    assert fallback and not any(fallback)
+    assert any(on for t, on in served_by if t > started_at), "the replica was not used again"
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) < 10, "warnings per state change, not per request"
+
+
+async def test_health_of_replicas_is_reported(routed: Routed, standby: Standby) -> None:
+    assert routed.replicas.status()["replicas"][0]["state"] == "ok"
+    await anyio.to_thread.run_sync(standby.stop)
+    deadline = time.monotonic() + 2
+    while routed.replicas.status()["replicas"][0]["state"] == "ok":
+        assert time.monotonic() < deadline, "the stopped replica was still reported ok"
+        await anyio.sleep(0.05)
+    assert routed.replicas.status()["replicas"][0]["state"] == "down"
+
+
+async def test_sqlite_and_a_single_server_get_no_token(mode: Mode) -> None:
+    app = mode.make_app(autocommit_methods=SAFE_METHODS)
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> dict[str, str]:
+        mode.add_item(name)
+        await mode.flush()
+        return {}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/plain")
+    assert response.status_code == 200
+    assert HEADER not in response.headers
+
+
+async def test_a_replica_further_behind_than_max_lag_is_skipped_until_it_catches_up(
+    mode: Mode, standby: Standby, engine: Engine
+) -> None:
+    if mode.name == "sync":
+        replica_engine: Any = create_engine(standby.url, isolation_level="AUTOCOMMIT")
+    else:
+        replica_engine = create_async_engine(async_url(standby.url), isolation_level="AUTOCOMMIT")
+    replicas = Replicas(mode.engine, [replica_engine], max_lag=1.0, poll_interval=0.1)
+    assert replicas.wait_until_polled()
+    try:
+        async with client_for(routed_app(mode, replicas)) as client:
+            assert (await client.get("/server")).json() == {"standby": True}
+            standby.pause_replay()
+            await client.post("/items/makes-wal")  # WAL the paused standby will lack
+            deadline = time.monotonic() + 3
+            while (await client.get("/server")).json()["standby"]:
+                assert time.monotonic() < deadline, "a replica 1 s behind was still read from"
+                await anyio.sleep(0.05)
+            assert replicas.status()["replicas"][0]["state"] == "lagging"
+            standby.resume_replay()
+            deadline = time.monotonic() + 5
+            while not (await client.get("/server")).json()["standby"]:
+                assert time.monotonic() < deadline, "the caught-up replica was not used again"
+                await anyio.sleep(0.05)
+    finally:
+        replicas.close()
+        await mode.dispose(replica_engine)

@@ -1,0 +1,278 @@
+"""The service past one process and one server (issue #14): read replicas with
+read-your-writes, `serve --workers N`, on the real primary and streaming standby that
+`scripts/with-postgres.sh --replica` starts. Which server answered is read from the servers'
+own statistics (`pg_stat_user_tables`: each server counts the scans of `items` it ran)."""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import Engine, text
+
+from bench.harness import ServerProcess, free_port
+from service.config import Settings
+from service.db.consistency import HEADER
+from service.main import close_engines, create_app
+from tests.conftest import AUTH, ROOT, TEST_TOKEN
+from tests.items.helpers import insert_items
+from tests.standby import Standby
+
+pytestmark = pytest.mark.anyio
+
+CURSOR_SECRET = "scale-out-test-secret-0123456789abcdef"
+
+
+def items_scans(engine: Engine) -> int:
+    """Scans of the items table the server behind `engine` has counted (its own statistics,
+    read on a new connection so the snapshot is fresh)."""
+    with engine.connect() as connection:
+        return int(connection.scalar(text(
+            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables "
+            "WHERE relname = 'items'"
+        )))
+
+
+def wait_for_scans(engine: Engine, at_least: int, timeout: float = 15.0) -> int:
+    """Statistics reach the server when its backends report them (at the latest when they
+    exit): wait until `engine`'s server counts `at_least` scans; returns its count."""
+    deadline = time.monotonic() + timeout
+    while (scans := items_scans(engine)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return scans
+
+
+def replicated_settings(migrated_url: str, standby: Standby, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": migrated_url,
+        "database_replica_urls": [standby.url],
+        "replica_poll_interval": 0.1,
+        "db_pool_size": 5,
+        "db_max_overflow": 10,
+        "api_tokens": TEST_TOKEN,
+        "cursor_secret": CURSOR_SECRET,
+        **overrides,
+    }
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def replicated_app(migrated_url: str, standby: Standby) -> AsyncIterator[FastAPI]:
+    # A paused standby stays usable for a long time: the token alone must keep reads fresh.
+    app = create_app(replicated_settings(migrated_url, standby, replica_max_lag=300))
+    assert app.state.replicas.wait_until_polled()
+    yield app
+    await close_engines(app)
+
+
+@pytest.fixture
+async def replicated_client(replicated_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=replicated_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                 headers=AUTH) as client:
+        yield client
+
+
+async def test_items_are_read_from_the_replica_and_written_on_the_primary(
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby,
+    engine: Engine,
+) -> None:
+    created = await replicated_client.post("/items", json={"name": "replicated", "price": "2"})
+    assert created.status_code == 201
+    assert created.headers[HEADER]
+    standby.catch_up(engine)
+    time.sleep(0.3)  # the poller sees the standby caught up
+    on_primary, on_standby = items_scans(engine), items_scans(standby.engine)
+    item = f"/items/{created.json()['id']}"
+    for _ in range(20):
+        assert (await replicated_client.get(item)).status_code == 200
+        assert (await replicated_client.get("/items/scroll?size=5")).status_code == 200
+    await close_engines(replicated_app)  # the backends exit and report their statistics
+    assert wait_for_scans(standby.engine, on_standby + 40) >= on_standby + 40
+    assert items_scans(engine) - on_primary < 5  # (autovacuum may scan once in a while)
+
+
+async def test_a_writer_reads_its_write_with_its_token_while_replay_is_paused(
+    replicated_client: httpx.AsyncClient, standby: Standby
+) -> None:
+    standby.pause_replay()
+    stale = 0
+    for n in range(50):
+        created = await replicated_client.post("/items", json={"name": f"p{n}", "price": "1"})
+        assert created.status_code == 201
+        read = await replicated_client.get(
+            created.headers["Location"], headers={HEADER: created.headers[HEADER]}
+        )
+        stale += read.status_code == 404
+    without_token = await replicated_client.get(created.headers["Location"])
+    assert stale == 0
+    assert without_token.status_code == 404  # the paused replica answered: it lacks the item
+
+
+async def test_a_forged_token_is_a_400_problem(replicated_client: httpx.AsyncClient) -> None:
+    created = await replicated_client.post("/items", json={"name": "forged", "price": "1"})
+    token = created.headers[HEADER]
+    position, _, signature = token.partition(".")
+    forged = f"{int(position, 16) + 1:x}.{signature}"
+    for bad in (forged, "not-a-token", token + "x"):
+        response = await replicated_client.get("/items", headers={HEADER: bad})
+        assert response.status_code == 400
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["status"] == 400
+
+
+async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unready(
+    replicated_client: httpx.AsyncClient, standby: Standby
+) -> None:
+    ready = await replicated_client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ok"
+    assert ready.json()["primary"] == "ok"
+    assert [r["state"] for r in ready.json()["replicas"]] == ["ok"]
+    standby.stop()
+    deadline = time.monotonic() + 2
+    while (ready := await replicated_client.get("/health/ready")).json()["status"] == "ok":
+        assert time.monotonic() < deadline, "a stopped replica still reported ok after 2 s"
+        time.sleep(0.05)
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
+    assert [r["state"] for r in ready.json()["replicas"]] == ["down"]
+    items = await replicated_client.get("/items")  # reads go on, on the primary
+    assert items.status_code == 200
+
+
+async def test_without_replicas_there_is_no_token(client: httpx.AsyncClient) -> None:
+    created = await client.post("/items", json={"name": "single", "price": "1"})
+    assert created.status_code == 201
+    assert HEADER not in created.headers
+    assert (await client.get("/health/ready")).json() == {"status": "ok"}
+
+
+# -- many processes -----------------------------------------------------------------------
+
+
+def serve_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "serve", *args],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("how", ["--workers", "WEB_CONCURRENCY"])
+def test_several_workers_without_a_cursor_secret_refuse_to_start(
+    migrated_url: str, how: str
+) -> None:
+    env = {"DATABASE_URL": migrated_url}
+    args: tuple[str, ...] = ()
+    if how == "--workers":
+        args = ("--workers", "2")
+    else:
+        env["WEB_CONCURRENCY"] = "2"
+    result = serve_cli(env, *args)
+    assert result.returncode == 2
+    assert "CURSOR_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_malformed_web_concurrency_is_explained(migrated_url: str) -> None:
+    result = serve_cli({"DATABASE_URL": migrated_url, "WEB_CONCURRENCY": "many"})
+    assert result.returncode == 2
+    assert "WEB_CONCURRENCY" in result.stderr
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The uvicorn worker processes of the supervisor `supervisor`."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [
+        int(pid) for pid in children
+        if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def two_workers(migrated_url: str, standby: Standby, engine: Engine) -> Iterator[ServerProcess]:
+    """`python -m service serve --workers 2` on a loopback port, with the standby as replica."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": migrated_url,
+        "DATABASE_REPLICA_URLS": standby.url,
+        "REPLICA_MAX_LAG": "300",
+        "REPLICA_POLL_INTERVAL": "0.1",
+        "CURSOR_SECRET": CURSOR_SECRET,
+        "API_TOKENS": TEST_TOKEN,
+        "DB_POOL_SIZE": "3",
+        "DB_MAX_OVERFLOW": "2",
+    }
+    server = ServerProcess(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "2",
+         "--no-access-log"],
+        port, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        server.wait_until_answers("/health/ready", timeout=60)
+        deadline = time.monotonic() + 30
+        while len(worker_pids(server.process.pid)) < 2:
+            assert time.monotonic() < deadline, "two workers did not start"
+            time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_cursors_and_consistency_tokens_work_across_two_workers(
+    two_workers: ServerProcess, standby: Standby, engine: Engine
+) -> None:
+    insert_items(engine, *({"name": f"w{n:02}", "price": "1"} for n in range(30)))
+    standby.catch_up(engine)
+    time.sleep(0.5)
+    workers = worker_pids(two_workers.process.pid)
+    cpu_before = [cpu_seconds(pid) for pid in workers]
+    # A new connection per request: the kernel hands each one to either worker.
+    no_keepalive = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=two_workers.url(), headers=AUTH, limits=no_keepalive,
+                      timeout=10) as client:
+        for _ in range(30):
+            first = client.get("/items/scroll", params={"size": 5})
+            assert first.status_code == 200
+            second = client.get("/items/scroll", params={"size": 5,
+                                                          "cursor": first.json()["next_page"]})
+            assert second.status_code == 200, second.text
+            assert [i["name"] for i in second.json()["items"]] == [
+                f"w{n:02}" for n in range(5, 10)
+            ]
+        standby.pause_replay()
+        for n in range(30):
+            created = client.post("/items", json={"name": f"t{n}", "price": "1"})
+            assert created.status_code == 201
+            read = client.get(created.headers["Location"],
+                              headers={HEADER: created.headers[HEADER]})
+            assert read.status_code == 200, read.text
+    # Both workers served a good share of the requests (their own CPU time says so), so
+    # cursors and tokens made by one were honoured by the other.
+    used = [cpu_seconds(pid) - before for pid, before in zip(workers, cpu_before, strict=True)]
+    assert min(used) > 0.1 * max(used), f"CPU seconds per worker: {used}"
+
+
+def test_replicas_need_postgresql_urls(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}",
+                 database_replica_urls="postgresql://replica/service")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="postgresql"):
+        Settings(database_url="postgresql://primary/service",
+                 database_replica_urls="sqlite:///replica.db")  # type: ignore[arg-type]
+    settings = Settings(database_url="postgresql://primary/service",
+                        database_replica_urls=" postgresql://r1/service, postgresql://r2/service")  # type: ignore[arg-type]
+    assert settings.async_replica_urls() == [
+        "postgresql+asyncpg://r1/service", "postgresql+asyncpg://r2/service"
+    ]
