@@ -1,6 +1,5 @@
 """The application: `create_app(settings)`, and `app` for `uvicorn service.main:app`."""
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,7 +16,19 @@ from service.db.asyncio import db as async_db
 from service.health import LIVENESS_PATH
 from service.health import router as health_router
 from service.items.router import router as items_router
+from service.logs import configure_logging
+from service.metrics import (
+    IN_PROGRESS,
+    METRICS_PATH,
+    REQUEST_DURATION,
+    DatabaseMetrics,
+    metrics_endpoint,
+    worker_stopped,
+)
 from service.problems import failure_problem, install_problem_handlers, problem_responses
+from service.request_ids import HEADER as REQUEST_ID_HEADER
+from service.request_ids import add_request_ids
+from service.telemetry import RequestDatabaseStats, RequestTelemetry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -32,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     token_check = TokenCheck.from_settings(settings)
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     engine = create_async_engine(settings.async_database_url(), **settings.async_engine_args())
     async_db.configure(engine)
@@ -41,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await engine.dispose()
+        worker_stopped()
 
     app = FastAPI(
         title="Items service",
@@ -51,8 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.settings = settings
     app.state.token_check = token_check
-    # The last added runs first: CORS, then the body limit, then the database session - so
-    # a request takes a connection slot only once its whole body is in (and not too large).
+    app.state.database_observer = (
+        DatabaseMetrics({async_db.name: engine.sync_engine.pool})
+        if settings.metrics_enabled
+        else RequestDatabaseStats()
+    )
+    if settings.metrics_enabled:
+        app.add_api_route(METRICS_PATH, metrics_endpoint, methods=["GET"], include_in_schema=False)
+    # The last added runs first: request ids, telemetry (access line, HTTP metrics), CORS,
+    # then the body limit, then the database session - so a request takes a connection
+    # slot only once its whole body is in (and not too large).
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -61,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Safe methods only read: no BEGIN/COMMIT round trips for them (PostgreSQL).
         autocommit_methods=SAFE_METHODS,
         error_response=failure_problem,
+        observer=app.state.database_observer,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
@@ -70,8 +91,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "X-Request-ID"],
-            expose_headers=["ETag", "Location", "Retry-After"],
+            expose_headers=["ETag", "Location", "Retry-After", REQUEST_ID_HEADER],
         )
+    app.add_middleware(
+        RequestTelemetry,
+        routes=app.router.routes,
+        access_log=settings.access_log,
+        duration=REQUEST_DURATION if settings.metrics_enabled else None,
+        in_progress=IN_PROGRESS if settings.metrics_enabled else None,
+    )
+    add_request_ids(app)
     install_problem_handlers(app)
     app.include_router(health_router)
     app.include_router(items_router)
@@ -84,9 +113,9 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 def sessionless_paths(app: FastAPI) -> set[str]:
     """Paths that never touch the database, so they never wait for a connection slot: the
-    liveness probe and the API docs."""
+    liveness probe, the metrics and the API docs."""
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
-    return {LIVENESS_PATH, *(path for path in docs if path)}
+    return {LIVENESS_PATH, METRICS_PATH, *(path for path in docs if path)}
 
 
 def __getattr__(name: str) -> FastAPI:
