@@ -39,12 +39,15 @@ class JsonFormatter(_JsonFormatter):
     """One JSON object per record: `time`, `level`, `logger`, `message`, `request_id`, then
     the record's extra fields."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("fmt", JSON_FIELDS)
+    def __init__(
+        self, fmt: str | None = None, datefmt: str | None = None, style: str = "%",
+        *args: Any, **kwargs: Any,
+    ) -> None:
+        # fmt names the fields; None (as fileConfig passes it) means the five above.
         kwargs.setdefault(
             "rename_fields", {"asctime": "time", "levelname": "level", "name": "logger"}
         )
-        super().__init__(*args, **kwargs)
+        super().__init__(fmt or JSON_FIELDS, datefmt, style, *args, **kwargs)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return (
@@ -57,8 +60,8 @@ class JsonFormatter(_JsonFormatter):
 class TextFormatter(logging.Formatter):
     """`2026-11-30 04:58:01,123 INFO service.access [3f2a...] GET /items 200 ...`."""
 
-    def __init__(self, fmt: str = TEXT_FORMAT, *args: Any, **kwargs: Any) -> None:
-        super().__init__(fmt, *args, **kwargs)
+    def __init__(self, fmt: str | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(fmt or TEXT_FORMAT, *args, **kwargs)
 
 
 def configure_logging(settings: Settings) -> None:

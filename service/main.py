@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(
         RequestTelemetry,
-        routes=app.router.routes,
+        templates=lambda: route_templates(app),
         access_log=settings.access_log,
         duration=REQUEST_DURATION if settings.metrics_enabled else None,
         in_progress=IN_PROGRESS if settings.metrics_enabled else None,
@@ -116,6 +116,13 @@ def sessionless_paths(app: FastAPI) -> set[str]:
     liveness probe, the metrics and the API docs."""
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
     return {LIVENESS_PATH, METRICS_PATH, *(path for path in docs if path)}
+
+
+def route_templates(app: FastAPI) -> list[str]:
+    """Every route's path template: the documented operations' and the others' (docs,
+    metrics), for naming the route of requests answered before routing."""
+    routes = (getattr(route, "path", None) for route in app.router.routes)
+    return [*app.openapi().get("paths", {}), *(path for path in routes if isinstance(path, str))]
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -17,11 +17,12 @@ A request the database middleware never saw (a 413, a sessionless path) has none
 """
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterable
 from time import perf_counter
 
 from prometheus_client import Gauge, Histogram
-from starlette.routing import BaseRoute, Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.accounting import QueryStats
@@ -44,21 +45,23 @@ class RequestDatabaseStats(SessionObserver):
 class RequestTelemetry:
     """Access line and HTTP metrics per request; see the module docstring.
 
-    `routes`: the app's routes, to name the route of a request answered before routing
-    (413, 503). `duration` and `in_progress`: the metrics to keep, or None for none.
+    `templates`: returns the app's route templates (called once, when first needed), to
+    name the route of a request answered before routing (a 413, a 503 from admission) or
+    of one no route took. `duration` and `in_progress`: the metrics to keep, or None.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        routes: Sequence[BaseRoute],
+        templates: Callable[[], Iterable[str]],
         access_log: bool,
         duration: Histogram | None = None,
         in_progress: Gauge | None = None,
     ) -> None:
         self.app = app
-        self.routes = routes
+        self.templates = templates
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
         self.access_log = access_log
         self.duration = duration
         self.in_progress = in_progress
@@ -97,12 +100,20 @@ class RequestTelemetry:
     def route_of(self, scope: Scope) -> str:
         """The template of the route that served (or would serve) the request."""
         route = scope.get("route")
-        if route is None:
-            route = next(
-                (r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None
-            )
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
-        return template if isinstance(template, str) else UNMATCHED
+        if isinstance(template, str):
+            return template
+        # Answered before routing, or by no route: match the path against the templates
+        # (static ones first, as the router prefers `/items/scroll` to `/items/{item_id}`).
+        if self._patterns is None:
+            templates = list(dict.fromkeys(self.templates()))
+            ordered = sorted(templates, key=lambda template: "{" in template)
+            self._patterns = [(compile_path(t)[0], t) for t in ordered]
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return next((t for pattern, t in self._patterns if pattern.match(path)), UNMATCHED)
 
 
 def log_access(scope: Scope, method: str, route: str, status: int, seconds: float) -> None:
