@@ -105,6 +105,15 @@ class DatabaseMetrics(RequestDatabaseStats):
 
     def __init__(self, pools: Mapping[str, Pool]) -> None:
         self.pools = dict(pools)
+        for database in self.pools:
+            # Every series exists from the start, at 0: a rate over a counter that appears
+            # only at its first increment misses that increment.
+            ADMISSION_WAIT.labels(database)
+            ADMISSION_REJECTED.labels(database)
+            STATEMENTS_PER_REQUEST.labels(database)
+            for outcome in ("commit", "rollback", "commit_failed"):
+                TRANSACTIONS.labels(database, outcome)
+            self.refresh_pool(database)
 
     def admitted(self, database: str, scope: Scope, waited: float) -> None:
         ADMISSION_WAIT.labels(database).observe(waited)
