@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint test-sqlite test-postgres test-faults venv bench clean
+.PHONY: run test lint test-sqlite test-postgres test-faults venv bench bench-telemetry clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,10 @@ bench: venv
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
 	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python -m bench.run $(if $(FULL),--full)
+
+# Only the cost of request ids + access line + metrics (issue #15), printed: ~1 minute.
+bench-telemetry: venv
+	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python -m bench.run --only-telemetry
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

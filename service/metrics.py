@@ -105,28 +105,36 @@ class DatabaseMetrics(RequestDatabaseStats):
 
     def __init__(self, pools: Mapping[str, Pool]) -> None:
         self.pools = dict(pools)
+        # Every series exists from the start, at 0 (a rate over a counter that appears only
+        # at its first increment misses that increment); `labels()` is looked up once.
+        self._children: dict[tuple[str, ...], Any] = {}
         for database in self.pools:
-            # Every series exists from the start, at 0: a rate over a counter that appears
-            # only at its first increment misses that increment.
-            ADMISSION_WAIT.labels(database)
-            ADMISSION_REJECTED.labels(database)
-            STATEMENTS_PER_REQUEST.labels(database)
+            self._child(ADMISSION_WAIT, database)
+            self._child(ADMISSION_REJECTED, database)
+            self._child(STATEMENTS_PER_REQUEST, database)
             for outcome in ("commit", "rollback", "commit_failed"):
-                TRANSACTIONS.labels(database, outcome)
+                self._child(TRANSACTIONS, database, outcome)
             self.refresh_pool(database)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def admitted(self, database: str, scope: Scope, waited: float) -> None:
-        ADMISSION_WAIT.labels(database).observe(waited)
+        self._child(ADMISSION_WAIT, database).observe(waited)
 
     def rejected(self, database: str, scope: Scope) -> None:
-        ADMISSION_REJECTED.labels(database).inc()
+        self._child(ADMISSION_REJECTED, database).inc()
 
     def transaction_ended(self, database: str, scope: Scope, outcome: Outcome) -> None:
-        TRANSACTIONS.labels(database, outcome).inc()
+        self._child(TRANSACTIONS, database, outcome).inc()
 
     def request_ended(self, database: str, scope: Scope, stats: QueryStats) -> None:
         super().request_ended(database, scope, stats)
-        STATEMENTS_PER_REQUEST.labels(database).observe(stats.count)
+        self._child(STATEMENTS_PER_REQUEST, database).observe(stats.count)
         self.refresh_pool(database)
 
     def refresh_pool(self, database: str) -> None:
@@ -134,9 +142,9 @@ class DatabaseMetrics(RequestDatabaseStats):
         pool = self.pools.get(database)
         if not isinstance(pool, QueuePool):
             return  # no pool to speak of (SQLite's in-memory StaticPool, NullPool)
-        POOL_CONNECTIONS.labels(database, "checked_out").set(pool.checkedout())
-        POOL_CONNECTIONS.labels(database, "idle").set(pool.checkedin())
-        POOL_CONNECTIONS.labels(database, "overflow").set(max(pool.overflow(), 0))
+        self._child(POOL_CONNECTIONS, database, "checked_out").set(pool.checkedout())
+        self._child(POOL_CONNECTIONS, database, "idle").set(pool.checkedin())
+        self._child(POOL_CONNECTIONS, database, "overflow").set(max(pool.overflow(), 0))
 
     def refresh_pools(self) -> None:
         for database in self.pools:

@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from time import perf_counter
+from typing import Any
 
 from prometheus_client import Gauge, Histogram
 from starlette.routing import compile_path
@@ -62,6 +63,9 @@ class RequestTelemetry:
         self.app = app
         self.templates = templates
         self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+        # The histogram's children by labels: bounded (methods x routes x statuses), and
+        # `labels()` costs more than the observation itself.
+        self._children: dict[tuple[str, str, int], Any] = {}
         self.access_log = access_log
         self.duration = duration
         self.in_progress = in_progress
@@ -93,7 +97,11 @@ class RequestTelemetry:
             route = self.route_of(scope)
             method = scope["method"] if scope["method"] in METHODS else "other"
             if self.duration is not None:
-                self.duration.labels(method, route, str(status)).observe(seconds)
+                key = (method, route, status)
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self.duration.labels(method, route, status)
+                child.observe(seconds)
             if self.access_log:
                 log_access(scope, method, route, status, seconds)
 
