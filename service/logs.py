@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 from service.config import Settings
@@ -47,6 +48,8 @@ class JsonFormatter(_JsonFormatter):
         kwargs.setdefault(
             "rename_fields", {"asctime": "time", "levelname": "level", "name": "logger"}
         )
+        # uvicorn adds the message again with terminal colour codes: not for a log file.
+        kwargs.setdefault("reserved_attrs", [*RESERVED_ATTRS, "color_message"])
         super().__init__(fmt or JSON_FIELDS, datefmt, style, *args, **kwargs)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
