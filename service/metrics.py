@@ -55,6 +55,10 @@ from service.telemetry import RequestDatabaseStats
 METRICS_PATH = "/metrics"
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
+if directory := os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+    # The metrics below write their files there from their first value on.
+    os.makedirs(directory, exist_ok=True)
+
 # The `_created` timestamps double the series for little use (and multiprocess mode has none).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 

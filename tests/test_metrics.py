@@ -4,6 +4,7 @@ off or guarded by a token, is not in the public OpenAPI, never waits for a datab
 and with several worker processes every scrape adds up all of them."""
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -274,10 +276,14 @@ async def test_pool_connections_are_reported(client: httpx.AsyncClient) -> None:
 # -- several worker processes ----------------------------------------------------------------
 
 
-@pytest.fixture
-def two_workers(migrated_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`python -m service serve --workers 2` on a free loopback port, its metrics files in
-    tmp_path; yields its base URL and that directory."""
+@pytest.fixture(scope="module")
+def two_workers(
+    migrated_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """`python -m service serve --workers 2` on a free loopback port (one for the tests of
+    this module: starting it takes seconds), its metrics files in a temporary directory;
+    yields its base URL and that directory."""
+    tmp_path = tmp_path_factory.mktemp("two-workers")
     port = free_port()
     metrics_dir = tmp_path / "metrics"
     (metrics_dir).mkdir()
@@ -285,9 +291,10 @@ def two_workers(migrated_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]
     env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "LOG_FORMAT": "json",
            "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "stderr.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "2"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -299,8 +306,7 @@ def two_workers(migrated_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]
             except httpx.TransportError:
                 time.sleep(0.2)
         else:
-            pytest.fail("the server did not start: " + (server.stderr.read() if
-                        server.poll() is not None and server.stderr else ""))
+            pytest.fail("the server did not start: " + (tmp_path / "stderr.log").read_text())
         yield base, metrics_dir
     finally:
         server.send_signal(signal.SIGINT)
@@ -309,6 +315,7 @@ def two_workers(migrated_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        log.close()
 
 
 def test_with_two_workers_every_scrape_counts_the_requests_of_both(
@@ -316,8 +323,12 @@ def test_with_two_workers_every_scrape_counts_the_requests_of_both(
 ) -> None:
     base, metrics_dir = two_workers
     served = 40
-    for _ in range(served):  # a new connection each: the kernel spreads them over workers
-        assert httpx.get(f"{base}/items", timeout=10).status_code == 200
+
+    def get_items(_: int) -> int:  # a new connection each, 8 at once: both workers accept
+        return httpx.get(f"{base}/items", timeout=10).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(get_items, range(served))) == {200}
     assert not (metrics_dir / "counter_999999.db").exists()  # stale files were removed
     workers = {path.name for path in metrics_dir.glob("histogram_*.db")}
     assert len(workers) == 2, f"both workers should have served requests: {workers}"
@@ -329,3 +340,23 @@ def test_with_two_workers_every_scrape_counts_the_requests_of_both(
         text = httpx.get(f"{base}/metrics", timeout=10).text
         assert float(line.search(text)[1]) == served  # type: ignore[index]
         assert re.search(r"^http_requests_in_progress 1\.0$", text, re.MULTILINE)
+
+
+def test_serve_writes_every_line_as_json_and_one_access_line_per_request(
+    two_workers: tuple[str, Path],
+) -> None:
+    """`serve` with LOG_FORMAT=json: uvicorn's own lines too, and no uvicorn access log."""
+    base, metrics_dir = two_workers
+    ids = [f"serve-{n}" for n in range(5)]
+    for request_id in ids:
+        response = httpx.get(f"{base}/items/scroll?size=3",
+                             headers={"X-Request-ID": request_id})
+        assert response.headers["x-request-id"] == request_id
+    time.sleep(0.5)  # the access line is written once the request is over
+    lines = [json.loads(line) for line in
+             (metrics_dir.parent / "stderr.log").read_text().splitlines() if line.strip()]
+    access = [line for line in lines if line["logger"] == "service.access"]
+    assert [line["request_id"] for line in access if line["path"] == "/items/scroll"] == ids
+    assert {line["logger"] for line in lines} >= {"uvicorn.error", "service.access"}
+    assert "uvicorn.access" not in {line["logger"] for line in lines}
+    assert not [line for line in lines if "color_message" in line]

@@ -270,3 +270,10 @@ async def client_of(app: FastAPI, **transport_args: Any) -> AsyncIterator[httpx.
     ) as client:
         yield client
     await app.state.engine.dispose()
+
+
+async def test_the_problem_schema_documents_the_request_id(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    problem = schema["components"]["schemas"]["Problem"]
+    assert "request_id" in problem["properties"]
+    assert "X-Request-ID" in problem["properties"]["request_id"]["description"]

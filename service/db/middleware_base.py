@@ -29,6 +29,10 @@ three. Under READ COMMITTED every statement reads its own snapshot anyway; what 
 is that a write there is committed at once, whatever the status, so such methods must only
 read. (SQLite keeps its transactions: no round trips to save, and its BEGIN is ours.)
 
+An `observer` (`service.db.observer.SessionObserver`, default a no-op) is told of each
+admission (and its wait) or 503, each transaction's outcome and each request's statements,
+so an app can keep metrics without this library knowing about them.
+
 This module decides; the sync and async middlewares only say how a unit of work is
 committed, rolled back and ended (`_commit`, `_rollback`, `_end_unit`).
 """
