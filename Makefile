@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint test-sqlite test-postgres test-faults venv bench clean
+.PHONY: run test lint test-sqlite test-postgres test-faults venv bench bench-telemetry clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,10 @@ bench: venv
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
 	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh --replica \
 	  sh -c 'python -m bench.run $(if $(FULL),--full) && python -m bench.scale'
+
+# Only the cost of request ids + access line + metrics (issue #15), printed: ~1 minute.
+bench-telemetry: venv
+	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh python -m bench.run --only-telemetry
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -144,6 +144,45 @@ def service() -> FastAPI:
     return create_app()
 
 
+def service_unobserved() -> FastAPI:
+    """The service without what makes it operable - request ids, the access line, metrics
+    and the database observer: the baseline their cost is measured against (issue #15)."""
+    from asgi_correlation_id import CorrelationIdMiddleware
+
+    from service.db.asyncio import DBSessionMiddleware as AsyncMiddleware
+    from service.db.observer import NO_OBSERVER
+    from service.main import create_app
+    from service.telemetry import RequestTelemetry
+
+    settings = get_settings().model_copy(update={"metrics_enabled": False, "access_log": False})
+    app = create_app(settings)
+    # The middleware stack is built at the first request: take them out before.
+    app.user_middleware = [
+        m for m in app.user_middleware if m.cls not in (CorrelationIdMiddleware, RequestTelemetry)
+    ]
+    for middleware in app.user_middleware:
+        if middleware.cls is AsyncMiddleware:
+            middleware.kwargs["observer"] = NO_OBSERVER
+    return app
+
+
+def service_observed() -> FastAPI:
+    """The service as operated: request ids, metrics, and one JSON access line per request
+    (LOG_LEVEL=INFO) written to a file, as to a log file or a collector's pipe in
+    production - not to the terminal."""
+    import logging
+    import tempfile
+
+    from service.main import create_app
+
+    settings = get_settings().model_copy(update={"log_level": "INFO", "log_format": "json"})
+    app = create_app(settings)
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == "service" and isinstance(handler, logging.StreamHandler):
+            handler.setStream(tempfile.TemporaryFile("w"))  # noqa: SIM115 - until it exits
+    return app
+
+
 def service_sync() -> FastAPI:
     """The service's GET /items and GET /items/scroll as they were before the items API went
     async (bench/sync_items.py), in the service's sync app: `service.db`'s middleware on

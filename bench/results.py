@@ -26,6 +26,7 @@ from bench.scenarios import (
     Memory,
     RawChecks,
     ScrollLoad,
+    TelemetryCost,
     Throughput,
 )
 
@@ -75,6 +76,7 @@ class Report:
     budget: Budget
     throughput: Throughput
     scroll_load: ScrollLoad
+    telemetry: TelemetryCost
     raw_checks: RawChecks
     latency: Latency
     floor_page: Floor
@@ -148,7 +150,22 @@ class Report:
                 checks.none_is_one_statement,
             ),
             *self.async_targets(),
+            self.telemetry_target(),
         ]
+
+    def telemetry_target(self) -> tuple[str, str, bool]:
+        """Issue #15: request ids + access line + metrics, server CPU per request."""
+        t = self.telemetry
+        layers = t.layers.cost_ms if t.layers else float("nan")
+        return (
+            "logs + metrics (+ request ids): CPU added per request on GET "
+            "/items/scroll?size=20 <= 0.15 ms (the layers in-process; end to end, "
+            f"{self.budget.connections} connections, in brackets)",
+            f"{layers:+.3f} ms (end to end: {t.cost_ms():+.3f} ms, "
+            f"{t.observed.median('cpu_ms_per_request'):.3f} vs "
+            f"{t.unobserved.median('cpu_ms_per_request'):.3f} ms)",
+            layers <= 0.15,
+        )
 
     def async_targets(self) -> list[tuple[str, str, bool]]:
         """Issue #13: the async service against its sync self (measured in this run), the
@@ -254,6 +271,37 @@ class Report:
                 for name, s in self.scroll_load.labelled()
             ),
             "",
+            "## Operability: request ids, access line, metrics (issue #15), "
+            f"GET /items/scroll?size=20, {budget.connections} connections",
+            "",
+            "The service without them, with request ids and metrics (the access line off "
+            "by LOG_LEVEL=WARNING, as every other service row here), and with one JSON "
+            "access line per request at INFO written to a file. Medians of "
+            f"{len(self.telemetry.observed.runs)} interleaved rounds; the cost is the median "
+            "of the per-round differences.",
+            "",
+            "| variant | req/s | server CPU ms/req | cost ms/req | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {name} | {s.median('rps'):,.0f} | {s.median('cpu_ms_per_request'):.3f} | "
+                f"{self.telemetry.cost_ms(s):+.3f} | "
+                f"{s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f} |"
+                for name, s in self.telemetry.labelled()
+            ),
+            "",
+            *(
+                [
+                    "The layers alone, in one process (bench/telemetry_layers.py: the same "
+                    f"requests through both chains, {self.telemetry.layers.rounds} alternating "
+                    f"rounds of {self.telemetry.layers.requests:,}): "
+                    f"{self.telemetry.layers.bare_us:.1f} -> "
+                    f"{self.telemetry.layers.observed_us:.1f} us of CPU per request, "
+                    f"**{self.telemetry.layers.cost_ms:+.3f} ms**.",
+                    "",
+                ]
+                if self.telemetry.layers
+                else []
+            ),
             "## Latency, one connection",
             "",
             "| request | p50 ms | p90 ms | p99 ms | server CPU ms/req |",

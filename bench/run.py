@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from bench import scenarios
+from bench import scenarios, telemetry_layers
 from bench.database import SeedRate, migrate, seed_table, service_env, service_settings
 from bench.harness import Series, log, start_uvicorn
 from bench.results import Report, machine, versions
@@ -32,10 +32,17 @@ BENCH = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="also measure 1M rows")
+    parser.add_argument(
+        "--only-telemetry", action="store_true",
+        help="only the cost of request ids, access line and metrics; prints, writes nothing",
+    )
     args = parser.parse_args()
     url = os.environ.get("DATABASE_URL", "")
     if make_url(url).get_backend_name() != "postgresql":
         sys.exit("bench/run.py needs DATABASE_URL of a PostgreSQL database (make bench starts one)")
+    if args.only_telemetry:
+        only_telemetry(url, FULL if args.full else QUICK)
+        return
     report = run(url, FULL if args.full else QUICK)
     report.write(BENCH / "RESULTS.md", BENCH / "results.png")
     print((BENCH / "RESULTS.md").read_text())
@@ -67,6 +74,7 @@ def run(url: str, budget: Budget) -> Report:
             server.wait_until_answers(scenarios.VARIANTS[name])
         throughput = scenarios.throughput(servers, budget)
         scroll_load = scenarios.scroll_load(servers, budget)
+        telemetry = scenarios.telemetry_cost(servers, budget)
         raw_checks = scenarios.raw_checks(settings, servers["service"], servers["raw_asyncpg"])
         latency = scenarios.latency(servers, budget)
         # The service, async and as it was sync, serves the rest.
@@ -98,6 +106,8 @@ def run(url: str, budget: Budget) -> Report:
     finally:
         for server in servers.values():
             server.stop()
+    log("the operability layers alone, in this process")
+    telemetry.layers = telemetry_layers.measure()
 
     return Report(
         machine=machine(),
@@ -105,6 +115,7 @@ def run(url: str, budget: Budget) -> Report:
         budget=budget,
         throughput=throughput,
         scroll_load=scroll_load,
+        telemetry=telemetry,
         raw_checks=raw_checks,
         latency=latency,
         floor_page=floor_page,
@@ -117,6 +128,41 @@ def run(url: str, budget: Budget) -> Report:
         seeds=seeds,
         seconds=time.monotonic() - started,
     )
+
+
+def only_telemetry(url: str, budget: Budget) -> None:
+    """`make bench-telemetry`: the operability scenario alone, on the throughput table."""
+    settings = service_settings(url)
+    engine = create_engine(url)
+    migrate(url)
+    seed_table(engine, settings, THROUGHPUT_ROWS)
+    names = ("service", "service_unobserved", "service_observed")
+    servers = {
+        name: start_uvicorn(
+            f"bench.apps:{name}", factory=True, cwd=BENCH.parent, env=service_env(url)
+        )
+        for name in names
+    }
+    try:
+        for name, server in servers.items():
+            server.wait_until_answers(scenarios.VARIANTS[name])
+        cost = scenarios.telemetry_cost(servers, budget)
+    finally:
+        for server in servers.values():
+            server.stop()
+    layers = telemetry_layers.measure()
+    print("| variant | req/s | server CPU ms/req | cost ms/req | p50 ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, series in cost.labelled():
+        print(f"| {label} | {series.median('rps'):,.0f} | "
+              f"{series.median('cpu_ms_per_request'):.3f} | {cost.cost_ms(series):+.3f} | "
+              f"{series.median('p50_ms'):.2f} |")
+    print(f"the layers alone, in-process: {layers.bare_us:.1f} -> {layers.observed_us:.1f} us "
+          f"CPU per request: {layers.cost_ms:+.3f} ms")
+    print("per-round CPU ms/req:", {
+        label: [round(run.cpu_ms_per_request, 3) for run in series.runs]
+        for label, series in cost.labelled()
+    })
 
 
 if __name__ == "__main__":

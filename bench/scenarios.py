@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from bench.apps import RAW_SCROLL_SQL
 from bench.database import count_rows, scroll_path, statements_of
 from bench.harness import Run, Series, ServerProcess, interleaved, log, wrk
+from bench.telemetry_layers import LayerCost
 from service.config import Settings
 
 PAGE_SIZE = 20
@@ -36,6 +37,8 @@ VARIANTS = {
     "peer_async": SCROLL,
     "depends_async": SCROLL,
     "raw_asyncpg": SCROLL,
+    "service_unobserved": SCROLL,
+    "service_observed": SCROLL,
 }
 THROUGHPUT_ROWS = 10_000  # the table of the throughput and latency scenarios
 DEPTHS = (1, 100, 10_000)  # page numbers
@@ -167,6 +170,54 @@ def scroll_load(servers: Servers, budget: Budget) -> ScrollLoad:
         {name: lambda s=server: wrk(s, SCROLL, c, seconds) for name, server in cases.items()},
     )
     return ScrollLoad(**series)
+
+
+@dataclass
+class TelemetryCost:
+    """Issue #15: what request ids, the access line and the metrics cost per request, on the
+    service's GET /items/scroll?size=20 under load - the service without them, as `make
+    bench` serves it (ids and metrics, LOG_LEVEL=WARNING: no access line), and with the
+    JSON access line at INFO written to a file."""
+
+    unobserved: Series
+    service: Series
+    observed: Series
+    # The layers alone, in-process (bench/telemetry_layers.py): set by bench/run.py at the
+    # end of the run, once the servers are gone.
+    layers: LayerCost | None = None
+
+    def labelled(self) -> list[tuple[str, Series]]:
+        return [
+            ("service without request ids, access line, metrics", self.unobserved),
+            ("service: request ids + metrics, no access line (LOG_LEVEL=WARNING)", self.service),
+            ("service: request ids + metrics + JSON access line to a file", self.observed),
+        ]
+
+    def cost_ms(self, series: Series | None = None) -> float:
+        """Server CPU ms per request over the baseline: the median of the per-round
+        differences (each round measures both within seconds of each other)."""
+        series = series or self.observed
+        return float(statistics.median(
+            with_.cpu_ms_per_request - without.cpu_ms_per_request
+            for with_, without in zip(series.runs, self.unobserved.runs, strict=True)
+        ))
+
+
+def telemetry_cost(servers: Servers, budget: Budget) -> TelemetryCost:
+    c, seconds = budget.connections, budget.load_seconds
+    cases = {
+        "unobserved": servers["service_unobserved"],
+        "service": servers["service"],
+        "observed": servers["service_observed"],
+    }
+    for server in cases.values():  # warm-up
+        wrk(server, SCROLL, c, 1)
+    # A difference of a few percent on a noisy machine: more rounds than the others.
+    series = interleaved(
+        max(budget.rounds, 5),
+        {name: lambda s=server: wrk(s, SCROLL, c, seconds) for name, server in cases.items()},
+    )
+    return TelemetryCost(**series)
 
 
 @dataclass

@@ -7,6 +7,7 @@ does not answer) into one line that says what is wrong and how to fix it.
 import argparse
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -105,14 +106,30 @@ def serve(args: argparse.Namespace) -> None:
         f"{'s' if workers > 1 else ''} - API docs at http://{args.host}:{args.port}/docs",
         flush=True,
     )
-    uvicorn.run(
-        "service.main:app",
-        host=args.host,
-        port=args.port,
-        workers=workers,
-        access_log=not args.no_access_log,
-        log_level=settings.log_level.lower(),
-    )
+    from service.logs import configure_logging
+    from service.metrics import prepare_multiprocess_dir
+
+    if args.no_access_log:
+        os.environ["ACCESS_LOG"] = "false"  # the app's access line (service.telemetry)
+    configure_logging(settings)
+    # Before the workers start: they inherit PROMETHEUS_MULTIPROC_DIR.
+    own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    metrics_dir = prepare_multiprocess_dir(workers)
+    try:
+        uvicorn.run(
+            "service.main:app",
+            host=args.host,
+            port=args.port,
+            workers=workers,
+            # The app logs one access line per request itself, and its logging setup
+            # (service.logs) formats uvicorn's lines too.
+            access_log=False,
+            log_config=None,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        if metrics_dir is not None and own_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def web_concurrency() -> int:

@@ -3,9 +3,9 @@
 import secrets
 import uuid
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -74,6 +74,24 @@ class Settings(BaseSettings):
     db_echo: bool = Field(False, description="Log every SQL statement.")
     db_server_timing: bool = Field(True, description="Send the Server-Timing header.")
     log_level: str = Field("INFO", description="Python logging level name.")
+    # -- operating the service (service.logs, service.telemetry, service.metrics) --
+    log_format: Literal["json", "text"] | None = Field(
+        None,
+        description="`json` (one object per line) or `text`; unset: text when stderr is a "
+        "terminal, JSON otherwise.",
+    )
+    log_config: FilePath | None = Field(
+        None,
+        description="A logging configuration file used instead of LOG_FORMAT/LOG_LEVEL: "
+        "dictConfig as .yaml/.yml/.json, or fileConfig (.ini); see examples/logging.yaml.",
+    )
+    access_log: bool = Field(True, description="Log one line per request (service.access).")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description="If set, GET /metrics needs `Authorization: Bearer <this token>`; "
+        "empty = open (keep /metrics off the public network instead).",
+    )
     # -- who may call, and what a request may carry (service.auth, service.body_limit) --
     api_tokens: SecretStr = Field(
         SecretStr(""),

@@ -1,6 +1,5 @@
 """The application: `create_app(settings)`, and `app` for `uvicorn service.main:app`."""
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,12 +25,24 @@ from service.db.replicas import Replicas
 from service.health import LIVENESS_PATH
 from service.health import router as health_router
 from service.items.router import router as items_router
+from service.logs import configure_logging
+from service.metrics import (
+    IN_PROGRESS,
+    METRICS_PATH,
+    REQUEST_DURATION,
+    DatabaseMetrics,
+    metrics_endpoint,
+    worker_stopped,
+)
 from service.problems import (
     failure_problem,
     install_problem_handlers,
     problem_response,
     problem_responses,
 )
+from service.request_ids import HEADER as REQUEST_ID_HEADER
+from service.request_ids import add_request_ids
+from service.telemetry import RequestDatabaseStats, RequestTelemetry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     token_check = TokenCheck.from_settings(settings)
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     engine = create_async_engine(settings.async_database_url(), **settings.async_engine_args())
     replicas = read_replicas(settings, engine)
@@ -56,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await close_engines(app)
+        worker_stopped()
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself
     # (assets shipped in the fastapi-offline wheel), not from a CDN.
@@ -73,8 +85,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.replicas = replicas
     app.state.settings = settings
     app.state.token_check = token_check
-    # The last added runs first: CORS, then the body limit, then the database session - so
-    # a request takes a connection slot only once its whole body is in (and not too large).
+    app.state.database_observer = (
+        DatabaseMetrics({async_db.name: engine.sync_engine.pool})
+        if settings.metrics_enabled
+        else RequestDatabaseStats()
+    )
+    if settings.metrics_enabled:
+        app.add_api_route(METRICS_PATH, metrics_endpoint, methods=["GET"], include_in_schema=False)
+    # The last added runs first: request ids, telemetry (access line, HTTP metrics), CORS,
+    # then the body limit, then the database session - so a request takes a connection
+    # slot only once its whole body is in (and not too large).
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -86,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # on two different server connections.
         autocommit_methods=() if settings.database_pgbouncer else SAFE_METHODS,
         error_response=failure_problem,
+        observer=app.state.database_observer,
     )
     if replicas is not None:
         # Outside the session middleware: it commits before the response starts, so the
@@ -103,10 +124,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "X-Request-ID",
+            allow_headers=["Authorization", "Content-Type", "If-Match", REQUEST_ID_HEADER,
                            CONSISTENCY_HEADER],
-            expose_headers=["ETag", "Location", "Retry-After", CONSISTENCY_HEADER],
+            expose_headers=["ETag", "Location", "Retry-After", REQUEST_ID_HEADER,
+                            CONSISTENCY_HEADER],
         )
+    app.add_middleware(
+        RequestTelemetry,
+        templates=lambda: route_templates(app),
+        access_log=settings.access_log,
+        duration=REQUEST_DURATION if settings.metrics_enabled else None,
+        in_progress=IN_PROGRESS if settings.metrics_enabled else None,
+    )
+    add_request_ids(app)
     install_problem_handlers(app)
     app.include_router(health_router)
     app.include_router(items_router)
@@ -158,9 +188,9 @@ async def close_engines(app: FastAPI) -> None:
 
 def sessionless_paths(app: FastAPI) -> set[str]:
     """Paths that never touch the database, so they never wait for a connection slot: the
-    liveness probe, the API docs and the static files they load."""
+    liveness probe, the metrics, the API docs and the static files they load."""
     docs = (app.openapi_url, DOCS_URL, app.swagger_ui_oauth2_redirect_url, REDOC_URL)
-    return {LIVENESS_PATH, *(path for path in docs if path), *static_file_paths(app)}
+    return {LIVENESS_PATH, METRICS_PATH, *(path for path in docs if path), *static_file_paths(app)}
 
 
 def static_file_paths(app: FastAPI) -> set[str]:
@@ -176,6 +206,13 @@ def static_file_paths(app: FastAPI) -> set[str]:
                     if file.is_file()
                 }
     return paths
+
+
+def route_templates(app: FastAPI) -> list[str]:
+    """Every route's path template: the documented operations' and the others' (docs,
+    metrics), for naming the route of requests answered before routing."""
+    routes = (getattr(route, "path", None) for route in app.router.routes)
+    return [*app.openapi().get("paths", {}), *(path for path in routes if isinstance(path, str))]
 
 
 def __getattr__(name: str) -> FastAPI:

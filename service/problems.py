@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException
 
 from service.db.failures import Failure, failure_of_statement
 from service.domain_errors import DomainError
+from service.request_ids import HEADER as REQUEST_ID_HEADER
+from service.request_ids import current_request_id
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -43,6 +45,11 @@ class Problem(BaseModel):
     title: str = Field(description="Short summary of the problem kind (the HTTP reason).")
     status: int = Field(description="HTTP status code.")
     detail: str | None = Field(None, description="What went wrong in this occurrence.")
+    request_id: str | None = Field(
+        None,
+        description="The request's id, as in its `X-Request-ID` response header and in "
+        "every log line of the request: quote it when reporting the problem.",
+    )
     errors: list[FieldError] | None = Field(
         None, description="Field errors, for validation problems (422) only."
     )
@@ -51,12 +58,14 @@ class Problem(BaseModel):
 def problem_response(
     status: int, detail: str | None, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    """A problem-details response for `status`, with `title` taken from the HTTP reason."""
+    """A problem-details response for `status`, with `title` taken from the HTTP reason and
+    `request_id` from the request being served."""
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
+        "request_id": current_request_id(),
         **extra,
     }
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
@@ -134,5 +143,10 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette logs the exception and re-raises it after this response is sent.
-    return failure_problem(failure_of_statement(exc))
+    # Starlette logs the exception and re-raises it after this response is sent - from its
+    # outermost layer, past the one that adds X-Request-ID to every other response.
+    failure = failure_of_statement(exc)
+    headers = dict(failure.headers)
+    if (request_id := current_request_id()) is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    return problem_response(failure.status, failure.detail, headers=headers)

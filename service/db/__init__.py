@@ -30,19 +30,23 @@ from service.db.middleware_base import (
     commit_below_400,
     detail_json,
 )
+from service.db.observer import NO_OBSERVER, Outcome, SessionObserver
 from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
 
 __all__ = [
     "BUSY",
+    "NO_OBSERVER",
     "CommitPolicy",
     "DBSessionMiddleware",
     "Database",
     "ErrorResponse",
     "Failure",
     "MissingSessionError",
+    "Outcome",
     "QueryLog",
     "QueryStats",
     "SessionNotInitialisedError",
+    "SessionObserver",
     "assert_max_queries",
     "commit_below_400",
     "create_engine",

@@ -31,6 +31,7 @@ from service.db.middleware_base import (
     commit_below_400,
     detail_json,
 )
+from service.db.observer import NO_OBSERVER, SessionObserver
 from service.db.unit_of_work import UnitOfWork
 
 T = TypeVar("T")
@@ -62,6 +63,8 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
       `middleware_base`).
     - `error_response`: `Failure -> ASGI app`, the body of 503/409/500 answers the
       middleware sends itself (default: `detail_json`).
+    - `observer`: a `SessionObserver` told of admission waits and 503s, transaction
+      outcomes and each request's statements (for metrics; default: none).
 
     The first middleware built also becomes the database's default for `with db():`
     outside requests, unless one was configured already (`db.configure`). WebSocket and
@@ -84,6 +87,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
         sessionless_paths: Collection[str] = (),
         autocommit_methods: Collection[str] = (),
         error_response: ErrorResponse = detail_json,
+        observer: SessionObserver = NO_OBSERVER,
     ) -> None:
         if custom_engine is None and not db_url:
             raise ValueError("You need to pass a db_url or a custom_engine parameter.")
@@ -110,6 +114,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
             max_concurrent_sessions=max_concurrent_sessions,
             sessionless_paths=sessionless_paths,
             error_response=error_response,
+            observer=observer,
         )
         # One lifecycle thread per admitted request, so commits never queue behind each other.
         limit = self.slot_limit

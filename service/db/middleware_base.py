@@ -29,12 +29,17 @@ three. Under READ COMMITTED every statement reads its own snapshot anyway; what 
 is that a write there is committed at once, whatever the status, so such methods must only
 read. (SQLite keeps its transactions: no round trips to save, and its BEGIN is ours.)
 
+An `observer` (`service.db.observer.SessionObserver`, default a no-op) is told of each
+admission (and its wait) or 503, each transaction's outcome and each request's statements,
+so an app can keep metrics without this library knowing about them.
+
 This module decides; the sync and async middlewares only say how a unit of work is
 committed, rolled back and ended (`_commit`, `_rollback`, `_end_unit`).
 """
 
 import logging
 from collections.abc import Callable, Collection
+from time import perf_counter
 from typing import Any, Generic, Literal, TypeVar
 
 from sqlalchemy import Engine
@@ -44,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.db.admission import ConnectionSlots, NoSlot, pool_capacity, pool_wait
 from service.db.database import DatabaseBase
 from service.db.failures import BUSY, Failure, failure_of_commit
+from service.db.observer import NO_OBSERVER, Outcome, SessionObserver
 from service.db.unit_of_work import UnitOfWorkBase
 
 logger = logging.getLogger("service.db")
@@ -100,8 +106,10 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         max_concurrent_sessions: int | Literal["auto"] | None,
         sessionless_paths: Collection[str],
         error_response: ErrorResponse,
+        observer: SessionObserver = NO_OBSERVER,
     ) -> None:
         self.app = app
+        self.observer = observer
         self.sessionmaker = sessionmaker
         # Without a sessionmaker for them (SQLite) the methods get ordinary transactions.
         self.autocommit_methods = frozenset(autocommit_methods if autocommit_sessionmaker else ())
@@ -124,6 +132,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         if scope["type"] != "http" or scope["path"] in self.sessionless_paths:
             await self.app(scope, receive, send)
             return
+        asked = perf_counter()
         try:
             slot = await self.slots.acquire()
         except NoSlot:
@@ -131,8 +140,10 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 "%s: no database connection came free within %.0f s; answering 503",
                 describe(scope), self.slots.wait,
             )
+            self.observer.rejected(self.database.name, scope)
             await self.error_response(BUSY)(scope, receive, send)
             return
+        self.observer.admitted(self.database.name, scope, perf_counter() - asked)
         try:
             await self._serve(scope, receive, send)
         finally:
@@ -173,6 +184,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             await self._end(request, commit=request.commits, abandoned=False)
         finally:
             self.database.deactivate(tokens)
+            self.observer.request_ended(self.database.name, scope, unit.stats)
 
     async def _settle(
         self, request: RequestState[UnitT, JobT], start: Message, receive: Receive, send: Send
@@ -185,6 +197,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                     await self._commit(request)
                 except Exception as exc:
                     request.replaced = True
+                    self.observer.transaction_ended(self.database.name, request.scope,
+                                                    "commit_failed")
                     failure = failure_of_commit(exc)
                     logger.error(
                         "%s: commit failed, answering %d instead of %d",
@@ -192,9 +206,11 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                     )
                     await self.error_response(failure)(request.scope, receive, send)
                     return None
+                self.observer.transaction_ended(self.database.name, request.scope, "commit")
             request.commits = True
         elif unit.has_work():
             await self._rollback(request)
+            self.observer.transaction_ended(self.database.name, request.scope, "rollback")
         if not self.server_timing:
             return start
         timing = (b"server-timing", unit.stats.server_timing().encode())
@@ -202,9 +218,13 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
 
     async def _end(self, request: RequestState[UnitT, JobT], commit: bool, abandoned: bool) -> None:
         """End the unit of work; never raises but for cancellation."""
+        had_work = request.unit.has_work()
         try:
             await self._end_unit(request, commit, abandoned)
         except Exception:
+            if had_work:
+                outcome: Outcome = "commit_failed" if commit else "rollback"
+                self.observer.transaction_ended(self.database.name, request.scope, outcome)
             logger.error(
                 "%s: %s of the work done after the response started failed; "
                 "that work was not stored",
@@ -212,6 +232,10 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 "commit" if commit else "rollback",
                 exc_info=True,
             )
+        else:
+            if had_work:
+                outcome = "commit" if commit and not abandoned else "rollback"
+                self.observer.transaction_ended(self.database.name, request.scope, outcome)
 
     # -- how a unit of work is committed, rolled back and ended: sync or async -------------
 

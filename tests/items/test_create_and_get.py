@@ -171,6 +171,7 @@ async def test_get_of_an_unknown_item_returns_404_problem(client: httpx.AsyncCli
         "title": "Not Found",
         "status": 404,
         "detail": "There is no item 424242.",
+        "request_id": response.headers["x-request-id"],
     }
 
 

@@ -22,12 +22,14 @@ from service.db.asyncio.middleware import DBSessionMiddleware
 from service.db.asyncio.unit_of_work import AsyncUnitOfWork
 from service.db.failures import Failure
 from service.db.middleware_base import CommitPolicy, ErrorResponse, commit_below_400, detail_json
+from service.db.observer import NO_OBSERVER, Outcome, SessionObserver
 from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
 
 SQLAlchemyMiddleware = DBSessionMiddleware
 """fastapi-async-sqlalchemy's name for the middleware: switching is changing the import."""
 
 __all__ = [
+    "NO_OBSERVER",
     "AsyncUnitOfWork",
     "CommitPolicy",
     "DBSessionMiddleware",
@@ -35,10 +37,12 @@ __all__ = [
     "ErrorResponse",
     "Failure",
     "MissingSessionError",
+    "Outcome",
     "QueryLog",
     "QueryStats",
     "SQLAlchemyMiddleware",
     "SessionNotInitialisedError",
+    "SessionObserver",
     "assert_max_queries",
     "commit_below_400",
     "create_async_engine",

@@ -30,6 +30,7 @@ from service.db.middleware_base import (
     commit_below_400,
     detail_json,
 )
+from service.db.observer import NO_OBSERVER, SessionObserver
 
 _Request = RequestState[AsyncUnitOfWork, "asyncio.Task[None]"]
 
@@ -41,7 +42,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
     (`db_url` or `custom_engine` - an `AsyncEngine` - else `ValueError`; `engine_args`,
     `session_args`, `commit_on_exit=True`; keyword-only `database`, `commit_policy`,
     `server_timing`, `max_concurrent_sessions`, `sessionless_paths`, `autocommit_methods`,
-    `error_response`).
+    `error_response`, `observer`).
     A URL names an async driver: `postgresql+asyncpg://...`, `sqlite+aiosqlite:///...`.
     Sessions default to `expire_on_commit=False` (`ASYNC_SESSION_DEFAULTS`): after the
     COMMIT, a background task or an on-commit hook reading an attribute would otherwise
@@ -64,6 +65,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
         sessionless_paths: Collection[str] = (),
         autocommit_methods: Collection[str] = (),
         error_response: ErrorResponse = detail_json,
+        observer: SessionObserver = NO_OBSERVER,
     ) -> None:
         if custom_engine is None and not db_url:
             raise ValueError("You need to pass a db_url or a custom_engine parameter.")
@@ -93,6 +95,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
             max_concurrent_sessions=max_concurrent_sessions,
             sessionless_paths=sessionless_paths,
             error_response=error_response,
+            observer=observer,
         )
 
     async def _commit(self, request: _Request) -> None:

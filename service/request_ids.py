@@ -1,0 +1,52 @@
+"""Request ids: every request has one, and every trace it leaves carries it.
+
+`X-Request-ID` is taken from the request when it is a sane value - 1 to 128 printable ASCII
+characters, so it can go into a log line or a header as it is - and otherwise made up (32
+hex digits). asgi-correlation-id does the generic part: it runs outermost, keeps the id in
+a `ContextVar` (which follows the request into sync routes, streaming bodies and background
+tasks), writes the chosen id back into the request's headers and adds it to every response
+that passes through it - including the 401, 413, 422 and 503 answers of the inner layers
+and a failed COMMIT's problem. The only response that does not pass through it is a 500
+from an unhandled exception (Starlette sends it from its outermost layer), which
+`service.problems` gives the header itself.
+"""
+
+from uuid import uuid4
+
+from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
+from fastapi import FastAPI
+
+HEADER = "X-Request-ID"
+MAX_LENGTH = 128
+
+
+def is_sane(value: str) -> bool:
+    """Whether a client's request id is used as it is: 1-128 printable ASCII characters."""
+    return (
+        0 < len(value) <= MAX_LENGTH
+        and value.isascii()
+        and value.isprintable()
+        and not value.isspace()
+    )
+
+
+def new_request_id() -> str:
+    """A fresh request id: a random UUID as 32 hex digits."""
+    return uuid4().hex
+
+
+def current_request_id() -> str | None:
+    """The id of the request being served in this context; None outside requests."""
+    return correlation_id.get()
+
+
+def add_request_ids(app: FastAPI) -> None:
+    """Give `app` request ids; call it after every other `add_middleware`, so that it runs
+    first and sees every response."""
+    app.add_middleware(
+        CorrelationIdMiddleware,
+        header_name=HEADER,
+        validator=is_sane,
+        generator=new_request_id,
+        transformer=None,
+    )

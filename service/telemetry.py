@@ -1,0 +1,149 @@
+"""`RequestTelemetry`: one access line and the HTTP metrics for every request.
+
+Pure ASGI, outside CORS, the body limit and the database session (only the request-id
+layer is further out), so it sees every response, whichever layer answered. When the
+request is over - body sent, background tasks done - it
+
+- observes `http_request_duration_seconds{method, route, status}` (time to the end of the
+  response body) and keeps `http_requests_in_progress`, if given `metrics`;
+- logs the access line on the `service.access` logger at INFO: method, route template,
+  path, status, duration, database time and statement count (the numbers behind
+  Server-Timing, for the whole request), client address. The path only: a query string
+  may carry a token, so it is never logged - and neither is any header.
+
+The database numbers reach it through the scope: the app's `SessionObserver`
+(`RequestDatabaseStats`) leaves the request's `QueryStats` there when its unit of work ends.
+A request the database middleware never saw (a 413, a sessionless path) has none.
+"""
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import Gauge, Histogram
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.db.accounting import QueryStats
+from service.db.observer import SessionObserver
+
+access_logger = logging.getLogger("service.access")
+
+DB_STATS = "service.db_stats"  # the scope key of the request's QueryStats
+UNMATCHED = "<unmatched>"  # the route label of a path no route matches
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestDatabaseStats(SessionObserver):
+    """Leaves each request's `QueryStats` in its scope, for the access line."""
+
+    def request_ended(self, database: str, scope: Scope, stats: QueryStats) -> None:
+        scope[DB_STATS] = stats
+
+
+class RequestTelemetry:
+    """Access line and HTTP metrics per request; see the module docstring.
+
+    `templates`: returns the app's route templates (called once, when first needed), to
+    name the route of a request answered before routing (a 413, a 503 from admission) or
+    of one no route took. `duration` and `in_progress`: the metrics to keep, or None.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        templates: Callable[[], Iterable[str]],
+        access_log: bool,
+        duration: Histogram | None = None,
+        in_progress: Gauge | None = None,
+    ) -> None:
+        self.app = app
+        self.templates = templates
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+        # The histogram's children by labels: bounded (methods x routes x statuses), and
+        # `labels()` costs more than the observation itself.
+        self._children: dict[tuple[str, str, int], Any] = {}
+        self.access_log = access_log
+        self.duration = duration
+        self.in_progress = in_progress
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = perf_counter()
+        status = 500  # if the app raises before answering, the client gets a 500
+        finished = 0.0
+
+        async def watch(message: Message) -> None:
+            nonlocal status, finished
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = perf_counter()
+            await send(message)
+
+        if self.in_progress is not None:
+            self.in_progress.inc()
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if self.in_progress is not None:
+                self.in_progress.dec()
+            seconds = (finished or perf_counter()) - started
+            route = self.route_of(scope)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            if self.duration is not None:
+                key = (method, route, status)
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self.duration.labels(method, route, status)
+                child.observe(seconds)
+            if self.access_log:
+                log_access(scope, method, route, status, seconds)
+
+    def route_of(self, scope: Scope) -> str:
+        """The template of the route that served (or would serve) the request."""
+        route = scope.get("route")
+        template = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if isinstance(template, str):
+            return template
+        # Answered before routing, or by no route: match the path against the templates
+        # (static ones first, as the router prefers `/items/scroll` to `/items/{item_id}`).
+        if self._patterns is None:
+            templates = list(dict.fromkeys(self.templates()))
+            ordered = sorted(templates, key=lambda template: "{" in template)
+            self._patterns = [(compile_path(t)[0], t) for t in ordered]
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return next((t for pattern, t in self._patterns if pattern.match(path)), UNMATCHED)
+
+
+def log_access(scope: Scope, method: str, route: str, status: int, seconds: float) -> None:
+    """The access line of one request (the method as the client sent it)."""
+    stats: QueryStats | None = scope.get(DB_STATS)
+    db_ms = round(stats.seconds * 1000, 2) if stats else 0.0
+    statements = stats.count if stats else 0
+    client = scope.get("client")
+    address = f"{client[0]}:{client[1]}" if client else None
+    duration_ms = round(seconds * 1000, 2)
+    access_logger.info(
+        '%s "%s %s" %d %.1f ms (route %s, db %.1f ms, %d %s)',
+        address or "-", scope["method"], scope["path"], status, duration_ms, route, db_ms,
+        statements, "statement" if statements == 1 else "statements",
+        extra={
+            "method": scope["method"],
+            "route": route,
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": duration_ms,
+            "db_ms": db_ms,
+            "db_statements": statements,
+            "client": address,
+        },
+    )

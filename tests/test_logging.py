@@ -1,0 +1,275 @@
+"""Logs: JSON (one object per line) or text, the request id on every line, one access line
+per request with the numbers behind Server-Timing - and never a token or a query string;
+LOG_CONFIG files (dictConfig YAML/JSON, fileConfig .ini), the shipped examples included."""
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.logs import log_format
+from service.main import create_app
+from tests.conftest import AUTH, TEST_TOKEN
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+ITEM = {"name": "Lamp", "price": "12.50"}
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Each test configures logging its way; put back what was there."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    access = logging.getLogger("service.access")
+    access_state = access.handlers[:], access.level, access.propagate
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    for handler in access.handlers[:]:
+        access.removeHandler(handler)
+        handler.close()
+    for handler in access_state[0]:
+        access.addHandler(handler)
+    access.setLevel(access_state[1])
+    access.propagate = access_state[2]
+
+
+@asynccontextmanager
+async def serving(settings: Settings, **changes: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings.model_copy(update=changes))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+    await app.state.engine.dispose()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of `text` parsed as one JSON object (fails on any other line)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in lines if line["logger"] == "service.access"]
+
+
+# -- formats ---------------------------------------------------------------------------------
+
+
+async def test_json_logs_are_one_object_per_line_with_the_request_id(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json") as client:
+        response = await client.get("/items/424242", headers={"X-Request-ID": "json-1"})
+        logging.getLogger("tests.logging").warning("outside any request")
+    assert response.status_code == 404
+
+    lines = json_lines(capsys.readouterr().err)
+    for line in lines:
+        assert {"time", "level", "logger", "message", "request_id"} <= line.keys()
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", line["time"])
+    [access] = access_lines(lines)
+    assert access["request_id"] == "json-1"
+    assert access["level"] == "INFO"
+    [outside] = [line for line in lines if line["message"] == "outside any request"]
+    assert outside["level"] == "WARNING" and outside["logger"] == "tests.logging"
+
+
+async def test_text_logs_show_the_request_id_in_brackets(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="text") as client:
+        await client.get("/items", headers={"X-Request-ID": "text-1"})
+    [access] = [line for line in capsys.readouterr().err.splitlines() if "service.access" in line]
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO service\.access \[text-1\] ",
+                    access)
+    assert '"GET /items" 200' in access
+
+
+def test_without_log_format_a_terminal_gets_text_and_anything_else_json(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert log_format(settings) == "text"
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert log_format(settings) == "json"
+    assert log_format(settings.model_copy(update={"log_format": "text"})) == "text"
+
+
+def test_an_unknown_log_format_is_refused(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="log_format"):
+        Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN, log_format="xml")
+
+
+# -- the access line -------------------------------------------------------------------------
+
+
+async def test_one_access_line_per_request_with_route_status_and_database_numbers(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json") as client:
+        created = await client.post("/items", json=ITEM, headers=AUTH)
+        item_id = created.json()["id"]
+        got = await client.get(f"/items/{item_id}")
+    lines = access_lines(json_lines(capsys.readouterr().err))
+
+    assert [(line["method"], line["route"], line["path"], line["status"]) for line in lines] == [
+        ("POST", "/items", "/items", 201),
+        ("GET", "/items/{item_id}", f"/items/{item_id}", 200),
+    ]
+    for line, response in zip(lines, [created, got], strict=True):
+        # The numbers behind Server-Timing: db;dur=<ms>;desc="<n> queries".
+        timing = re.match(r'db;dur=([\d.]+);desc="(\d+) quer', response.headers["server-timing"])
+        assert timing is not None
+        assert line["db_statements"] == int(timing.group(2)) >= 1
+        assert line["db_ms"] == pytest.approx(float(timing.group(1)), abs=0.06)
+        assert line["duration_ms"] >= line["db_ms"] > 0
+        assert line["client"] == "127.0.0.1:123"  # httpx.ASGITransport's made-up client
+        assert line["request_id"] == response.headers["x-request-id"]
+
+
+async def test_access_lines_name_the_route_of_early_answers_and_bound_unmatched_paths(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json", max_body_bytes=10) as client:
+        too_big = await client.post("/items", content=b"x" * 11, headers=AUTH)
+        unknown = await client.get("/no/such/path")
+        live = await client.get("/health/live")
+    assert (too_big.status_code, unknown.status_code, live.status_code) == (413, 404, 200)
+    lines = access_lines(json_lines(capsys.readouterr().err))
+    assert [(line["route"], line["status"], line["db_statements"]) for line in lines] == [
+        ("/items", 413, 0),  # answered by the body limit, before routing and the database
+        ("<unmatched>", 404, 0),
+        ("/health/live", 200, 0),
+    ]
+    assert lines[1]["path"] == "/no/such/path"
+
+
+async def test_no_token_password_or_query_string_reaches_the_logs(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json", log_level="DEBUG") as client:
+        await client.post("/items", json=ITEM, headers=AUTH)
+        await client.get("/items?Authorization=Bearer%20leaked-query-token&token=qs-secret")
+        await client.post("/items", json=ITEM, headers={"Authorization": "Bearer wrong-secret"})
+    # The service's lines: the test client's own (httpx logs the URLs it calls) aside.
+    lines = [line for line in json_lines(capsys.readouterr().err) if line["logger"] != "httpx"]
+    logged = json.dumps(lines)
+    for secret in (TEST_TOKEN, "leaked-query-token", "qs-secret", "wrong-secret"):
+        assert secret not in logged
+    lines = access_lines(lines)
+    assert [line["status"] for line in lines] == [201, 200, 401]
+    assert lines[1]["path"] == "/items"
+
+
+async def test_access_log_can_be_switched_off(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json", access_log=False) as client:
+        assert (await client.get("/items")).status_code == 200
+    assert access_lines(json_lines(capsys.readouterr().err)) == []
+
+
+# -- LOG_CONFIG ------------------------------------------------------------------------------
+
+
+def yaml_config(log_file: Path) -> str:
+    return f"""
+version: 1
+formatters:
+  json: {{"()": service.logs.JsonFormatter}}
+handlers:
+  file:
+    class: logging.handlers.RotatingFileHandler
+    filename: {log_file}
+    maxBytes: 1000000
+    backupCount: 2
+    formatter: json
+root: {{level: INFO, handlers: [file]}}
+"""
+
+
+def json_config(log_file: Path) -> str:
+    return json.dumps({
+        "version": 1,
+        "formatters": {"text": {"format": "%(levelname)s [%(request_id)s] %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_file),
+                              "formatter": "text"}},
+        "root": {"level": "INFO", "handlers": ["file"]},
+    })
+
+
+def ini_config(log_file: Path) -> str:
+    return f"""
+[loggers]
+keys = root
+[handlers]
+keys = file
+[formatters]
+keys = json
+[logger_root]
+level = INFO
+handlers = file
+[handler_file]
+class = logging.handlers.RotatingFileHandler
+formatter = json
+args = ({str(log_file)!r}, "a", 1000000, 2)
+[formatter_json]
+class = service.logs.JsonFormatter
+"""
+
+
+@pytest.mark.parametrize(
+    ("suffix", "render"), [(".yaml", yaml_config), (".json", json_config), (".ini", ini_config)]
+)
+async def test_log_config_file_configures_logging(
+    settings: Settings, tmp_path: Path, suffix: str, render: Any
+) -> None:
+    log_file = tmp_path / "service.log"
+    config = tmp_path / f"logging{suffix}"
+    config.write_text(render(log_file))
+    async with serving(settings, log_config=config) as client:
+        await client.get("/items", headers={"X-Request-ID": f"conf{suffix}"})
+    text = log_file.read_text()
+    if suffix == ".json":  # a plain text format using %(request_id)s
+        assert f"INFO [conf{suffix}] " in text and '"GET /items" 200' in text
+    else:
+        [access] = access_lines(json_lines(text))
+        assert access["request_id"] == f"conf{suffix}" and access["status"] == 200
+
+
+def test_a_missing_log_config_file_is_refused(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="log_config"):
+        Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN,
+                 log_config=tmp_path / "nowhere.yaml")
+
+
+@pytest.mark.parametrize("example", ["logging.yaml", "logging.ini"])
+async def test_the_shipped_examples_write_json_lines_to_rotating_files(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, example: str
+) -> None:
+    shutil.copy(ROOT / "examples" / example, tmp_path / example)
+    monkeypatch.chdir(tmp_path)  # the examples name their files relative to the cwd
+    async with serving(settings, log_config=tmp_path / example) as client:
+        await client.get("/items", headers={"X-Request-ID": "example"})
+    written = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    [access] = access_lines(json_lines(written))
+    assert access["request_id"] == "example" and access["route"] == "/items"
+    for handler in logging.getLogger().handlers + logging.getLogger("service.access").handlers:
+        if isinstance(handler, logging.FileHandler):
+            assert type(handler).__name__ == "RotatingFileHandler"

@@ -1,0 +1,362 @@
+"""Prometheus metrics at GET /metrics: the HTTP and database metrics move as requests are
+served, labels stay bounded (route templates, never raw paths), the endpoint can be switched
+off or guarded by a token, is not in the public OpenAPI, never waits for a database slot -
+and with several worker processes every scrape adds up all of them."""
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import string
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from bench.harness import free_port
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import AUTH, TEST_TOKEN
+from tests.faults.test_commit_failures import DEFERRED_FOREIGN_KEY, injected
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+ITEM = {"name": "Lamp", "price": "12.50"}
+METRIC_NAMES = [
+    "http_request_duration_seconds",
+    "http_requests_in_progress",
+    "db_pool_connections",
+    "db_admission_wait_seconds",
+    "db_admission_rejected_total",
+    "db_transactions_total",
+    "db_statements_per_request",
+]
+
+
+def sample(name: str, **labels: str) -> float:
+    """The current value of one sample in this process's registry (0 if absent)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def requests_of(route: str, status: str, method: str = "GET") -> float:
+    return sample("http_request_duration_seconds_count", method=method, route=route,
+                  status=status)
+
+
+def series(exposition: str) -> set[str]:
+    """The series (name and labels, without values) of a text exposition."""
+    return {line.rsplit(" ", 1)[0] for line in exposition.splitlines()
+            if line and not line.startswith("#")}
+
+
+@asynccontextmanager
+async def serving(settings: Settings, **changes: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings.model_copy(update=changes))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=AUTH
+    ) as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
+    await app.state.engine.dispose()
+
+
+# -- the endpoint ----------------------------------------------------------------------------
+
+
+async def test_metrics_are_served_in_prometheus_text_format(client: httpx.AsyncClient) -> None:
+    await client.post("/items", json=ITEM)
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    for name in METRIC_NAMES:  # each has samples from the start
+        assert re.search(rf"^{name}(_bucket|_count|_sum)?[{{ ]", response.text, re.MULTILINE)
+    assert re.search(
+        r'^http_request_duration_seconds_count\{method="POST",route="/items",status="201"\} ',
+        response.text, re.MULTILINE,
+    )
+
+
+async def test_metrics_are_not_in_the_public_openapi(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    assert "/metrics" not in schema["paths"]
+
+
+async def test_metrics_can_be_switched_off(settings: Settings) -> None:
+    async with serving(settings, metrics_enabled=False) as client:
+        before = requests_of("/items", "200")
+        assert (await client.get("/items")).status_code == 200
+        response = await client.get("/metrics")
+    assert response.status_code == 404
+    assert requests_of("/items", "200") == before  # and nothing is recorded
+
+
+async def test_a_metrics_token_guards_the_endpoint(settings: Settings) -> None:
+    token = "metrics-token-0123456789"
+    async with serving(settings, metrics_token=SecretStr(token)) as client:
+        missing = await client.get("/metrics", headers={"Authorization": ""})
+        api_token = await client.get("/metrics")  # the API token is not the metrics token
+        right = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    for refused in (missing, api_token):
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["request_id"] == refused.headers["x-request-id"]
+        assert "http_request" not in refused.text
+    assert right.status_code == 200 and "http_request_duration_seconds" in right.text
+    assert TEST_TOKEN not in right.text and token not in right.text
+
+
+async def test_metrics_answer_while_every_database_slot_is_taken(settings: Settings) -> None:
+    """/metrics is a sessionless path: it never queues behind the database work."""
+    async with serving(settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout=5) as client:
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        @client.app.get("/hold")  # type: ignore[attr-defined]
+        async def hold() -> dict[str, str]:
+            entered.set()
+            await release.wait()
+            return {}
+
+        holder = asyncio.ensure_future(client.get("/hold"))
+        await entered.wait()
+        started = time.perf_counter()
+        response = await client.get("/metrics")
+        waited = time.perf_counter() - started
+        release.set()
+        await holder
+    assert response.status_code == 200
+    assert waited < 1.0
+    assert 'http_requests_in_progress 2.0' in response.text  # /hold and this scrape
+
+
+# -- HTTP metrics ----------------------------------------------------------------------------
+
+
+async def test_requests_are_counted_by_method_route_template_and_status(
+    client: httpx.AsyncClient,
+) -> None:
+    before = {key: requests_of(*key) for key in [
+        ("/items/{item_id}", "200"), ("/items/{item_id}", "404"), ("/items", "201", "POST"),
+        ("<unmatched>", "404"), ("/items", "413", "POST"),
+    ]}
+    item_id = (await client.post("/items", json=ITEM)).json()["id"]
+    for _ in range(3):
+        await client.get(f"/items/{item_id}")
+    await client.get("/items/424242")
+    await client.get("/nothing/here")
+    await client.post("/items", content=b"x" * (2 * 1024 * 1024))
+    after = {key: requests_of(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        ("/items/{item_id}", "200"): 3,
+        ("/items/{item_id}", "404"): 1,
+        ("/items", "201", "POST"): 1,
+        ("<unmatched>", "404"): 1,
+        ("/items", "413", "POST"): 1,  # answered by the body limit, before routing
+    }
+    # No series is ever named after a raw path.
+    assert f"/items/{item_id}\"" not in (await client.get("/metrics")).text
+
+
+async def test_a_scan_of_10000_random_paths_adds_no_series(settings: Settings) -> None:
+    async with serving(settings, access_log=False) as client:  # 10,000 lines spared
+        await scan_random_paths(client)
+
+
+async def scan_random_paths(client: httpx.AsyncClient) -> None:
+    rng = random.Random(15)
+
+    def word() -> str:
+        return "".join(rng.choices(string.ascii_letters + string.digits + "-._~", k=12))
+
+    kinds = [
+        lambda: f"/{word()}",
+        lambda: f"/{word()}/{word()}/{word()}",
+        lambda: f"/items/{rng.randrange(10**6, 10**9)}",
+        lambda: f"/items/{word()}x",
+        lambda: f"/items/{word()}/{word()}",
+        lambda: f"/health/{word()}",
+    ]
+    methods = ["GET", "DELETE", "PROPFIND", word().upper()]
+
+    async def scan(paths: int) -> None:
+        for n in range(paths):
+            await client.request(methods[n % len(methods)], kinds[n % len(kinds)]())
+
+    await scan(len(kinds) * len(methods))  # each kind of request once, with each method
+    before = series((await client.get("/metrics")).text)
+    await scan(10_000)
+    after = series((await client.get("/metrics")).text)
+    assert after == before
+    assert not [s for s in after if "PROPFIND" in s]  # unknown methods count as "other"
+
+
+# -- database metrics ------------------------------------------------------------------------
+
+
+async def test_transactions_are_counted_by_outcome(
+    client: httpx.AsyncClient, engine: Engine, backend: str
+) -> None:
+    def outcomes() -> dict[str, float]:
+        return {outcome: sample("db_transactions_total", database="db", outcome=outcome)
+                for outcome in ("commit", "rollback", "commit_failed")}
+
+    before = outcomes()
+    assert (await client.post("/items", json=ITEM)).status_code == 201
+    assert (await client.post("/items", json=ITEM)).status_code == 409  # a duplicate name
+    with injected(engine, DEFERRED_FOREIGN_KEY[backend]):
+        assert (await client.post("/items", json={**ITEM, "name": "Desk"})).status_code == 409
+    after = outcomes()
+    assert {k: after[k] - before[k] for k in after} == {
+        "commit": 1, "rollback": 1, "commit_failed": 1,
+    }
+
+
+async def test_statements_per_request_and_admission_waits_are_observed(
+    client: httpx.AsyncClient,
+) -> None:
+    count, total = "db_statements_per_request_count", "db_statements_per_request_sum"
+    waits = "db_admission_wait_seconds_count"
+    before = (sample(count, database="db"), sample(total, database="db"),
+              sample(waits, database="db"))
+    response = await client.get("/items/scroll?size=5")
+    statements = int(re.search(r'desc="(\d+) quer', response.headers["server-timing"])[1])  # type: ignore[index]
+    await client.get("/health/live")  # sessionless: no slot, no unit of work
+    after = (sample(count, database="db"), sample(total, database="db"),
+             sample(waits, database="db"))
+    assert after[0] - before[0] == 1
+    assert after[1] - before[1] == statements >= 1
+    assert after[2] - before[2] == 1
+
+
+async def test_admission_rejections_are_counted(settings: Settings) -> None:
+    async with serving(settings, db_pool_size=1, db_max_overflow=0,
+                       db_pool_timeout=0.2) as client:
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        @client.app.get("/hold")  # type: ignore[attr-defined]
+        async def hold() -> dict[str, str]:
+            entered.set()
+            await release.wait()
+            return {}
+
+        before = sample("db_admission_rejected_total", database="db")
+        holder = asyncio.ensure_future(client.get("/hold"))
+        await entered.wait()
+        busy = await client.get("/items")
+        release.set()
+        await holder
+    assert busy.status_code == 503
+    assert sample("db_admission_rejected_total", database="db") - before == 1
+    assert sample("db_admission_wait_seconds_bucket", database="db", le="+Inf") > 0
+
+
+async def test_pool_connections_are_reported(client: httpx.AsyncClient) -> None:
+    await client.post("/items", json=ITEM)
+    text = (await client.get("/metrics")).text
+    pool = {state: float(re.search(  # type: ignore[index]
+        rf'^db_pool_connections\{{database="db",state="{state}"\}} (\S+)$', text, re.M)[1])
+        for state in ("checked_out", "idle", "overflow")}
+    assert pool == {"checked_out": 0.0, "idle": 1.0, "overflow": 0.0}
+
+
+# -- several worker processes ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    migrated_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """`python -m service serve --workers 2` on a free loopback port (one for the tests of
+    this module: starting it takes seconds), its metrics files in a temporary directory;
+    yields its base URL and that directory."""
+    tmp_path = tmp_path_factory.mktemp("two-workers")
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    (metrics_dir).mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # a previous run's leftovers
+    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "LOG_FORMAT": "json",
+           "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "stderr.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not start: " + (tmp_path / "stderr.log").read_text())
+        yield base, metrics_dir
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_with_two_workers_every_scrape_counts_the_requests_of_both(
+    two_workers: tuple[str, Path],
+) -> None:
+    base, metrics_dir = two_workers
+    served = 40
+
+    def get_items(_: int) -> int:  # a new connection each, 8 at once: both workers accept
+        return httpx.get(f"{base}/items", timeout=10).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(get_items, range(served))) == {200}
+    assert not (metrics_dir / "counter_999999.db").exists()  # stale files were removed
+    workers = {path.name for path in metrics_dir.glob("histogram_*.db")}
+    assert len(workers) == 2, f"both workers should have served requests: {workers}"
+    line = re.compile(
+        r'^http_request_duration_seconds_count\{method="GET",route="/items",status="200"\} (\S+)$',
+        re.MULTILINE,
+    )
+    for _ in range(6):  # whichever worker answers the scrape
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        assert float(line.search(text)[1]) == served  # type: ignore[index]
+        assert re.search(r"^http_requests_in_progress 1\.0$", text, re.MULTILINE)
+
+
+def test_serve_writes_every_line_as_json_and_one_access_line_per_request(
+    two_workers: tuple[str, Path],
+) -> None:
+    """`serve` with LOG_FORMAT=json: uvicorn's own lines too, and no uvicorn access log."""
+    base, metrics_dir = two_workers
+    ids = [f"serve-{n}" for n in range(5)]
+    for request_id in ids:
+        response = httpx.get(f"{base}/items/scroll?size=3",
+                             headers={"X-Request-ID": request_id})
+        assert response.headers["x-request-id"] == request_id
+    time.sleep(0.5)  # the access line is written once the request is over
+    lines = [json.loads(line) for line in
+             (metrics_dir.parent / "stderr.log").read_text().splitlines() if line.strip()]
+    access = [line for line in lines if line["logger"] == "service.access"]
+    assert [line["request_id"] for line in access if line["path"] == "/items/scroll"] == ids
+    assert {line["logger"] for line in lines} >= {"uvicorn.error", "service.access"}
+    assert "uvicorn.access" not in {line["logger"] for line in lines}
+    assert not [line for line in lines if "color_message" in line]
