@@ -83,7 +83,7 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     check_database(settings)
-    if not settings.api_token_list():
+    if not settings.api_token_list() and not settings.jwt_enabled():
         token = development_token()
         print(
             "No API_TOKENS configured: generated a development token for this run only "

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi_pagination import add_pagination
 from starlette.middleware.cors import CORSMiddleware
 
-from service.auth import TokenCheck
+from service.auth import add_authentication
 from service.body_limit import BodySizeLimit
 from service.config import Settings, get_settings
 from service.db import db
@@ -27,11 +27,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async engine is `app.state.engine`, disposed of when the app shuts down. Also makes the
     settings' database the default of both `db`s, so `with db():` (sync, psycopg2 or
     pysqlite) and `async with async_db():` in scripts and tests reach the same database as
-    the requests. Raises `NoApiTokens` when the settings name no API token: the app never
-    serves with writes open to anyone.
+    the requests. Raises `NoApiTokens` when the settings name no API token and no JWT key:
+    the app never serves with writes open to anyone.
     """
     settings = settings or get_settings()
-    token_check = TokenCheck.from_settings(settings)
     logging.basicConfig(level=settings.log_level)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     engine = create_async_engine(settings.async_database_url(), **settings.async_engine_args())
@@ -39,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await app.state.authenticator.start()  # the identity provider's keys, if fetched
         yield
         await engine.dispose()
 
@@ -50,9 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.engine = engine
     app.state.settings = settings
-    app.state.token_check = token_check
-    # The last added runs first: CORS, then the body limit, then the database session - so
-    # a request takes a connection slot only once its whole body is in (and not too large).
+    # The last added runs first: CORS, authentication, the body limit, the database
+    # session - so a request is authenticated before its body is read, and takes a
+    # connection slot only once its whole body is in (and not too large).
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         error_response=failure_problem,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.authenticator = add_authentication(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

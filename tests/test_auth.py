@@ -134,7 +134,7 @@ def test_short_tokens_are_refused_without_being_shown() -> None:
 
 
 def test_the_app_keeps_only_sha256_digests_of_the_tokens(settings: Settings) -> None:
-    kept = vars(create_app(settings).state.token_check)
+    kept = vars(create_app(settings).state.authenticator.api_tokens)
     assert TEST_TOKEN not in repr(kept)
     assert [len(digest) for digest in kept["_digests"]] == [32]
     assert TEST_TOKEN not in repr(settings) and TEST_TOKEN not in str(settings.model_dump())
