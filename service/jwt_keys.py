@@ -6,10 +6,11 @@ ES256, OKP on Ed25519: EdDSA - never from the token. Any other key in the set (a
 `oct` key, another curve, a key whose `alg` or `use` says otherwise, one without `kid`) is
 left out, with a warning: a public-key set can never make an HMAC token or `none` pass.
 
-`RemoteKeys` (JWT_JWKS_URL) fetches the set when the app starts and keeps it. A token
-with a `kid` it does not know triggers a new fetch, at most one a minute however many such
-tokens arrive (they would otherwise make the app hammer the provider); concurrent requests
-share that fetch. A fetch that fails - provider down, an error status, not a key set, no
+`RemoteKeys` (JWT_JWKS_URL) fetches the set when the app starts (or, if the app was not
+started, at the first token) and keeps it. A token with a `kid` it does not know triggers
+a new fetch if the last one is a minute old or more - so at most one a minute, however
+many such tokens arrive (they would otherwise make the app hammer the provider);
+concurrent requests share that fetch. A fetch that fails - provider down, an error status, not a key set, no
 usable key - changes nothing: the cached keys keep working. The fetch is async (httpx) and
 happens only then, so no request ever blocks the event loop on it.
 
@@ -30,7 +31,7 @@ import httpx
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-logger = logging.getLogger("service.auth")
+logger = logging.getLogger("service.auth.jwks")
 
 # kty (and crv) -> the one algorithm such a key verifies.
 ALGORITHMS: dict[tuple[str, str | None], str] = {
@@ -112,7 +113,7 @@ class RemoteKeys:
         self.url = url
         self.min_refresh_interval = min_refresh_interval
         self.fetches = 0  # attempts, successful or not (what the rate limit counts)
-        self._clock = clock
+        self.clock = clock
         self._transport = transport
         self._keys: dict[str, PyJWK] = {}
         self._last_attempt: float | None = None
@@ -133,7 +134,7 @@ class RemoteKeys:
     def _refresh_due(self) -> bool:
         return (
             self._last_attempt is None
-            or self._clock() - self._last_attempt >= self.min_refresh_interval
+            or self.clock() - self._last_attempt >= self.min_refresh_interval
         )
 
     async def _refresh_if_due(self) -> None:
@@ -142,7 +143,7 @@ class RemoteKeys:
         async with self._lock:  # concurrent requests wait for one fetch, not each their own
             if not self._refresh_due():
                 return
-            self._last_attempt = self._clock()
+            self._last_attempt = self.clock()
             self.fetches += 1
             try:
                 self._keys = signing_keys(await self._fetch())
