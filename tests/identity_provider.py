@@ -121,7 +121,9 @@ class JwksServer:
 
     @contextmanager
     def running(self) -> Iterator["JwksServer"]:
-        thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        thread = threading.Thread(
+            target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         thread.start()
         try:
             yield self

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from tests.identity_provider import (
     JwksServer,
     hs256_token,
 )
-from tests.items.helpers import stored
+from tests.items.helpers import insert_items, stored
 
 pytestmark = pytest.mark.anyio
 
@@ -343,19 +344,21 @@ async def test_a_hostile_token_is_refused_with_401_and_nothing_is_stored(
     make_token: Callable[[IdentityProvider], str], caplog: pytest.LogCaptureFixture,
 ) -> None:
     token = make_token(provider)
+    [kettle] = insert_items(engine, {"name": "Kettle", "price": Decimal("5.00")})
+    before = stored(engine)
 
     with caplog.at_level(logging.INFO, logger="service.auth"):
         responses = [
             await client.post("/items", json=ITEM, headers=bearer(token)),
-            await client.patch("/items/1", json={"price": "1", "version": 1},
+            await client.patch(f"/items/{kettle}", json={"price": "1", "version": 1},
                                headers=bearer(token)),
-            await client.delete("/items/1", headers=bearer(token)),
+            await client.delete(f"/items/{kettle}", headers=bearer(token)),
         ]
 
     for response in responses:
         assert_refused(response)
         assert token not in response.text
-    assert stored(engine) == {}
+    assert stored(engine) == before
     refusals = [r for r in caplog.records if r.name == "service.auth"]
     assert len(refusals) == 3 and all(r.levelno == logging.INFO for r in refusals)
     assert token not in caplog.text
