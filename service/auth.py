@@ -345,20 +345,25 @@ def _declare_security(app: FastAPI, settings: Settings) -> None:
         schema = generate()
         schemes = _security_schemes(settings)
         schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
-        errors = problem_responses(400, 401, *([403] if settings.jwt_enabled() else []))
+        refusals = problem_responses(400, 401, 403)
         for route in api_routes(app.routes):
             requirement = requirement_of(route)
-            if requirement is None or not requirement.applies(settings):
+            if requirement is None:
                 continue
+            # 400 for a token in the URL, whether the operation needs one or not.
+            statuses = [400]
+            if requirement.applies(settings):
+                statuses += [401, 403] if settings.jwt_enabled() else [401]
             for method in route.methods or ():
                 operation = schema["paths"][route.path_format].get(method.lower())
                 if operation is None:
                     continue
-                operation["security"] = [{name: [requirement.scope]} for name in schemes]
-                for status, response in errors.items():
+                if requirement.applies(settings):
+                    operation["security"] = [{name: [requirement.scope]} for name in schemes]
+                for status in statuses:
                     operation["responses"].setdefault(str(status), {
-                        "description": _ERROR_DESCRIPTIONS[int(status)],
-                        "content": response["content"],
+                        "description": _ERROR_DESCRIPTIONS[status],
+                        "content": refusals[status]["content"],
                     })
         return schema
 
@@ -373,14 +378,15 @@ _ERROR_DESCRIPTIONS = {
 
 
 def _security_schemes(settings: Settings) -> dict[str, dict[str, Any]]:
-    schemes: dict[str, dict[str, Any]] = {
-        API_TOKEN_SCHEME: {
+    """The token kinds this app accepts, as OpenAPI security schemes."""
+    schemes: dict[str, dict[str, Any]] = {}
+    if settings.api_token_list():
+        schemes[API_TOKEN_SCHEME] = {
             "type": "http",
             "scheme": "bearer",
             "description": "One of the API tokens configured in `API_TOKENS`; it carries "
             "every scope.",
         }
-    }
     if settings.jwt_enabled():
         schemes[JWT_SCHEME] = {
             "type": "http",

@@ -10,9 +10,9 @@ left out, with a warning: a public-key set can never make an HMAC token or `none
 started, at the first token) and keeps it. A token with a `kid` it does not know triggers
 a new fetch if the last one is a minute old or more - so at most one a minute, however
 many such tokens arrive (they would otherwise make the app hammer the provider);
-concurrent requests share that fetch. A fetch that fails - provider down, an error status, not a key set, no
-usable key - changes nothing: the cached keys keep working. The fetch is async (httpx) and
-happens only then, so no request ever blocks the event loop on it.
+concurrent requests share that fetch. A fetch that fails - provider down, an error
+status, not a key set, no usable key - changes nothing: the cached keys keep working. The
+fetch is async (httpx), so no request ever blocks the event loop on it.
 
 Why not PyJWT's `PyJWKClient`: it fetches with blocking urllib (the event loop would stall
 for a whole fetch), and once its cache lifespan expires a failing fetch raises instead of

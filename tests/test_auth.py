@@ -417,6 +417,7 @@ async def test_openapi_declares_the_api_token_scheme_on_writes_only(app: Any) ->
     for path, method in READS:
         operation = document["paths"][path][method]
         assert "security" not in operation and "401" not in operation["responses"]
+        assert "400" in operation["responses"]  # a token in the URL is refused even here
 
 
 async def test_openapi_says_reads_need_a_token_when_read_requires_token(

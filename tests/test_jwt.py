@@ -596,3 +596,14 @@ def test_jwt_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     settings = Settings(api_tokens="x" * 20)  # type: ignore[arg-type]
     assert settings.jwt_enabled() and settings.jwt_leeway == 30
     assert settings.jwt_secret is None
+
+
+async def test_openapi_offers_only_jwts_when_there_are_no_api_tokens(
+    settings: Settings,
+) -> None:
+    app = create_app(with_jwt(settings, jwt_secret=SecretStr(HS256_SECRET),
+                              api_tokens=SecretStr("")))
+    async with client_of(app) as client:
+        document = (await client.get("/openapi.json")).json()
+    assert set(document["components"]["securitySchemes"]) == {"Jwt"}
+    assert document["paths"]["/items"]["post"]["security"] == [{"Jwt": ["items:write"]}]
