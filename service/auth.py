@@ -83,7 +83,7 @@ class TokenCheck:
         return bool(self._digests)
 
     def label_of(self, token: str) -> str | None:
-        """The label of the configured token `token` is, or None if it is none of them."""
+        """The label of the configured token that `token` is, or None if it is none of them."""
         candidate = _digest(token)
         matched = None
         for digest, label in zip(self._digests, self._labels, strict=True):
