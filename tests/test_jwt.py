@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
@@ -607,3 +608,23 @@ async def test_openapi_offers_only_jwts_when_there_are_no_api_tokens(
         document = (await client.get("/openapi.json")).json()
     assert set(document["components"]["securitySchemes"]) == {"Jwt"}
     assert document["paths"]["/items"]["post"]["security"] == [{"Jwt": ["items:write"]}]
+
+
+def test_serve_generates_no_development_token_when_jwt_is_on(
+    monkeypatch: pytest.MonkeyPatch, migrated_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    from service.cli import main
+
+    served: list[str] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    for name, value in {"API_TOKENS": "", "DATABASE_URL": migrated_url, "JWT_SECRET": HS256_SECRET,
+                        "JWT_ISSUER": ISSUER, "JWT_AUDIENCE": AUDIENCE}.items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["serve", "--port", "8123"]) == 0
+
+    assert served == ["service.main:app"]
+    assert "development token" not in capsys.readouterr().out
+    assert os.environ["API_TOKENS"] == ""  # none was generated
