@@ -10,9 +10,10 @@ left out, with a warning: a public-key set can never make an HMAC token or `none
 started, at the first token) and keeps it. A token with a `kid` it does not know triggers
 a new fetch if the last one is a minute old or more - so at most one a minute, however
 many such tokens arrive (they would otherwise make the app hammer the provider);
-concurrent requests share that fetch. A fetch that fails - provider down, an error
-status, not a key set, no usable key - changes nothing: the cached keys keep working. The
-fetch is async (httpx), so no request ever blocks the event loop on it.
+concurrent requests share that fetch. Keys older than 15 minutes are fetched again at the
+next token, so a key the provider withdrew stops working soon. A fetch that fails -
+provider down, an error status, not a key set, no usable key - changes nothing: the cached
+keys keep working. The fetch is async (httpx), so no request ever blocks the event loop.
 
 Why not PyJWT's `PyJWKClient`: it fetches with blocking urllib (the event loop would stall
 for a whole fetch), and once its cache lifespan expires a failing fetch raises instead of
@@ -40,6 +41,7 @@ ALGORITHMS: dict[tuple[str, str | None], str] = {
     ("OKP", "Ed25519"): "EdDSA",
 }
 MIN_REFRESH_INTERVAL = 60.0  # seconds between fetches triggered by unknown kids
+MAX_AGE = 900.0  # seconds after which the keys are fetched again at the next token
 FETCH_TIMEOUT = 5.0  # seconds
 MAX_JWKS_BYTES = 1024 * 1024
 
@@ -107,16 +109,16 @@ class RemoteKeys:
         url: str,
         *,
         min_refresh_interval: float = MIN_REFRESH_INTERVAL,
+        max_age: float = MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
         self.min_refresh_interval = min_refresh_interval
-        self.fetches = 0  # attempts, successful or not (what the rate limit counts)
+        self.max_age = max_age
         self.clock = clock
-        self._transport = transport
         self._keys: dict[str, PyJWK] = {}
         self._last_attempt: float | None = None
+        self._last_success: float | None = None
         self._lock: asyncio.Lock | None = None
 
     async def start(self) -> None:
@@ -125,11 +127,12 @@ class RemoteKeys:
         await self._refresh_if_due()
 
     async def key(self, kid: str) -> PyJWK | None:
-        key = self._keys.get(kid)
-        if key is None and self._refresh_due():
+        if (kid not in self._keys or self._stale()) and self._refresh_due():
             await self._refresh_if_due()
-            key = self._keys.get(kid)
-        return key
+        return self._keys.get(kid)
+
+    def _stale(self) -> bool:
+        return self._last_success is None or self.clock() - self._last_success >= self.max_age
 
     def _refresh_due(self) -> bool:
         return (
@@ -144,9 +147,9 @@ class RemoteKeys:
             if not self._refresh_due():
                 return
             self._last_attempt = self.clock()
-            self.fetches += 1
             try:
                 self._keys = signing_keys(await self._fetch())
+                self._last_success = self.clock()
             except (httpx.HTTPError, ValueError) as error:
                 logger.warning(
                     "JWKS %s could not be fetched (%s: %s); keeping the %d keys cached",
@@ -157,9 +160,7 @@ class RemoteKeys:
                             ", ".join(sorted(self._keys)))
 
     async def _fetch(self) -> Any:
-        async with httpx.AsyncClient(
-            transport=self._transport, timeout=FETCH_TIMEOUT, follow_redirects=False
-        ) as client:
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client:
             response = await client.get(self.url, headers={"Accept": "application/json"})
             response.raise_for_status()
             if len(response.content) > MAX_JWKS_BYTES:

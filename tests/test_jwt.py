@@ -447,6 +447,24 @@ async def test_an_unknown_kid_refreshes_the_jwks_once_a_minute_at_most(
     assert jwks_server.fetches == 2
 
 
+async def test_a_key_the_provider_withdrew_stops_working_within_15_minutes(
+    client: httpx.AsyncClient, jwks_server: JwksServer, provider: IdentityProvider,
+    clock: list[float],
+) -> None:
+    token = bearer(provider.token("ec-1"))
+    assert (await client.post("/items", json=ITEM, headers=token)).status_code == 201
+    del provider.private_keys["ec-1"]  # withdrawn from the JWKS
+
+    clock[0] += 899
+    again = await client.post("/items", json={**ITEM, "name": "Rug"}, headers=token)
+    assert again.status_code == 201, again.text
+    assert jwks_server.fetches == 1
+
+    clock[0] += 1
+    assert_refused(await client.post("/items", json={**ITEM, "name": "Vase"}, headers=token))
+    assert jwks_server.fetches == 2
+
+
 async def test_concurrent_unknown_kids_share_one_fetch(
     client: httpx.AsyncClient, jwks_server: JwksServer, provider: IdentityProvider,
     clock: list[float],
