@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench import sync_items
-from service.auth import TokenCheck
+from service.auth import add_authentication
 from service.body_limit import BodySizeLimit
 from service.config import get_settings
 from service.cursors import sign_cursor
@@ -116,6 +116,8 @@ CONSTANT_PAGE = {
             "created_at": "2026-11-23T12:00:00Z",
             "updated_at": "2026-11-23T12:00:00Z",
             "version": 1,
+            "created_by": "token:1",
+            "updated_by": "token:1",
         }
         for n in range(1, 21)
     ],
@@ -192,7 +194,6 @@ def service_sync() -> FastAPI:
     settings = get_settings()
     app = FastAPI()
     app.state.settings = settings
-    app.state.token_check = TokenCheck.from_settings(settings)
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=create_engine(settings.sync_database_url(), **settings.engine_args()),
@@ -201,6 +202,7 @@ def service_sync() -> FastAPI:
         error_response=failure_problem,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    add_authentication(app, settings)
     install_problem_handlers(app)
     app.include_router(sync_items.router)
     add_pagination(app)
@@ -306,7 +308,8 @@ def depends_async() -> FastAPI:
 # checks that it still is).
 RAW_SCROLL_SQL = (
     "SELECT items.id, items.name, items.description, items.price, items.created_at, "
-    "items.updated_at, items.version \nFROM items ORDER BY items.id ASC \n LIMIT $1::INTEGER"
+    "items.updated_at, items.version, items.created_by, items.updated_by \nFROM items "
+    "ORDER BY items.id ASC \n LIMIT $1::INTEGER"
 )
 
 
@@ -345,6 +348,8 @@ def raw_asyncpg() -> FastAPI:
                     "created_at": row["created_at"],
                     "updated_at": row["updated_at"],
                     "version": row["version"],
+                    "created_by": row["created_by"],
+                    "updated_by": row["updated_by"],
                 }
                 for row in rows[:size]
             ],

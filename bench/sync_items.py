@@ -15,7 +15,7 @@ from fastapi_pagination import create_page, resolve_params
 from fastapi_pagination.bases import AbstractParams
 from sqlalchemy import ColumnElement, Select, func, literal_column, select, tuple_
 
-from service.auth import require_token_for_reads
+from service.auth import Requirement
 from service.config import Settings
 from service.db import db
 from service.items.models import Item
@@ -23,7 +23,7 @@ from service.items.router import Filters, Sort, cursor_secret, preferred_count
 from service.items.schemas import CountMode, ItemFilters, ItemOut, ItemPage, ItemScroll, ItemSort
 from service.items.service import _cursor_after, _position
 
-router = APIRouter(prefix="/items", dependencies=[Depends(require_token_for_reads)])
+router = APIRouter(prefix="/items", dependencies=[Depends(Requirement("items:read", reads=True))])
 
 # Every sortable field has an index (field, id), which both sort directions can use.
 SORT_COLUMNS: dict[str, Any] = {

@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> None:
             "    CURSOR_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     check_database(settings)
-    if not settings.api_token_list():
+    if not settings.api_token_list() and not settings.jwt_enabled():
         token = development_token()
         print(
             "No API_TOKENS configured: generated a development token for this run only "

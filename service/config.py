@@ -1,8 +1,10 @@
 """Every setting of the service, read from the environment and `.env`."""
 
+import re
 import secrets
 import uuid
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
@@ -16,6 +18,10 @@ DEFAULT_DATABASE_URL = "sqlite:///./service.db"
 SYNC_DRIVERS = {"postgresql": "postgresql+psycopg2", "sqlite": "sqlite+pysqlite"}
 ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
 MIN_TOKEN_LENGTH = 16
+MIN_JWT_SECRET_BYTES = 32
+# `label=token` in API_TOKENS: a label starts with a letter, so it never looks like the
+# `token:<n>` that unlabelled tokens are known by.
+_TOKEN_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 
 
 class Settings(BaseSettings):
@@ -96,10 +102,36 @@ class Settings(BaseSettings):
     api_tokens: SecretStr = Field(
         SecretStr(""),
         description="Bearer tokens that may write (POST, PATCH, DELETE), comma-separated, "
-        f"each at least {MIN_TOKEN_LENGTH} characters. Only their SHA-256 hashes are kept "
-        "by the app. Required: `python -m service serve` generates one for a run without.",
+        f"each at least {MIN_TOKEN_LENGTH} characters, optionally labelled `label=token` "
+        "(the items they write say `token:label`; unlabelled ones `token:<position>`). "
+        "They carry every scope. Only their SHA-256 hashes are kept by the app. Required "
+        "unless JWT is configured: `python -m service serve` generates one for a run without.",
     )
-    read_requires_token: bool = Field(False, description="Require a token for reads too.")
+    read_requires_token: bool = Field(
+        False, description="Require a token for reads too (scope `items:read` for JWTs)."
+    )
+    # -- JWTs from an identity provider (service.jwt_check, service.jwt_keys) --
+    jwt_jwks_file: Path | None = Field(
+        None, description="JSON Web Key Set file with the provider's public keys (RS256, "
+        "ES256, EdDSA), selected by the token's `kid`."
+    )
+    jwt_jwks_url: str | None = Field(
+        None, description="URL of the provider's JSON Web Key Set, fetched at start and "
+        "cached; an unknown `kid` refreshes it at most once a minute."
+    )
+    jwt_secret: SecretStr | None = Field(
+        None, description=f"Shared secret of HS256 tokens, at least {MIN_JWT_SECRET_BYTES} "
+        "bytes. One of JWT_JWKS_FILE, JWT_JWKS_URL, JWT_SECRET turns JWT on."
+    )
+    jwt_issuer: str | None = Field(
+        None, description="The `iss` every JWT must carry; required when JWT is on."
+    )
+    jwt_audience: str | None = Field(
+        None, description="The `aud` every JWT must include; required when JWT is on."
+    )
+    jwt_leeway: float = Field(
+        30.0, ge=0, le=600, description="Seconds of clock skew allowed for exp, nbf, iat."
+    )
     max_body_bytes: int = Field(
         1024 * 1024, ge=1, description="Largest request body accepted; larger ones get 413."
     )
@@ -205,13 +237,80 @@ class Settings(BaseSettings):
     @field_validator("api_tokens")
     @classmethod
     def _long_enough_tokens(cls, value: SecretStr) -> SecretStr:
-        if any(len(token) < MIN_TOKEN_LENGTH for token in _split(value.get_secret_value())):
+        tokens = [token for _, token in _labelled(value.get_secret_value())]
+        if any(len(token) < MIN_TOKEN_LENGTH for token in tokens):
             # The message names no token: settings errors are printed.
             raise ValueError(
                 f"every API token must be at least {MIN_TOKEN_LENGTH} characters; generate one "
                 "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _unique_labels(cls, value: SecretStr) -> SecretStr:
+        labels = [label for label, _ in _labelled(value.get_secret_value()) if label]
+        if len(labels) != len(set(labels)):
+            raise ValueError("API_TOKENS labels (`label=token`) must be unique")
+        return value
+
+    @field_validator("jwt_jwks_file", "jwt_jwks_url", "jwt_secret", "jwt_issuer",
+                     "jwt_audience", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().startswith(("https://", "http://")):
+            raise ValueError("JWT_JWKS_URL must be an http:// or https:// URL")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_enough_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(
+                f"JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes (HS256 with a "
+                "shorter key can be brute-forced)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> "Settings":
+        sources = [
+            name
+            for name, value in [("JWT_JWKS_FILE", self.jwt_jwks_file),
+                                ("JWT_JWKS_URL", self.jwt_jwks_url),
+                                ("JWT_SECRET", self.jwt_secret)]
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"set only one of {', '.join(sources)}: JWTs have one key source")
+        missing = [
+            name
+            for name, value in [("JWT_ISSUER", self.jwt_issuer),
+                                ("JWT_AUDIENCE", self.jwt_audience)]
+            if value is None
+        ]
+        if sources and missing:
+            raise ValueError(
+                f"{' and '.join(missing)} must be set when JWT is on ({sources[0]} is set): "
+                "a token is accepted only from the issuer, and for the audience, you name"
+            )
+        if not sources and len(missing) < 2:
+            raise ValueError(
+                "JWT_ISSUER / JWT_AUDIENCE are set but no key to verify tokens with: set "
+                "JWT_JWKS_URL, JWT_JWKS_FILE or JWT_SECRET"
+            )
+        return self
+
+    def jwt_enabled(self) -> bool:
+        """Whether JWTs are accepted (one of the JWT key settings is set)."""
+        return any(
+            value is not None for value in (self.jwt_jwks_file, self.jwt_jwks_url, self.jwt_secret)
+        )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -228,8 +327,16 @@ class Settings(BaseSettings):
         return self
 
     def api_token_list(self) -> list[str]:
-        """The configured API tokens (empty if none)."""
-        return _split(self.api_tokens.get_secret_value())
+        """The configured API tokens, without their labels (empty if none)."""
+        return [token for _, token in _labelled(self.api_tokens.get_secret_value())]
+
+    def api_token_labels(self) -> list[str]:
+        """The label of each configured API token, in order: its own (`ci=...` -> `ci`), or
+        its position from 1 (`"1"`, `"2"`, ...) for an unlabelled one."""
+        return [
+            label or str(position)
+            for position, (label, _) in enumerate(_labelled(self.api_tokens.get_secret_value()), 1)
+        ]
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for `service.db.create_engine` (which drops the pool sizes where
@@ -292,6 +399,20 @@ def _unique_statement_name() -> str:
 def _split(value: str) -> list[str]:
     """`"a, b,,c"` -> `["a", "b", "c"]`."""
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _labelled(value: str) -> list[tuple[str | None, str]]:
+    """`"ci=<token>, <token>"` -> `[("ci", "<token>"), (None, "<token>")]`. An entry is
+    labelled only if what precedes its first `=` is a label and what follows is long enough
+    to be a token, so a base64 token ending in `=` stays one unlabelled token."""
+    entries: list[tuple[str | None, str]] = []
+    for entry in _split(value):
+        label, equals, token = entry.partition("=")
+        if equals and _TOKEN_LABEL.fullmatch(label) and len(token) >= MIN_TOKEN_LENGTH:
+            entries.append((label, token))
+        else:
+            entries.append((None, entry))
+    return entries
 
 
 @lru_cache

@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from service.auth import TokenCheck
+from service.auth import add_authentication
 from service.body_limit import BodySizeLimit
 from service.config import Settings, get_settings
 from service.db import db
@@ -52,11 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async engine is `app.state.engine`, disposed of when the app shuts down. Also makes the
     settings' database the default of both `db`s, so `with db():` (sync, psycopg2 or
     pysqlite) and `async with async_db():` in scripts and tests reach the same database as
-    the requests. Raises `NoApiTokens` when the settings name no API token: the app never
-    serves with writes open to anyone.
+    the requests. Raises `NoApiTokens` when the settings name no API token and no JWT key:
+    the app never serves with writes open to anyone.
     """
     settings = settings or get_settings()
-    token_check = TokenCheck.from_settings(settings)
     configure_logging(settings)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     engine = create_async_engine(settings.async_database_url(), **settings.async_engine_args())
@@ -65,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await app.state.authenticator.start()  # the identity provider's keys, if fetched
         yield
         await close_engines(app)
         worker_stopped()
@@ -84,7 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.replicas = replicas
     app.state.settings = settings
-    app.state.token_check = token_check
     app.state.database_observer = (
         DatabaseMetrics({async_db.name: engine.sync_engine.pool})
         if settings.metrics_enabled
@@ -93,8 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_enabled:
         app.add_api_route(METRICS_PATH, metrics_endpoint, methods=["GET"], include_in_schema=False)
     # The last added runs first: request ids, telemetry (access line, HTTP metrics), CORS,
-    # then the body limit, then the database session - so a request takes a connection
-    # slot only once its whole body is in (and not too large).
+    # authentication, the body limit, the database session - so a request is authenticated
+    # before its body is read, and takes a connection slot only once its whole body is in
+    # (and not too large).
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -118,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             invalid_token_response=lambda reason: problem_response(400, reason),
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.authenticator = add_authentication(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -57,6 +57,11 @@ async def add(item: Item) -> None:
     await db.session.flush()
 
 
+def is_modified(item: Item) -> bool:
+    """Whether `item` has changes not yet saved (a value set to what it was is none)."""
+    return db.session.is_modified(item)
+
+
 async def save_changes() -> None:
     """UPDATE the items changed in this session now, each only if its version is still the
     one read (else `StaleDataError`). Raises IntegrityError on a taken name."""

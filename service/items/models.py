@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.model_base import Base
+from service.principal import UNKNOWN
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
@@ -71,6 +72,10 @@ class Item(Base):
         UTCDateTime(), default=utcnow, server_default=func.now(), onupdate=utcnow
     )
     version: Mapped[int] = mapped_column(Integer, server_default="1")
+    # Who created the item and who changed it last (`service.principal`: a JWT's `sub` or
+    # `token:<label>`), set by the service; rows written outside it say "unknown".
+    created_by: Mapped[str] = mapped_column(String(255), server_default=UNKNOWN)
+    updated_by: Mapped[str] = mapped_column(String(255), server_default=UNKNOWN)
 
     __table_args__ = (CheckConstraint("price >= 0", name="price_not_negative"),)
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 (read by SQLAlchemy)

@@ -5,8 +5,9 @@ say which version it was made against - `If-Match: "<id>-<version>"` or `"versio
 the body, else 428; a stale one gets 412 and changes nothing. `If-Match: *` updates
 whatever the current version is. DELETE honours If-Match when sent and needs none.
 
-Reads and writes live on two routers, joined into `router` at the end of the module, so
-that writes alone can be guarded later: `writes = APIRouter(dependencies=[...])`.
+Reads and writes live on two routers, joined into `router` at the end of the module, each
+declaring the scope it needs (`service.auth.Requirement`): writes `items:write` always,
+reads `items:read` when READ_REQUIRES_TOKEN=true.
 """
 
 import re
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
-from service.auth import require_token, require_token_for_reads
+from service.auth import Requirement
 from service.config import Settings
 from service.items import service
 from service.items.models import Item
@@ -31,15 +32,13 @@ from service.items.schemas import (
 from service.items.service import ANY_VERSION, VersionMatch
 from service.problems import problem_responses
 
+READ = "items:read"
+WRITE = "items:write"
+
 reads = APIRouter(
-    prefix="/items", tags=["items"], dependencies=[Depends(require_token_for_reads)]
+    prefix="/items", tags=["items"], dependencies=[Depends(Requirement(READ, reads=True))]
 )
-writes = APIRouter(
-    prefix="/items",
-    tags=["items"],
-    dependencies=[Depends(require_token)],
-    responses=problem_responses(401),
-)
+writes = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(Requirement(WRITE))])
 
 ItemId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The item's id.")]
 IfMatch = Annotated[

@@ -169,6 +169,11 @@ class ItemOut(BaseModel):
     version: int = Field(
         description="Bumped by every update; send it back (or the ETag as If-Match) to update."
     )
+    created_by: str = Field(
+        description="Who created the item: the `sub` of their JWT, or `token:<label>` for "
+        "an API token; `unknown` for items from before this was recorded."
+    )
+    updated_by: str = Field(description="Who changed the item last, in the same terms.")
 
 
 class ItemFilters(BaseModel):

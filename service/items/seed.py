@@ -49,11 +49,14 @@ _FEATURES = (
     "light enough to carry anywhere", "designed in Lisbon", "from sustainable sources",
 )
 _A_YEAR = 365 * 24 * 3600.0
+# Who the seeded items say created them (`created_by`, `updated_by`).
+SEEDED_BY = "cli:seed"
 
 
 def fake_items(count: int, run_token: str, rng: random.Random) -> Iterator[dict[str, Any]]:
     """`count` rows for the items table: varied names, descriptions (one in eight empty),
-    prices from 0.50 to about 2,000 (mostly cheap), creation times over the past year."""
+    prices from 0.50 to about 2,000 (mostly cheap), creation times over the past year,
+    created by `SEEDED_BY`."""
     now = datetime.now(UTC).timestamp()
     choice, chance = rng.choice, rng.random
     for number in range(1, count + 1):
@@ -70,6 +73,8 @@ def fake_items(count: int, run_token: str, rng: random.Random) -> Iterator[dict[
             "created_at": created_at,
             "updated_at": created_at,
             "version": 1,
+            "created_by": SEEDED_BY,
+            "updated_by": SEEDED_BY,
         }
 
 
@@ -94,7 +99,7 @@ def seed_items(count: int, batch: int, writers: int, progress: Progress) -> None
 
     def store(numbers: range) -> int:
         seed_dao.insert_made_up(
-            numbers, token, styles=_STYLES, materials=_MATERIALS, things=_THINGS,
+            numbers, token, SEEDED_BY, styles=_STYLES, materials=_MATERIALS, things=_THINGS,
             features=_FEATURES,
         )
         return len(numbers)

@@ -26,13 +26,14 @@ def insert_many(rows: Sequence[dict[str, Any]]) -> None:
 # flattened and every row draws its own words, price and time.
 _INSERT_MADE_UP = text(
     """
-    INSERT INTO items (name, description, price, created_at, updated_at, version)
+    INSERT INTO items (name, description, price, created_at, updated_at, version,
+                       created_by, updated_by)
     SELECT w.style || ' ' || w.material || ' ' || w.thing || ' ' || :run_token || '-' || w.n,
            CASE WHEN w.no_description < 0.125 THEN NULL
                 ELSE w.style || ' ' || w.thing || ' in ' || w.material || ', ' || w.feature || '.'
            END,
            CAST(floor(50 * power(4000, w.price_draw)) AS numeric) / 100,
-           w.created_at, w.created_at, 1
+           w.created_at, w.created_at, 1, :seeded_by, :seeded_by
     FROM (
         SELECT n,
                styles[1 + floor(random() * cardinality(styles))::int] AS style,
@@ -55,6 +56,7 @@ _INSERT_MADE_UP = text(
 def insert_made_up(
     numbers: range,
     run_token: str,
+    seeded_by: str,
     *,
     styles: Sequence[str],
     materials: Sequence[str],
@@ -65,11 +67,13 @@ def insert_made_up(
     PostgreSQL itself in one INSERT ... SELECT, so no row crosses the wire: named
     "<style> <material> <thing> <run_token>-<number>", described "<style> <thing> in
     <material>, <feature>." (one in eight without), priced log-uniformly from 0.50 to
-    about 2,000, created at a random moment of the past year. PostgreSQL only."""
+    about 2,000, created at a random moment of the past year by `seeded_by`. PostgreSQL
+    only."""
     db.session.execute(
         _INSERT_MADE_UP,
         {
             "run_token": run_token,
+            "seeded_by": seeded_by,
             "first": numbers.start,
             "last": numbers.stop - 1,
             "styles": list(styles),

@@ -29,6 +29,7 @@ from service.items.schemas import (
     ItemSort,
     ItemUpdate,
 )
+from service.principal import current_principal
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,15 @@ ANY_VERSION = VersionMatch(None)
 
 
 async def create_item(data: ItemCreate) -> Item:
-    item = Item(name=data.name, description=data.description, price=data.price)
+    """Store a new item, created (and so last changed) by the current principal."""
+    who = current_principal().name
+    item = Item(
+        name=data.name,
+        description=data.description,
+        price=data.price,
+        created_by=who,
+        updated_by=who,
+    )
     try:
         await dao.add(item)
     except IntegrityError as error:
@@ -67,7 +76,8 @@ async def update_item(
     item_id: int, update: ItemUpdate, if_match: VersionMatch | None
 ) -> Item:
     """Apply `update` if every precondition sent (If-Match, body `version`) accepts the
-    item's current version; one is required. Bumps the version if anything changed."""
+    item's current version; one is required. Bumps the version, and records the current
+    principal as `updated_by`, if anything changed."""
     item = await get_item(item_id)
     preconditions = [if_match] if if_match is not None else []
     if update.version is not None:
@@ -82,6 +92,8 @@ async def update_item(
     changes = update.changes()
     for field, value in changes.items():
         setattr(item, field, value)
+    if dao.is_modified(item):  # an update that changes nothing records nobody
+        item.updated_by = current_principal().name
     try:
         # The UPDATE says `WHERE version = <read version>`: a request that changed the item
         # since we read it makes it match no row.

@@ -205,5 +205,6 @@ async def test_the_response_body_is_plain_json(
 
     assert response.headers["content-type"] == "application/json"
     assert set(json.loads(response.content)) == {
-        "id", "name", "description", "price", "created_at", "updated_at", "version"
+        "id", "name", "description", "price", "created_at", "updated_at", "version",
+        "created_by", "updated_by",
     }

@@ -1,4 +1,5 @@
-"""The items migration goes down and up cleanly, and the models match it exactly.
+"""The items migrations go down and up cleanly, with rows present, and the models match
+them exactly.
 
 The round trip runs on the suite's own database and ends migrated to head again, as
 every other test expects.
@@ -6,12 +7,20 @@ every other test expects.
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from service.db import create_engine
 from tests.conftest import alembic_config
 from tests.items.helpers import insert_items
+
+
+def columns(url: str, table: str = "items") -> list[str]:
+    engine = create_engine(url)
+    try:
+        return [column["name"] for column in inspect(engine).get_columns(table)]
+    finally:
+        engine.dispose()
 
 
 def schema(url: str) -> dict[str, set[str]]:
@@ -40,6 +49,42 @@ def test_downgrade_to_base_and_upgrade_to_head_again(engine: Engine, migrated_ur
     assert {"ix_items_name_id", "ix_items_price_id", "ix_items_created_at_id"} <= indexes
     # The case-insensitive unique index is back (SQLite cannot reflect it: try it instead).
     insert_items(engine, {"name": "Lamp", "price": 1})
+    with pytest.raises(IntegrityError):
+        insert_items(engine, {"name": "LAMP", "price": 1})
+
+
+def test_created_by_and_updated_by_come_and_go_with_the_rows_kept(
+    engine: Engine, migrated_url: str
+) -> None:
+    config = alembic_config(migrated_url)
+    try:
+        command.downgrade(config, "0001")
+        assert "created_by" not in columns(migrated_url)
+        with engine.begin() as connection:  # rows written before who-changed-what
+            connection.execute(text(
+                "INSERT INTO items (name, price, version) "
+                "VALUES ('Lamp', 9.90, 3), ('Rug', 120.00, 1)"
+            ))
+
+        command.upgrade(config, "0002")
+        with engine.connect() as connection:
+            rows = connection.execute(text(
+                "SELECT name, version, created_by, updated_by FROM items ORDER BY name"
+            )).all()
+        assert [tuple(row) for row in rows] == [
+            ("Lamp", 3, "unknown", "unknown"), ("Rug", 1, "unknown", "unknown"),
+        ]
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE items SET updated_by = 'alice' WHERE name = 'Rug'"))
+
+        command.downgrade(config, "0001")
+        assert {"created_by", "updated_by"}.isdisjoint(columns(migrated_url))
+        with engine.connect() as connection:
+            kept = connection.execute(text("SELECT name, version FROM items ORDER BY name"))
+            assert [tuple(row) for row in kept] == [("Lamp", 3), ("Rug", 1)]
+    finally:
+        command.upgrade(config, "head")
+    # The unique lower(name) index survived both ways (SQLite cannot reflect it: try it).
     with pytest.raises(IntegrityError):
         insert_items(engine, {"name": "LAMP", "price": 1})
 

@@ -39,6 +39,7 @@ def test_seed_inserts_n_items_and_reports_progress(
     assert all(now - timedelta(days=366) <= row["created_at"] <= now for row in rows)
     assert all(row["updated_at"] == row["created_at"] for row in rows)
     assert all(row["version"] == 1 for row in rows)
+    assert {(row["created_by"], row["updated_by"]) for row in rows} == {("cli:seed", "cli:seed")}
     output = capsys.readouterr()
     assert "250/250 (100%)" in output.err
     assert "Inserted 250 items" in output.out
@@ -50,6 +51,8 @@ def test_seeding_again_adds_as_many_more_without_name_clashes(engine: Engine) ->
     assert main(["seed", "--items", "120", "--batch", "50"]) == 0
 
     assert len(stored(engine)) == 240
+    # Whichever way the rows went in, they say who made them.
+    assert {row["created_by"] for row in stored(engine).values()} == {"cli:seed"}
 
 
 @pytest.mark.usefixtures("database_env")  # a check that let one through seeds the test db

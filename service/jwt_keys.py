@@ -1,0 +1,168 @@
+"""The identity provider's public keys, by `kid`: from a JWKS file, or fetched over HTTP and
+cached.
+
+Which algorithm a key verifies follows from the key alone - RSA: RS256, EC on P-256:
+ES256, OKP on Ed25519: EdDSA - never from the token. Any other key in the set (a symmetric
+`oct` key, another curve, a key whose `alg` or `use` says otherwise, one without `kid`) is
+left out, with a warning: a public-key set can never make an HMAC token or `none` pass.
+
+`RemoteKeys` (JWT_JWKS_URL) fetches the set when the app starts (or, if the app was not
+started, at the first token) and keeps it. A token with a `kid` it does not know triggers
+a new fetch if the last one is a minute old or more - so at most one a minute, however
+many such tokens arrive (they would otherwise make the app hammer the provider);
+concurrent requests share that fetch. Keys older than 15 minutes are fetched again at the
+next token, so a key the provider withdrew stops working soon. A fetch that fails -
+provider down, an error status, not a key set, no usable key - changes nothing: the cached
+keys keep working. The fetch is async (httpx), so no request ever blocks the event loop.
+
+Why not PyJWT's `PyJWKClient`: it fetches with blocking urllib (the event loop would stall
+for a whole fetch), and once its cache lifespan expires a failing fetch raises instead of
+serving the keys it had, so a provider outage would lock every JWT out.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from jwt import PyJWK
+from jwt.exceptions import PyJWKError
+
+logger = logging.getLogger("service.auth.jwks")
+
+# kty (and crv) -> the one algorithm such a key verifies.
+ALGORITHMS: dict[tuple[str, str | None], str] = {
+    ("RSA", None): "RS256",
+    ("EC", "P-256"): "ES256",
+    ("OKP", "Ed25519"): "EdDSA",
+}
+MIN_REFRESH_INTERVAL = 60.0  # seconds between fetches triggered by unknown kids
+MAX_AGE = 900.0  # seconds after which the keys are fetched again at the next token
+FETCH_TIMEOUT = 5.0  # seconds
+MAX_JWKS_BYTES = 1024 * 1024
+
+
+class KeySource(Protocol):
+    async def key(self, kid: str) -> PyJWK | None:
+        """The key with id `kid`, or None if there is none."""
+        ...
+
+
+class InvalidKeySet(ValueError):
+    """A JWKS that is not a JSON object with a `keys` list holding at least one usable key."""
+
+
+def signing_keys(jwks: Any) -> dict[str, PyJWK]:
+    """The usable signing keys of a JWKS document, by kid; raises `InvalidKeySet` if there
+    is none."""
+    if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
+        raise InvalidKeySet("not a JSON Web Key Set (an object with a `keys` list)")
+    keys: dict[str, PyJWK] = {}
+    for jwk in jwks["keys"]:
+        kid = jwk.get("kid") if isinstance(jwk, Mapping) else None
+        if not isinstance(jwk, Mapping) or not isinstance(kid, str) or not kid:
+            logger.warning("JWKS: a key without `kid` is ignored (keys are selected by kid)")
+            continue
+        kty, crv = str(jwk.get("kty")), jwk.get("crv")
+        algorithm = ALGORITHMS.get((kty, None if kty == "RSA" else str(crv)))
+        if algorithm is None or jwk.get("alg", algorithm) != algorithm:
+            logger.warning(
+                "JWKS: key %r is ignored: kty %r, crv %r, alg %r is not an RS256, ES256 or "
+                "EdDSA public key", kid, jwk.get("kty"), jwk.get("crv"), jwk.get("alg"),
+            )
+            continue
+        if jwk.get("use", "sig") != "sig" or "d" in jwk:
+            logger.warning("JWKS: key %r is ignored: not a public signing key", kid)
+            continue
+        try:
+            keys[kid] = PyJWK(dict(jwk), algorithm=algorithm)
+        except (PyJWKError, ValueError, TypeError) as error:
+            logger.warning("JWKS: key %r is ignored: %s", kid, type(error).__name__)
+    if not keys:
+        raise InvalidKeySet("no usable key (RS256, ES256 or EdDSA public key with a kid)")
+    return keys
+
+
+class FileKeys:
+    """The keys of a JWKS file, read once (at start: a missing or unusable file stops the
+    app from starting, naming the file)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._keys = signing_keys(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            raise InvalidKeySet(f"JWT_JWKS_FILE {path}: {error}") from None
+
+    async def key(self, kid: str) -> PyJWK | None:
+        return self._keys.get(kid)
+
+
+class RemoteKeys:
+    """The keys at a JWKS URL, cached; see the module docstring for when it fetches."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_refresh_interval: float = MIN_REFRESH_INTERVAL,
+        max_age: float = MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.min_refresh_interval = min_refresh_interval
+        self.max_age = max_age
+        self.clock = clock
+        self._keys: dict[str, PyJWK] = {}
+        self._last_attempt: float | None = None
+        self._last_success: float | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        """Fetch the keys now (at app start); a failure is logged, and retried when a token
+        arrives, at most once a minute."""
+        await self._refresh_if_due()
+
+    async def key(self, kid: str) -> PyJWK | None:
+        if (kid not in self._keys or self._stale()) and self._refresh_due():
+            await self._refresh_if_due()
+        return self._keys.get(kid)
+
+    def _stale(self) -> bool:
+        return self._last_success is None or self.clock() - self._last_success >= self.max_age
+
+    def _refresh_due(self) -> bool:
+        return (
+            self._last_attempt is None
+            or self.clock() - self._last_attempt >= self.min_refresh_interval
+        )
+
+    async def _refresh_if_due(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # concurrent requests wait for one fetch, not each their own
+            if not self._refresh_due():
+                return
+            self._last_attempt = self.clock()
+            try:
+                self._keys = signing_keys(await self._fetch())
+                self._last_success = self.clock()
+            except (httpx.HTTPError, ValueError) as error:
+                logger.warning(
+                    "JWKS %s could not be fetched (%s: %s); keeping the %d keys cached",
+                    self.url, type(error).__name__, error, len(self._keys),
+                )
+            else:
+                logger.info("JWKS %s: %d keys (%s)", self.url, len(self._keys),
+                            ", ".join(sorted(self._keys)))
+
+    async def _fetch(self) -> Any:
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client:
+            response = await client.get(self.url, headers={"Accept": "application/json"})
+            response.raise_for_status()
+            if len(response.content) > MAX_JWKS_BYTES:
+                raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
+            return response.json()
