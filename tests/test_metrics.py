@@ -289,6 +289,7 @@ def two_workers(
     (metrics_dir).mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # a previous run's leftovers
     env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
+           "CURSOR_SECRET": "two-workers-share-this-cursor-secret",  # serve needs it for 2
            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "LOG_FORMAT": "json",
            "PYTHONPATH": str(ROOT)}
     log = (tmp_path / "stderr.log").open("w")
