@@ -111,6 +111,16 @@ def test_without_log_format_a_terminal_gets_text_and_anything_else_json(
     assert log_format(settings.model_copy(update={"log_format": "text"})) == "text"
 
 
+def test_log_format_ignores_case_and_empty_means_unset(settings: Settings) -> None:
+    def log_format_of(value: str) -> str | None:
+        return Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN,
+                        log_format=value).log_format
+
+    assert log_format_of("JSON") == "json"
+    assert log_format_of(" Text ") == "text"
+    assert log_format_of("") is None
+
+
 def test_an_unknown_log_format_is_refused(settings: Settings) -> None:
     with pytest.raises(ValueError, match="log_format"):
         Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN, log_format="xml")
