@@ -29,6 +29,7 @@ from sqlalchemy import Engine
 from bench.harness import free_port
 from service.config import Settings
 from service.main import create_app
+from service.metrics import prepare_multiprocess_dir
 from tests.conftest import AUTH, TEST_TOKEN
 from tests.faults.test_commit_failures import DEFERRED_FOREIGN_KEY, injected
 
@@ -383,3 +384,26 @@ def test_serve_writes_every_line_as_json_and_one_access_line_per_request(
     assert {line["logger"] for line in lines} >= {"uvicorn.error", "service.access"}
     assert "uvicorn.access" not in {line["logger"] for line in lines}
     assert not [line for line in lines if "color_message" in line]
+
+
+def test_the_multiprocess_directory_is_prepared_only_for_several_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # setenv first, so that the variable prepare_multiprocess_dir sets is undone after.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert prepare_multiprocess_dir(1) is None
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+    made = prepare_multiprocess_dir(2)
+    assert made is not None and made.is_dir() and not list(made.iterdir())
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(made)
+    shutil.rmtree(made)
+
+    given = tmp_path / "metrics"
+    given.mkdir()
+    for name in ("counter_1.db", "histogram_2.db", "gauge_livesum_3.db", "notes.txt"):
+        (given / name).write_text("x")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    assert prepare_multiprocess_dir(1) == given  # set by the operator: used even for one
+    assert [p.name for p in given.iterdir()] == ["notes.txt"]  # only metric files go
