@@ -300,13 +300,17 @@ def two_workers(
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        # Both workers have started (each logs it) and the socket answers.
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and server.poll() is None:
+            started = (tmp_path / "stderr.log").read_text().count("Application startup complete")
             try:
-                if httpx.get(f"{base}/health/live", timeout=1).status_code == 200:
-                    break
+                answers = httpx.get(f"{base}/health/live", timeout=1).status_code == 200
             except httpx.TransportError:
-                time.sleep(0.2)
+                answers = False
+            if started == 2 and answers:
+                break
+            time.sleep(0.2)
         else:
             pytest.fail("the server did not start: " + (tmp_path / "stderr.log").read_text())
         yield base, metrics_dir
