@@ -234,6 +234,11 @@ class Settings(BaseSettings):
             raise ValueError("LOG_LEVEL must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG")
         return level
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_case_format(cls, value: Any) -> Any:
+        return value.strip().lower() or None if isinstance(value, str) else value
+
     @field_validator("api_tokens")
     @classmethod
     def _long_enough_tokens(cls, value: SecretStr) -> SecretStr:

@@ -114,7 +114,11 @@ class RequestTelemetry:
         # Answered before routing, or by no route: match the path against the templates
         # (static ones first, as the router prefers `/items/scroll` to `/items/{item_id}`).
         if self._patterns is None:
-            templates = list(dict.fromkeys(self.templates()))
+            try:
+                templates = list(dict.fromkeys(self.templates()))
+            except Exception:  # never let naming a route fail a request
+                access_logger.exception("could not list the route templates")
+                templates = []
             ordered = sorted(templates, key=lambda template: "{" in template)
             self._patterns = [(compile_path(t)[0], t) for t in ordered]
         path = scope["path"]

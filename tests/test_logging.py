@@ -4,6 +4,7 @@ LOG_CONFIG files (dictConfig YAML/JSON, fileConfig .ini), the shipped examples i
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -109,6 +110,16 @@ def test_without_log_format_a_terminal_gets_text_and_anything_else_json(
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     assert log_format(settings) == "json"
     assert log_format(settings.model_copy(update={"log_format": "text"})) == "text"
+
+
+def test_log_format_ignores_case_and_empty_means_unset(settings: Settings) -> None:
+    def log_format_of(value: str) -> str | None:
+        return Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN,
+                        log_format=value).log_format
+
+    assert log_format_of("JSON") == "json"
+    assert log_format_of(" Text ") == "text"
+    assert log_format_of("") is None
 
 
 def test_an_unknown_log_format_is_refused(settings: Settings) -> None:
@@ -273,3 +284,37 @@ async def test_the_shipped_examples_write_json_lines_to_rotating_files(
     for handler in logging.getLogger().handlers + logging.getLogger("service.access").handlers:
         if isinstance(handler, logging.FileHandler):
             assert type(handler).__name__ == "RotatingFileHandler"
+
+
+def test_serve_turns_uvicorns_access_log_off_and_no_access_log_turns_ours_off(
+    migrated_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m service serve`: uvicorn's access log and logging config are off (the app
+    logs its own access line, in its own format); `--no-access-log` turns that line off.
+    With `--workers 3` the workers get a fresh metrics directory, removed afterwards."""
+    import uvicorn
+
+    from service.cli import main
+
+    seen: dict[str, Any] = {}
+
+    def run(app: str, **kwargs: Any) -> None:
+        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        seen.update(kwargs, access_env=os.environ.get("ACCESS_LOG"), dir=multiproc_dir,
+                    dir_existed=bool(multiproc_dir) and Path(multiproc_dir).is_dir())
+
+    for name, value in {"DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
+                        "ACCESS_LOG": "", "PROMETHEUS_MULTIPROC_DIR": ""}.items():
+        monkeypatch.setenv(name, value)  # recorded, so the test's changes are undone
+    monkeypatch.delenv("ACCESS_LOG")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    monkeypatch.setattr(uvicorn, "run", run)
+
+    assert main(["serve", "--port", "1"]) == 0
+    assert (seen["access_log"], seen["log_config"], seen["access_env"]) == (False, None, None)
+    assert seen["dir"] is None  # one worker: metrics in memory
+
+    assert main(["serve", "--port", "1", "--no-access-log", "--workers", "3"]) == 0
+    assert seen["access_env"] == "false"
+    assert seen["workers"] == 3 and seen["dir_existed"]
+    assert not Path(seen["dir"]).exists()  # the temporary directory is gone

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import string
 import subprocess
@@ -21,13 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from bench.harness import free_port
 from service.config import Settings
 from service.main import create_app
+from service.metrics import prepare_multiprocess_dir
 from tests.conftest import AUTH, TEST_TOKEN
 from tests.faults.test_commit_failures import DEFERRED_FOREIGN_KEY, injected
 
@@ -299,13 +301,17 @@ def two_workers(
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        # Both workers have started (each logs it) and the socket answers.
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and server.poll() is None:
+            started = (tmp_path / "stderr.log").read_text().count("Application startup complete")
             try:
-                if httpx.get(f"{base}/health/live", timeout=1).status_code == 200:
-                    break
+                answers = httpx.get(f"{base}/health/live", timeout=1).status_code == 200
             except httpx.TransportError:
-                time.sleep(0.2)
+                answers = False
+            if started == 2 and answers:
+                break
+            time.sleep(0.2)
         else:
             pytest.fail("the server did not start: " + (tmp_path / "stderr.log").read_text())
         yield base, metrics_dir
@@ -319,27 +325,49 @@ def two_workers(
         log.close()
 
 
+ITEMS_COUNT = re.compile(
+    r'^http_request_duration_seconds_count\{method="GET",route="/items",status="200"\} (\S+)$',
+    re.MULTILINE,
+)
+
+
+def items_served_by_each_worker(metrics_dir: Path, scratch: Path) -> dict[str, float]:
+    """GET /items requests each worker counted, read from its own files alone."""
+    counts = {}
+    for histogram in metrics_dir.glob("histogram_*.db"):
+        alone = scratch / histogram.stem
+        alone.mkdir(exist_ok=True)
+        shutil.copy(histogram, alone / histogram.name)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+        found = ITEMS_COUNT.search(generate_latest(registry).decode())
+        counts[histogram.stem] = float(found[1]) if found else 0.0
+    return counts
+
+
 def test_with_two_workers_every_scrape_counts_the_requests_of_both(
-    two_workers: tuple[str, Path],
+    two_workers: tuple[str, Path], tmp_path: Path
 ) -> None:
     base, metrics_dir = two_workers
-    served = 40
+    assert not (metrics_dir / "counter_999999.db").exists()  # stale files were removed
 
-    def get_items(_: int) -> int:  # a new connection each, 8 at once: both workers accept
+    def get_items(_: int) -> int:  # a new connection each, 8 at once
         return httpx.get(f"{base}/items", timeout=10).status_code
 
+    # Until both workers have served some (the second may still be starting at first).
+    served, deadline = 0, time.monotonic() + 60
     with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(get_items, range(served))) == {200}
-    assert not (metrics_dir / "counter_999999.db").exists()  # stale files were removed
-    workers = {path.name for path in metrics_dir.glob("histogram_*.db")}
-    assert len(workers) == 2, f"both workers should have served requests: {workers}"
-    line = re.compile(
-        r'^http_request_duration_seconds_count\{method="GET",route="/items",status="200"\} (\S+)$',
-        re.MULTILINE,
-    )
-    for _ in range(6):  # whichever worker answers the scrape
+        while True:
+            assert set(pool.map(get_items, range(16))) == {200}
+            served += 16
+            per_worker = items_served_by_each_worker(metrics_dir, tmp_path)
+            if len([n for n in per_worker.values() if n]) == 2 or time.monotonic() > deadline:
+                break
+    assert len(per_worker) == 2 and all(per_worker.values()), per_worker
+    assert sum(per_worker.values()) == served
+    for _ in range(6):  # whichever worker answers the scrape, it counts both
         text = httpx.get(f"{base}/metrics", timeout=10).text
-        assert float(line.search(text)[1]) == served  # type: ignore[index]
+        assert float(ITEMS_COUNT.search(text)[1]) == served  # type: ignore[index]
         assert re.search(r"^http_requests_in_progress 1\.0$", text, re.MULTILINE)
 
 
@@ -361,3 +389,26 @@ def test_serve_writes_every_line_as_json_and_one_access_line_per_request(
     assert {line["logger"] for line in lines} >= {"uvicorn.error", "service.access"}
     assert "uvicorn.access" not in {line["logger"] for line in lines}
     assert not [line for line in lines if "color_message" in line]
+
+
+def test_the_multiprocess_directory_is_prepared_only_for_several_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # setenv first, so that the variable prepare_multiprocess_dir sets is undone after.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert prepare_multiprocess_dir(1) is None
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+    made = prepare_multiprocess_dir(2)
+    assert made is not None and made.is_dir() and not list(made.iterdir())
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(made)
+    shutil.rmtree(made)
+
+    given = tmp_path / "metrics"
+    given.mkdir()
+    for name in ("counter_1.db", "histogram_2.db", "gauge_livesum_3.db", "notes.txt"):
+        (given / name).write_text("x")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    assert prepare_multiprocess_dir(1) == given  # set by the operator: used even for one
+    assert [p.name for p in given.iterdir()] == ["notes.txt"]  # only metric files go
