@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -144,6 +145,40 @@ async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unr
     assert [r["state"] for r in ready.json()["replicas"]] == ["down"]
     items = await replicated_client.get("/items")  # reads go on, on the primary
     assert items.status_code == 200
+
+
+async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby
+) -> None:
+    statuses: list[int] = []
+    slow_after_the_freeze: list[float] = []
+    stop = anyio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            response = await replicated_client.get("/items/scroll?size=5")
+            statuses.append(response.status_code)
+            if started > frozen_at + 2.5:  # by then the poller has given up on the replica
+                slow_after_the_freeze.append(time.monotonic() - started)
+            await anyio.sleep(0.01)
+
+    frozen_at = float("inf")
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(reader)
+        await anyio.sleep(0.5)
+        with standby.frozen():
+            frozen_at = time.monotonic()
+            await anyio.sleep(5)
+            stop.set()
+    assert set(statuses) == {200}
+    # Nothing issued after the replica was given up on waited for it: the primary served.
+    assert slow_after_the_freeze and max(slow_after_the_freeze) < 1.0
+    deadline = time.monotonic() + 5
+    while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
+        assert time.monotonic() < deadline, "the thawed replica was not used again"
+        await anyio.sleep(0.1)
 
 
 async def test_without_replicas_there_is_no_token(client: httpx.AsyncClient) -> None:
