@@ -311,3 +311,26 @@ def test_replicas_need_postgresql_urls(tmp_path: Path) -> None:
     assert settings.async_replica_urls() == [
         "postgresql+asyncpg://r1/service", "postgresql+asyncpg://r2/service"
     ]
+
+
+async def test_replicas_and_tokens_with_the_primary_behind_pgbouncer(
+    pgbouncer_url: str, migrated_url: str, standby: Standby
+) -> None:
+    app = create_app(replicated_settings(
+        migrated_url, standby, database_url=pgbouncer_url, database_pgbouncer=True,
+        replica_max_lag=300,
+    ))
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     headers=AUTH) as client:
+            standby.pause_replay()
+            for n in range(20):
+                created = await client.post("/items", json={"name": f"pb{n}", "price": "1"})
+                assert created.status_code == 201
+                read = await client.get(created.headers["Location"],
+                                        headers={HEADER: created.headers[HEADER]})
+                assert read.status_code == 200
+            assert (await client.get(created.headers["Location"])).status_code == 404
+    finally:
+        await close_engines(app)
