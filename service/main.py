@@ -36,8 +36,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async engine is `app.state.engine`, disposed of when the app shuts down. Also makes the
     settings' database the default of both `db`s, so `with db():` (sync, psycopg2 or
     pysqlite) and `async with async_db():` in scripts and tests reach the same database as
-    the requests. Raises `NoApiTokens` when the settings name no API token: the app never
-    serves with writes open to anyone.
+    the requests. With DATABASE_REPLICA_URLS, requests route reads to the replicas
+    (`app.state.replicas`, `service.db.routing`) and responses carry consistency tokens.
+    Raises `NoApiTokens` when the settings name no API token: the app never serves with
+    writes open to anyone.
     """
     settings = settings or get_settings()
     token_check = TokenCheck.from_settings(settings)
@@ -62,8 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.replicas = replicas
     app.state.settings = settings
     app.state.token_check = token_check
-    # The last added runs first: CORS, then the body limit, then the database session - so
-    # a request takes a connection slot only once its whole body is in (and not too large).
+    # The last added runs first: CORS, then the body limit, then (with read replicas) the
+    # consistency token, then the database session - so a request takes a connection slot
+    # only once its whole body is in (and not too large) and its token checked.
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
