@@ -141,8 +141,11 @@ class RoutingSession(Session):
         assert self.replicas is not None
         if route is None:
             return self.replicas.choose()
-        if route.replica is None or not route.replica.up:
+        if route.replica is None:
             route.replica = self.replicas.choose(route.min_position)
+        elif not route.replica.up:
+            # Its replica went away: another one may be further behind, the primary is not.
+            route.on_primary, route.replica = True, None
         return route.replica
 
     def _on_primary(self, bind: Engine) -> Engine:
