@@ -38,6 +38,10 @@ class Standby(PostgresServer):
         self.url = url
         self.engine = create_engine(url, isolation_level="AUTOCOMMIT")
 
+    def start(self) -> None:
+        super().start()
+        self.engine.dispose()  # its pooled connections died with the server
+
     def pause_replay(self) -> None:
         with self.engine.connect() as connection:
             connection.execute(text("SELECT pg_wal_replay_pause()"))

@@ -147,6 +147,45 @@ async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unr
     assert items.status_code == 200
 
 
+async def test_a_replica_stopped_under_load_costs_no_error_and_is_used_again_after(
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby
+) -> None:
+    statuses: list[int] = []
+    slow_after_the_stop: list[float] = []
+    stop_load = anyio.Event()
+    stopped_at = float("inf")
+
+    async def reader() -> None:
+        while not stop_load.is_set():
+            started = time.monotonic()
+            response = await replicated_client.get("/items/scroll?size=5")
+            statuses.append(response.status_code)
+            if started > stopped_at + 2:
+                slow_after_the_stop.append(time.monotonic() - started)
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(reader)
+        await anyio.sleep(0.5)
+        stopped_at = time.monotonic()
+        await anyio.to_thread.run_sync(standby.stop)
+        await anyio.sleep(3)
+        stop_load.set()
+    assert set(statuses) == {200}
+    assert slow_after_the_stop and max(slow_after_the_stop) < 1.0
+
+    await anyio.to_thread.run_sync(standby.start)
+    deadline = time.monotonic() + 10
+    while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
+        assert time.monotonic() < deadline, "the restarted replica was not used again"
+        await anyio.sleep(0.1)
+    # Read from again: with its replay paused, it lacks a new item (no token sent).
+    standby.pause_replay()
+    created = await replicated_client.post("/items", json={"name": "after", "price": "1"})
+    assert (await replicated_client.get(created.headers["Location"])).status_code == 404
+
+
 async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
     replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby
 ) -> None:
