@@ -3,6 +3,7 @@
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi_pagination import add_pagination
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             read_methods=SAFE_METHODS,
             invalid_token_response=lambda reason: problem_response(400, reason),
         )
+        document_consistency_token(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -127,6 +129,42 @@ def read_replicas(settings: Settings, primary: AsyncEngine) -> Replicas | None:
         connect_timeout=settings.db_connect_timeout,
         transaction_pooled=settings.database_pgbouncer,
     )
+
+
+def document_consistency_token(app: FastAPI) -> None:
+    """OpenAPI for the read-replica setup: every operation takes an optional
+    X-Consistency-Token, may answer 400 for a malformed or forged one, and its 2xx responses
+    may carry a new one."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        problem = problem_responses(400)[400]["content"]
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.setdefault("parameters", []).append({
+                    "name": CONSISTENCY_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "A token from an earlier response: read at least as "
+                    "fresh as the write it was issued for. Malformed or forged: 400.",
+                })
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("400", {"description": "Bad Request", "content": problem})
+                for status, response in responses.items():
+                    if status.startswith("2"):
+                        response.setdefault("headers", {})[CONSISTENCY_HEADER] = {
+                            "description": "Sent when the request committed a write: send "
+                            "it back to read your own write.",
+                            "schema": {"type": "string"},
+                        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def close_engines(app: FastAPI) -> None:

@@ -373,3 +373,13 @@ async def test_replicas_and_tokens_with_the_primary_behind_pgbouncer(
             assert (await client.get(created.headers["Location"])).status_code == 404
     finally:
         await close_engines(app)
+
+
+async def test_openapi_documents_the_token_and_its_400(
+    replicated_client: httpx.AsyncClient,
+) -> None:
+    schema = (await replicated_client.get("/openapi.json")).json()
+    listing = schema["paths"]["/items"]["get"]
+    assert HEADER in [p["name"] for p in listing["parameters"] if p["in"] == "header"]
+    assert "application/problem+json" in listing["responses"]["400"]["content"]
+    assert HEADER in schema["paths"]["/items"]["post"]["responses"]["201"]["headers"]
