@@ -3,6 +3,7 @@ read-your-writes, `serve --workers N`, on the real primary and streaming standby
 `scripts/with-postgres.sh --replica` starts. Which server answered is read from the servers'
 own statistics (`pg_stat_user_tables`: each server counts the scans of `items` it ran)."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -148,8 +149,10 @@ async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unr
 
 
 async def test_a_replica_stopped_under_load_costs_no_error_and_is_used_again_after(
-    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING)
     statuses: list[int] = []
     slow_after_the_stop: list[float] = []
     stop_load = anyio.Event()
@@ -174,6 +177,7 @@ async def test_a_replica_stopped_under_load_costs_no_error_and_is_used_again_aft
         stop_load.set()
     assert set(statuses) == {200}
     assert slow_after_the_stop and max(slow_after_the_stop) < 1.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
     await anyio.to_thread.run_sync(standby.start)
     deadline = time.monotonic() + 10
@@ -187,8 +191,10 @@ async def test_a_replica_stopped_under_load_costs_no_error_and_is_used_again_aft
 
 
 async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
-    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING)
     statuses: list[int] = []
     slow_after_the_freeze: list[float] = []
     stop = anyio.Event()
@@ -214,6 +220,7 @@ async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
     assert set(statuses) == {200}
     # Nothing issued after the replica was given up on waited for it: the primary served.
     assert slow_after_the_freeze and max(slow_after_the_freeze) < 1.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     deadline = time.monotonic() + 5
     while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
         assert time.monotonic() < deadline, "the thawed replica was not used again"
