@@ -104,7 +104,7 @@ async def test_a_writer_reads_its_write_with_its_token_while_replay_is_paused(
 ) -> None:
     standby.pause_replay()
     stale = 0
-    for n in range(50):
+    for n in range(200):
         created = await replicated_client.post("/items", json={"name": f"p{n}", "price": "1"})
         assert created.status_code == 201
         read = await replicated_client.get(
