@@ -168,7 +168,16 @@ def render(series: dict[str, Series], results: dict[str, list[Measured]]) -> str
             f"| {median([m.primary_cpu_ms for m in measured]):.2f} "
             f"| {median([m.replica_cpu_ms for m in measured]):.2f} |"
         )
-    lines += ["", f"Machine: {os.cpu_count()} CPUs. See bench/NOTES.md, \"Capacity model\".", ""]
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    lines += [
+        "",
+        f"Machine: {os.cpu_count()} CPUs, load average at the end {load}. Two workers can "
+        "only help where a core is idle: here wrk, both PostgreSQL servers and anything else "
+        "running share the same cores, so compare the CPU columns, not only req/s. The "
+        "replica columns show the reads moving off the primary. See bench/NOTES.md, "
+        "\"Capacity model\".",
+        "",
+    ]
     return "\n".join(lines)
 
 

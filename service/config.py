@@ -60,6 +60,13 @@ class Settings(BaseSettings):
         description="Seconds between two polls of each server's WAL position (a background "
         "thread per server, never per request).",
     )
+    replica_read_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds a statement may take on a replica: one that has not answered "
+        "by then (a replica that hangs) is cancelled and run on the primary, and the replica "
+        "skipped until its next successful poll.",
+    )
     database_pgbouncer: bool = Field(
         False,
         description="DATABASE_URL points at PgBouncer in transaction pooling mode: asyncpg "
@@ -356,7 +363,13 @@ class Settings(BaseSettings):
         """Keyword arguments for each replica's async engine: the primary's pool sizes (a
         request holds at most one replica connection), connected directly (not through
         PgBouncer, which sits in front of the primary)."""
-        return {**self._pool_args(), "connect_args": {"timeout": self.db_connect_timeout}}
+        return {
+            **self._pool_args(),
+            "connect_args": {
+                "timeout": self.db_connect_timeout,
+                "command_timeout": self.replica_read_timeout,
+            },
+        }
 
     def _pool_args(self) -> dict[str, Any]:
         return {

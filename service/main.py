@@ -3,6 +3,7 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -52,8 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async engine is `app.state.engine`, disposed of when the app shuts down. Also makes the
     settings' database the default of both `db`s, so `with db():` (sync, psycopg2 or
     pysqlite) and `async with async_db():` in scripts and tests reach the same database as
-    the requests. Raises `NoApiTokens` when the settings name no API token and no JWT key:
-    the app never serves with writes open to anyone.
+    the requests. With DATABASE_REPLICA_URLS, requests route reads to the replicas
+    (`app.state.replicas`, `service.db.routing`) and responses carry consistency tokens.
+    Raises `NoApiTokens` when the settings name no API token and no JWT key: the app never
+    serves with writes open to anyone.
     """
     settings = settings or get_settings()
     configure_logging(settings)
@@ -92,9 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_enabled:
         app.add_api_route(METRICS_PATH, metrics_endpoint, methods=["GET"], include_in_schema=False)
     # The last added runs first: request ids, telemetry (access line, HTTP metrics), CORS,
-    # authentication, the body limit, the database session - so a request is authenticated
-    # before its body is read, and takes a connection slot only once its whole body is in
-    # (and not too large).
+    # authentication, the body limit, (with read replicas) the consistency token, the
+    # database session - so a request is authenticated before its body is read, and takes a
+    # connection slot only once its whole body is in (and not too large) and its token
+    # checked.
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -117,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             read_methods=SAFE_METHODS,
             invalid_token_response=lambda reason: problem_response(400, reason),
         )
+        document_consistency_token(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.authenticator = add_authentication(app, settings)
     if settings.cors_origins:
@@ -174,6 +179,42 @@ def read_replicas(settings: Settings, primary: AsyncEngine) -> Replicas | None:
         connect_timeout=settings.db_connect_timeout,
         transaction_pooled=settings.database_pgbouncer,
     )
+
+
+def document_consistency_token(app: FastAPI) -> None:
+    """OpenAPI for the read-replica setup: every operation takes an optional
+    X-Consistency-Token, may answer 400 for a malformed or forged one, and its 2xx responses
+    may carry a new one."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        problem = problem_responses(400)[400]["content"]
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.setdefault("parameters", []).append({
+                    "name": CONSISTENCY_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "A token from an earlier response: read at least as "
+                    "fresh as the write it was issued for. Malformed or forged: 400.",
+                })
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("400", {"description": "Bad Request", "content": problem})
+                for status, response in responses.items():
+                    if status.startswith("2"):
+                        response.setdefault("headers", {})[CONSISTENCY_HEADER] = {
+                            "description": "Sent when the request committed a write: send "
+                            "it back to read your own write.",
+                            "schema": {"type": "string"},
+                        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def close_engines(app: FastAPI) -> None:

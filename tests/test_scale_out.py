@@ -3,6 +3,7 @@ read-your-writes, `serve --workers N`, on the real primary and streaming standby
 `scripts/with-postgres.sh --replica` starts. Which server answered is read from the servers'
 own statistics (`pg_stat_user_tables`: each server counts the scans of `items` it ran)."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -102,7 +104,7 @@ async def test_a_writer_reads_its_write_with_its_token_while_replay_is_paused(
 ) -> None:
     standby.pause_replay()
     stale = 0
-    for n in range(50):
+    for n in range(200):
         created = await replicated_client.post("/items", json={"name": f"p{n}", "price": "1"})
         assert created.status_code == 201
         read = await replicated_client.get(
@@ -144,6 +146,85 @@ async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unr
     assert [r["state"] for r in ready.json()["replicas"]] == ["down"]
     items = await replicated_client.get("/items")  # reads go on, on the primary
     assert items.status_code == 200
+
+
+async def test_a_replica_stopped_under_load_costs_no_error_and_is_used_again_after(
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    statuses: list[int] = []
+    slow_after_the_stop: list[float] = []
+    stop_load = anyio.Event()
+    stopped_at = float("inf")
+
+    async def reader() -> None:
+        while not stop_load.is_set():
+            started = time.monotonic()
+            response = await replicated_client.get("/items/scroll?size=5")
+            statuses.append(response.status_code)
+            if started > stopped_at + 2:
+                slow_after_the_stop.append(time.monotonic() - started)
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(reader)
+        await anyio.sleep(0.5)
+        stopped_at = time.monotonic()
+        await anyio.to_thread.run_sync(standby.stop)
+        await anyio.sleep(3)
+        stop_load.set()
+    assert set(statuses) == {200}
+    assert slow_after_the_stop and max(slow_after_the_stop) < 1.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+    await anyio.to_thread.run_sync(standby.start)
+    deadline = time.monotonic() + 10
+    while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
+        assert time.monotonic() < deadline, "the restarted replica was not used again"
+        await anyio.sleep(0.1)
+    # Read from again: with its replay paused, it lacks a new item (no token sent).
+    standby.pause_replay()
+    created = await replicated_client.post("/items", json={"name": "after", "price": "1"})
+    assert (await replicated_client.get(created.headers["Location"])).status_code == 404
+
+
+async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
+    replicated_app: FastAPI, replicated_client: httpx.AsyncClient, standby: Standby,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    statuses: list[int] = []
+    slow_after_the_freeze: list[float] = []
+    stop = anyio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            response = await replicated_client.get("/items/scroll?size=5")
+            statuses.append(response.status_code)
+            if started > frozen_at + 2.5:  # by then the poller has given up on the replica
+                slow_after_the_freeze.append(time.monotonic() - started)
+            await anyio.sleep(0.01)
+
+    frozen_at = float("inf")
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(reader)
+        await anyio.sleep(0.5)
+        with standby.frozen():
+            frozen_at = time.monotonic()
+            await anyio.sleep(5)
+            stop.set()
+    assert set(statuses) == {200}
+    # Nothing issued after the replica was given up on waited for it: the primary served.
+    assert slow_after_the_freeze and max(slow_after_the_freeze) < 1.0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    deadline = time.monotonic() + 5
+    while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
+        assert time.monotonic() < deadline, "the thawed replica was not used again"
+        await anyio.sleep(0.1)
 
 
 async def test_without_replicas_there_is_no_token(client: httpx.AsyncClient) -> None:
@@ -276,3 +357,36 @@ def test_replicas_need_postgresql_urls(tmp_path: Path) -> None:
     assert settings.async_replica_urls() == [
         "postgresql+asyncpg://r1/service", "postgresql+asyncpg://r2/service"
     ]
+
+
+async def test_replicas_and_tokens_with_the_primary_behind_pgbouncer(
+    pgbouncer_url: str, migrated_url: str, standby: Standby
+) -> None:
+    app = create_app(replicated_settings(
+        migrated_url, standby, database_url=pgbouncer_url, database_pgbouncer=True,
+        replica_max_lag=300,
+    ))
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     headers=AUTH) as client:
+            standby.pause_replay()
+            for n in range(20):
+                created = await client.post("/items", json={"name": f"pb{n}", "price": "1"})
+                assert created.status_code == 201
+                read = await client.get(created.headers["Location"],
+                                        headers={HEADER: created.headers[HEADER]})
+                assert read.status_code == 200
+            assert (await client.get(created.headers["Location"])).status_code == 404
+    finally:
+        await close_engines(app)
+
+
+async def test_openapi_documents_the_token_and_its_400(
+    replicated_client: httpx.AsyncClient,
+) -> None:
+    schema = (await replicated_client.get("/openapi.json")).json()
+    listing = schema["paths"]["/items"]["get"]
+    assert HEADER in [p["name"] for p in listing["parameters"] if p["in"] == "header"]
+    assert "application/problem+json" in listing["responses"]["400"]["content"]
+    assert HEADER in schema["paths"]["/items"]["post"]["responses"]["201"]["headers"]

@@ -11,8 +11,9 @@ The rules, per request (`Route`, set by `ConsistencyMiddleware` for each HTTP re
 - a request that sent a consistency token reads only from a replica that has replayed that
   position (`Replicas.choose`), else from the primary;
 - a request keeps the replica it was given, so its reads never go back in time;
-- a replica read that fails because the replica is unavailable (stopped, connection lost)
-  marks the replica down and runs again on the primary, once: the client never sees it;
+- a replica read that fails because the replica is unavailable (stopped, connection lost,
+  or no answer within the driver's timeout - asyncpg's `command_timeout`) marks the replica
+  down and runs again on the primary, once: the client never sees it;
 - `with primary():` / `with replica():` (also `db.primary()` / `db.replica()`) choose
   explicitly for the statements inside; after a write the request stays on the primary.
 
@@ -140,8 +141,11 @@ class RoutingSession(Session):
         assert self.replicas is not None
         if route is None:
             return self.replicas.choose()
-        if route.replica is None or not route.replica.up:
+        if route.replica is None:
             route.replica = self.replicas.choose(route.min_position)
+        elif not route.replica.up:
+            # Its replica went away: another one may be further behind, the primary is not.
+            route.on_primary, route.replica = True, None
         return route.replica
 
     def _on_primary(self, bind: Engine) -> Engine:
@@ -154,13 +158,13 @@ class RoutingSession(Session):
         # that broke under a read is retried on the primary, once, before anyone sees it.
         try:
             return super()._execute_internal(*args, **kwargs)
-        except DBAPIError as exc:
+        except (DBAPIError, TimeoutError) as exc:
             failed = self._reading_from
             if (
                 failed is None
                 or self.replicas is None
                 or self._primary_in_transaction is not None  # work a rollback would lose
-                or not database_unavailable(exc)
+                or not (isinstance(exc, TimeoutError) or database_unavailable(exc))
             ):
                 raise
             self.replicas.mark_down(failed, _reason(exc))
@@ -168,8 +172,13 @@ class RoutingSession(Session):
             if route is not None:
                 route.on_primary = True
                 route.replica = None
-            # The broken connection must leave the session; it only ever read, so nothing
-            # is lost (objects loaded before are expired, as by any rollback).
+            # The replica's connection leaves the session, closed (it may be mid-statement:
+            # a read timed out); it only ever read, so nothing is lost (objects loaded
+            # before are expired, as by any rollback).
+            transaction = self._transaction
+            entry = transaction._connections.get(failed.engine) if transaction else None
+            if entry is not None:
+                entry[0].invalidate()
             self.rollback()
             with primary():
                 return super()._execute_internal(*args, **kwargs)
@@ -209,6 +218,6 @@ def _writes_or_locks(clause: Any) -> bool:
     return isinstance(clause, Select) and clause._for_update_arg is not None
 
 
-def _reason(exc: DBAPIError) -> str:
-    lines = str(exc.orig or exc).strip().splitlines()
+def _reason(exc: Exception) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__

@@ -305,3 +305,34 @@ async def test_a_replica_further_behind_than_max_lag_is_skipped_until_it_catches
     finally:
         replicas.close()
         await mode.dispose(replica_engine)
+
+
+async def test_requests_spread_over_replicas_and_each_keeps_its_own(
+    mode: Mode, standby: Standby
+) -> None:
+    # Two replica engines (both on the one standby here): each request reads all its
+    # statements on one of them - the same connection - and requests alternate.
+    if mode.name == "sync":
+        engines: list[Any] = [create_engine(standby.url, isolation_level="AUTOCOMMIT")
+                              for _ in range(2)]
+    else:
+        engines = [create_async_engine(async_url(standby.url), isolation_level="AUTOCOMMIT")
+                   for _ in range(2)]
+    replicas = Replicas(mode.engine, engines, poll_interval=0.1)
+    assert replicas.wait_until_polled()
+    app = routed_app(mode, replicas)
+    backend = text("SELECT pg_backend_pid()")
+
+    @app.get("/backends")
+    async def backends() -> list[int]:
+        return [await mode.scalar(backend), await mode.scalar(backend)]
+
+    try:
+        async with client_for(app) as client:
+            pairs = [(await client.get("/backends")).json() for _ in range(6)]
+    finally:
+        replicas.close()
+        for replica_engine in engines:
+            await mode.dispose(replica_engine)
+    assert all(first == second for first, second in pairs)
+    assert len({first for first, _ in pairs}) == 2
