@@ -304,6 +304,7 @@ def test_serve_turns_uvicorns_access_log_off_and_no_access_log_turns_ours_off(
                     dir_existed=bool(multiproc_dir) and Path(multiproc_dir).is_dir())
 
     for name, value in {"DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
+                        "CURSOR_SECRET": "several-workers-share-one-cursor-secret",
                         "ACCESS_LOG": "", "PROMETHEUS_MULTIPROC_DIR": ""}.items():
         monkeypatch.setenv(name, value)  # recorded, so the test's changes are undone
     monkeypatch.delenv("ACCESS_LOG")
