@@ -66,7 +66,8 @@ bench: venv
 	@for tool in wrk; do command -v $$tool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$tool; \
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
-	PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh --replica \
+	# A dozen servers, each with its own pool, share the database: room for all of them.
+	PATH="$(abspath $(BIN)):$$PATH" PG_MAX_CONNECTIONS=500 scripts/with-postgres.sh --replica \
 	  sh -c 'python -m bench.run $(if $(FULL),--full) && python -m bench.scale'
 
 # Only the cost of request ids + access line + metrics (issue #15), printed: ~1 minute.
