@@ -111,7 +111,10 @@ async def test_items_are_read_from_the_replica_and_written_on_the_primary(
         assert (await replicated_client.get("/items/scroll?size=5")).status_code == 200
     await close_engines(replicated_app)  # the backends exit and report their statistics
     assert wait_for_scans(standby.engine, on_standby + 40) >= on_standby + 40
-    assert items_scans(engine) - on_primary < 5  # (autovacuum may scan once in a while)
+    # Reads on the primary would add 40 scans there. Other backends of this test run report
+    # their statistics late (an idle one up to 10 s after its work), so a few scans of
+    # earlier tests can land in this window: allow them, well below the 40.
+    assert items_scans(engine) - on_primary < 20
 
 
 async def test_a_writer_reads_its_write_with_its_token_while_replay_is_paused(
