@@ -1,9 +1,14 @@
 """SQL for items, through the request's `AsyncSession` (`service.db.asyncio.db.session`).
 Never commits: the request (or `async with db():`) does.
 
-Lists read plain rows of the `items` table (`ItemRow`), not ORM entities: a page of 20
-entities costs about a millisecond of CPU more than reading their rows, and lists change
-nothing. The ORM serves one item at a time: `get`, inserts, versioned updates, deletes.
+Lists read plain rows of the `items` table (`ItemRow`: a dict by column name), not ORM
+entities: a page of 20 entities costs about a millisecond of CPU more than reading their
+rows, and lists change nothing. The ORM serves one item at a time: `get`, inserts,
+versioned updates, deletes.
+
+The list statements are built once per shape - sort, which filters are set, first page or
+not - with every value a bound parameter (`_list_statement`): building a SELECT in
+SQLAlchemy costs about as much CPU as running it, and a page runs the same few shapes.
 
 Writes are flushed here, so that constraint violations and lost version races raise inside
 the service, where they become domain errors, and not at commit time.
@@ -11,14 +16,17 @@ the service, where they become domain errors, and not at commit time.
 
 import json
 from collections.abc import Collection, Sequence
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
-    Row,
+    Integer,
+    Result,
     Select,
     Table,
+    bindparam,
     delete,
     func,
     literal_column,
@@ -35,8 +43,8 @@ from service.items.models import Item
 from service.items.schemas import ItemFilters, ItemSort
 
 ITEMS = cast(Table, Item.__table__)
-# A row of `items`: the columns of `ItemOut`, read by attribute (`row.name`).
-ItemRow = Row[Any]
+# A row of `items` as a dict by column name: the fields of `ItemOut`.
+ItemRow = dict[str, Any]
 # Every sortable field has an index (field, id), which both sort directions can use.
 SORT_COLUMNS: dict[str, Any] = {
     "id": ITEMS.c.id,
@@ -88,24 +96,22 @@ async def page_rows(
     filters: ItemFilters, sort: ItemSort, limit: int, offset: int
 ) -> Sequence[ItemRow]:
     """One page of items in `sort` order: one SELECT."""
-    statement = _ordered(_filtered(filters), sort).limit(limit).offset(offset)
-    rows: Sequence[ItemRow] = (await db.session.execute(statement)).all()
-    return rows
+    statement = _list_statement(sort, _set_filters(filters), positioned=False, offset=True)
+    parameters = {**_filter_values(filters), "limit": limit, "offset": offset}
+    return _as_dicts(await db.session.execute(statement, parameters))
 
 
 async def count(filters: ItemFilters) -> int:
     """How many items match: `SELECT count(*)`, which reads every one of them."""
-    statement = _filtered(filters).with_only_columns(func.count(), maintain_column_froms=True)
-    return await db.session.scalar(statement) or 0
+    statement = _count_statement(_set_filters(filters))
+    return await db.session.scalar(statement, _filter_values(filters)) or 0
 
 
 async def count_up_to(filters: ItemFilters, limit: int) -> int:
     """How many items match, counting no further than `limit`: reads at most `limit` rows."""
-    matching: Select[Any] = _filtered(filters).with_only_columns(
-        literal_column("1"), maintain_column_froms=True
-    )
-    matching = matching.limit(limit)
-    return await db.session.scalar(select(func.count()).select_from(matching.subquery())) or 0
+    statement = _count_up_to_statement(_set_filters(filters))
+    parameters = {**_filter_values(filters), "limit": limit}
+    return await db.session.scalar(statement, parameters) or 0
 
 
 async def estimated_count(filters: ItemFilters) -> int | None:
@@ -113,7 +119,8 @@ async def estimated_count(filters: ItemFilters) -> int | None:
     rows, only statistics); None where the database has no such estimate (SQLite)."""
     if db.session.get_bind().dialect.name != "postgresql":
         return None
-    plan = await db.session.scalar(Explain(_filtered(filters)))
+    statement = Explain(_filtered(_set_filters(filters)))
+    plan = await db.session.scalar(statement, _filter_values(filters))
     if isinstance(plan, str):  # asyncpg hands json over undecoded
         plan = json.loads(plan)
     return int(plan[0]["Plan"]["Plan Rows"])
@@ -140,33 +147,90 @@ async def items_after(
     """Up to `limit` items following the position `after` = (sort value, id) in `sort`
     order, or from the start; one SELECT, as cheap at any depth (a range scan of the
     (field, id) index)."""
-    statement = _ordered(_filtered(filters), sort).limit(limit)
+    statement = _list_statement(
+        sort, _set_filters(filters), positioned=after is not None, offset=False
+    )
+    parameters = {**_filter_values(filters), "limit": limit}
     if after is not None:
-        statement = statement.where(_follows(sort, after))
-    rows: Sequence[ItemRow] = (await db.session.execute(statement)).all()
-    return rows
+        parameters["after_value"], parameters["after_id"] = after
+    return _as_dicts(await db.session.execute(statement, parameters))
 
 
-def _filtered(filters: ItemFilters) -> Select[Any]:
-    """The matching rows of `items` (a Core SELECT of the table: no ORM entities)."""
-    c = ITEMS.c
-    statement = select(ITEMS)
+def _as_dicts(result: Result[Any]) -> list[ItemRow]:
+    # Row._asdict() works out the column names again for every row.
+    names = tuple(result.keys())
+    return [dict(zip(names, row, strict=True)) for row in result]
+
+
+# -- the list statements, one per shape; values are bound parameters named as below -------
+
+# A filter's parameter, and the condition it puts on `items`.
+_FILTERS: dict[str, ColumnElement[bool]] = {
+    # `q` is bound as a LIKE pattern with its own % _ / escaped (`_filter_values`).
+    "q": ITEMS.c.name.icontains(bindparam("q", type_=ITEMS.c.name.type), escape="/"),
+    "min_price": ITEMS.c.price >= bindparam("min_price", type_=ITEMS.c.price.type),
+    "max_price": ITEMS.c.price <= bindparam("max_price", type_=ITEMS.c.price.type),
+    "created_after": ITEMS.c.created_at >= bindparam("created_after",
+                                                     type_=ITEMS.c.created_at.type),
+    "created_before": ITEMS.c.created_at < bindparam("created_before",
+                                                     type_=ITEMS.c.created_at.type),
+}
+
+
+def _set_filters(filters: ItemFilters) -> frozenset[str]:
+    return frozenset(name for name in _FILTERS if getattr(filters, name) is not None)
+
+
+def _filter_values(filters: ItemFilters) -> dict[str, Any]:
+    """The bound values of the filters that are set."""
+    values = {name: getattr(filters, name) for name in _FILTERS}
     if filters.q is not None:
-        statement = statement.where(c.name.icontains(filters.q, autoescape=True))
-    if filters.min_price is not None:
-        statement = statement.where(c.price >= filters.min_price)
-    if filters.max_price is not None:
-        statement = statement.where(c.price <= filters.max_price)
-    if filters.created_after is not None:
-        statement = statement.where(c.created_at >= filters.created_after)
-    if filters.created_before is not None:
-        statement = statement.where(c.created_at < filters.created_before)
+        values["q"] = _like_escaped(filters.q)
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matching only itself inside a LIKE pattern with ESCAPE '/'."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+@cache
+def _filtered(names: frozenset[str]) -> Select[Any]:
+    """The rows of `items` matching the filters `names` (a Core SELECT of the table: no ORM
+    entities)."""
+    return select(ITEMS).where(*(_FILTERS[name] for name in _FILTERS if name in names))
+
+
+@cache
+def _list_statement(
+    sort: ItemSort, filters: frozenset[str], positioned: bool, offset: bool
+) -> Select[Any]:
+    """Matching items in `sort` order, `:limit` of them; after the position
+    (`:after_value`, `:after_id`) if `positioned`; from row `:offset` if `offset`."""
+    columns = _sort_key(sort)
+    statement = _filtered(filters).order_by(
+        *(c.desc() if sort.descending else c.asc() for c in columns)
+    ).limit(bindparam("limit", type_=Integer))
+    if positioned:
+        statement = statement.where(_follows(sort))
+    if offset:
+        statement = statement.offset(bindparam("offset", type_=Integer))
     return statement
 
 
-def _ordered(statement: Select[Any], sort: ItemSort) -> Select[Any]:
-    columns = _sort_key(sort)
-    return statement.order_by(*(c.desc() if sort.descending else c.asc() for c in columns))
+@cache
+def _count_statement(filters: frozenset[str]) -> Select[Any]:
+    return _filtered(filters).with_only_columns(func.count(), maintain_column_froms=True)
+
+
+@cache
+def _count_up_to_statement(filters: frozenset[str]) -> Select[Any]:
+    """How many rows match, counting no further than `:limit`."""
+    matching: Select[Any] = _filtered(filters).with_only_columns(
+        literal_column("1"), maintain_column_froms=True
+    )
+    matching = matching.limit(bindparam("limit", type_=Integer))
+    return select(func.count()).select_from(matching.subquery())
 
 
 def _sort_key(sort: ItemSort) -> tuple[Any, ...]:
@@ -174,13 +238,17 @@ def _sort_key(sort: ItemSort) -> tuple[Any, ...]:
     return (column,) if column is ITEMS.c.id else (column, ITEMS.c.id)
 
 
-def _follows(sort: ItemSort, after: Sequence[Any]) -> ColumnElement[bool]:
-    """Rows strictly after `after` = (value, id) in `sort` order: the row-value comparison
-    `(field, id) > (:value, :id)` (`<` descending), which the (field, id) index answers as
-    a range scan."""
+def _follows(sort: ItemSort) -> ColumnElement[bool]:
+    """Rows strictly after the position (`:after_value`, `:after_id`) in `sort` order: the
+    row-value comparison `(field, id) > (:after_value, :after_id)` (`<` descending), which
+    the (field, id) index answers as a range scan. Sorting by id alone compares the id."""
     columns = _sort_key(sort)
-    if len(columns) == 1:  # sorting by id alone
-        row, position = columns[0], after[-1]
+    after_id = bindparam("after_id", type_=ITEMS.c.id.type)
+    row: ColumnElement[Any]
+    position: ColumnElement[Any]
+    if len(columns) == 1:
+        row, position = columns[0], after_id
     else:
-        row, position = tuple_(*columns), tuple(after)
-    return cast(ColumnElement[bool], row < position if sort.descending else row > position)
+        after_value = bindparam("after_value", type_=columns[0].type)
+        row, position = tuple_(*columns), tuple_(after_value, after_id)
+    return row < position if sort.descending else row > position

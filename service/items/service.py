@@ -132,9 +132,7 @@ async def list_items(
     window = params.to_raw_params().as_limit_offset()
     total, exact = await _total(filters, count, threshold)
     items = await dao.page_rows(filters, sort, limit=window.limit or 0, offset=window.offset or 0)
-    return create_page(
-        [row._mapping for row in items], total=total, params=params, total_is_exact=exact
-    )
+    return create_page(items, total=total, params=params, total_is_exact=exact)
 
 
 async def _total(filters: ItemFilters, count: CountMode, threshold: int) -> tuple[int | None, bool]:
@@ -160,11 +158,9 @@ async def scroll_items(
     items = await dao.items_after(filters, sort, after, limit=size + 1)
     page, more = items[:size], len(items) > size
     next_page = _cursor_after(page[-1], sort, secret) if more else None
-    # Validated from the rows' mappings in one go: several times cheaper than item by item
-    # from attributes, which shows at 20 items a page.
-    return _SCROLL.validate_python(
-        {"items": [row._mapping for row in page], "next_page": next_page}
-    )
+    # Validated from the rows' dicts in one go: several times cheaper than item by item
+    # from attributes, or from row mappings (read key by key through Python).
+    return _SCROLL.validate_python({"items": page, "next_page": next_page})
 
 
 _SCROLL = TypeAdapter(ItemScroll)
@@ -174,10 +170,10 @@ _SCROLL = TypeAdapter(ItemScroll)
 
 
 def _cursor_after(item: ItemRow, sort: ItemSort, secret: bytes) -> str:
-    value = getattr(item, sort.field)
+    value = item[sort.field]
     if isinstance(value, Decimal | datetime):
         value = value.isoformat() if isinstance(value, datetime) else str(value)
-    return sign_cursor({"sort": sort.value, "after": [value, item.id]}, secret)
+    return sign_cursor({"sort": sort.value, "after": [value, item["id"]]}, secret)
 
 
 def _position(cursor: str, sort: ItemSort, secret: bytes) -> tuple[Any, int]:
