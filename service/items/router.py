@@ -143,6 +143,7 @@ def preferred_count(prefer: str | None) -> CountMode | None:
 
 @reads.get(
     "/scroll",
+    response_model=ItemScroll,
     summary="Scroll through items with a cursor",
     responses=problem_responses(400, 422),
 )
@@ -155,11 +156,13 @@ async def scroll_items(
         Query(max_length=1000, description="`next_page` of the previous page; none to start."),
     ] = None,
     size: Annotated[int, Query(ge=1, le=100, description="Items per page, 1-100.")] = 20,
-) -> ItemScroll:
+) -> Response:
     """Keyset pagination: no total, one query per page at any depth, and rows added or
     removed meanwhile never make a page repeat or skip an item. A cursor belongs to its
     sort; a malformed, altered or mismatched one gets 400."""
-    return await service.scroll_items(filters, sort, cursor, size, secret)
+    page = await service.scroll_items(filters, sort, cursor, size, secret)
+    # Serialised here: FastAPI would validate the page again first, to the same JSON.
+    return Response(page.model_dump_json(), media_type="application/json")
 
 
 @reads.get(
