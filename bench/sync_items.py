@@ -73,7 +73,9 @@ def scroll_items(
         statement = statement.where(_follows(sort, after))
     items = list(db.session.scalars(statement))
     page, more = items[:size], len(items) > size
-    next_page = _cursor_after(page[-1], sort, secret) if more else None
+    last = page[-1]
+    position = {sort.field: getattr(last, sort.field), "id": last.id}
+    next_page = _cursor_after(position, sort, secret) if more else None
     return ItemScroll(items=[ItemOut.model_validate(item) for item in page], next_page=next_page)
 
 
