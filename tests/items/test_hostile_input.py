@@ -295,13 +295,21 @@ async def test_control_characters_in_q_answer_422(client: httpx.AsyncClient, pat
 
 # -- SQL metacharacters are data -------------------------------------------------------
 
-NAMES = ["O'Brien's lamp", "100% wool rug", "under_score", 'say "hi"', "back\\slash", "plain"]
+NAMES = [
+    "O'Brien's lamp", "100% wool rug", "under_score", 'say "hi"', "back\\slash", "either/or",
+    "plain",
+]
 METACHARACTERS = [
     ("'", ["O'Brien's lamp"]),
     ("%", ["100% wool rug"]),
     ("_", ["under_score"]),
     ('"', ['say "hi"']),
     ("\\", ["back\\slash"]),
+    # `/` is the escape character of the LIKE pattern: escaped itself, and never escaping %.
+    ("/", ["either/or"]),
+    ("r/o", ["either/or"]),
+    ("/%", []),
+    ("/_", []),
     ("'; DROP TABLE items; --", []),
     ("' OR '1'='1", []),
     ("%' OR 1=1 --", []),
