@@ -7,7 +7,9 @@ PyJWT verifies; this module decides with what:
   token's own `alg` must be that algorithm: `none`, an HMAC token against a public key,
   an RS256 token against an EC key are all refused before any signature is checked;
 - the claims: `exp`, `iss`, `aud` and `sub` required; `iss` and `aud` as configured;
-  `exp`, `nbf` and `iat` with JWT_LEEWAY seconds of clock skew;
+  `exp`, `nbf` and `iat` with JWT_LEEWAY seconds of clock skew; `sub` not one of the names
+  the service gives its own principals (`token:...`, `cli:...`, `unknown`), which a token
+  could otherwise write as;
 - the scopes: `scope` (a space-separated string) and `scp` (a list of strings) together;
   either in another shape makes the token invalid, not scope-less.
 
@@ -21,7 +23,7 @@ import jwt
 from jwt import InvalidTokenError, PyJWK
 
 from service.jwt_keys import KeySource
-from service.principal import Principal
+from service.principal import Principal, is_reserved
 
 REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 MAX_SUBJECT_LENGTH = 255  # what `created_by` / `updated_by` hold
@@ -77,6 +79,8 @@ class JwtCheck:
         subject = claims["sub"]
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
             raise InvalidToken(f"`sub` is not a string of 1-{MAX_SUBJECT_LENGTH} characters")
+        if is_reserved(subject):
+            raise InvalidToken("`sub` is a name the service keeps for its own principals")
         return Principal(subject, scopes_of(claims))
 
     async def _key_for(self, header: dict[str, Any]) -> tuple[Any, str]:

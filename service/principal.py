@@ -16,6 +16,15 @@ from dataclasses import dataclass
 # Items written outside the service (rows from before who-changed-what was recorded, or
 # inserted with SQL by hand) say this.
 UNKNOWN = "unknown"
+# Names the service gives its own principals: API tokens (`token:<label>`), commands of the
+# CLI (`cli:seed`), and UNKNOWN. A JWT may not claim them (`is_reserved`), or its holder
+# could write as one of them.
+RESERVED_PREFIXES = ("token:", "cli:")
+
+
+def is_reserved(name: str) -> bool:
+    """Whether `name` is one the service gives its own principals, never a JWT's `sub`."""
+    return name == UNKNOWN or name.startswith(RESERVED_PREFIXES)
 
 
 @dataclass(frozen=True)

@@ -384,6 +384,28 @@ async def test_the_log_says_why_a_token_was_refused(
         assert reason not in response.text  # the client learns only that it was refused
 
 
+@pytest.mark.parametrize("subject", ["token:ci", "token:1", "cli:seed", "unknown"])
+async def test_a_jwt_claiming_a_name_the_service_keeps_for_itself_is_refused(
+    client: httpx.AsyncClient, provider: IdentityProvider, engine: Engine, subject: str
+) -> None:
+    """API tokens write as `token:<label>`, the seed command as `cli:seed`, old rows say
+    `unknown`: a JWT with such a `sub` would write as them."""
+    response = await client.post("/items", json=ITEM, headers=bearer(provider.token(sub=subject)))
+    assert_refused(response)
+    assert stored(engine) == {}
+
+
+async def test_a_subject_that_only_resembles_a_reserved_name_is_accepted(
+    client: httpx.AsyncClient, provider: IdentityProvider
+) -> None:
+    for subject in ("tokens:1", "Token:1", "unknown-user", "client:seed"):
+        response = await client.post(
+            "/items", json={**ITEM, "name": subject}, headers=bearer(provider.token(sub=subject))
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["created_by"] == subject
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_a_token_in_the_query_string_is_refused(
     client: httpx.AsyncClient, provider: IdentityProvider, engine: Engine, method: str
