@@ -27,7 +27,7 @@ They carry every scope; their principal is `token:<label>` (`API_TOKENS=ci=...` 
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.config import Settings
 from service.jwt_check import InvalidToken, JwtCheck
 from service.jwt_keys import FileKeys, RemoteKeys
+from service.openapi import extend_openapi
 from service.principal import Principal, current_principal_or_none, reset_principal, set_principal
 from service.problems import problem_response, problem_responses
 
@@ -366,12 +367,8 @@ def add_authentication(app: FastAPI, settings: Settings) -> Authenticator:
 
 def _declare_security(app: FastAPI, settings: Settings) -> None:
     """Per operation: which schemes (and scope) it needs, and its 400/401/403 problems."""
-    generate: Callable[[], dict[str, Any]] = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()
+    def declare(schema: dict[str, Any]) -> None:
         schemes = _security_schemes(settings)
         schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
         refusals = problem_responses(400, 401, 403)
@@ -394,9 +391,8 @@ def _declare_security(app: FastAPI, settings: Settings) -> None:
                         "description": _ERROR_DESCRIPTIONS[status],
                         "content": refusals[status]["content"],
                     })
-        return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    extend_openapi(app, declare)
 
 
 _ERROR_DESCRIPTIONS = {

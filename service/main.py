@@ -35,6 +35,7 @@ from service.metrics import (
     metrics_endpoint,
     worker_stopped,
 )
+from service.openapi import extend_openapi, operations
 from service.problems import (
     failure_problem,
     install_problem_handlers,
@@ -185,36 +186,29 @@ def document_consistency_token(app: FastAPI) -> None:
     """OpenAPI for the read-replica setup: every operation takes an optional
     X-Consistency-Token, may answer 400 for a malformed or forged one, and its 2xx responses
     may carry a new one."""
-    build = app.openapi
+    problem = problem_responses(400)[400]["content"]
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = build()
-        problem = problem_responses(400)[400]["content"]
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                operation.setdefault("parameters", []).append({
-                    "name": CONSISTENCY_HEADER,
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string"},
-                    "description": "A token from an earlier response: read at least as "
-                    "fresh as the write it was issued for. Malformed or forged: 400.",
-                })
-                responses = operation.setdefault("responses", {})
-                responses.setdefault("400", {"description": "Bad Request", "content": problem})
-                for status, response in responses.items():
-                    if status.startswith("2"):
-                        response.setdefault("headers", {})[CONSISTENCY_HEADER] = {
-                            "description": "Sent when the request committed a write: send "
-                            "it back to read your own write.",
-                            "schema": {"type": "string"},
-                        }
-        app.openapi_schema = schema
-        return schema
+    def declare(schema: dict[str, Any]) -> None:
+        for operation in operations(schema):
+            operation.setdefault("parameters", []).append({
+                "name": CONSISTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "A token from an earlier response: read at least as "
+                "fresh as the write it was issued for. Malformed or forged: 400.",
+            })
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("400", {"description": "Bad Request", "content": problem})
+            for status, response in responses.items():
+                if status.startswith("2"):
+                    response.setdefault("headers", {})[CONSISTENCY_HEADER] = {
+                        "description": "Sent when the request committed a write: send "
+                        "it back to read your own write.",
+                        "schema": {"type": "string"},
+                    }
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    extend_openapi(app, declare)
 
 
 async def close_engines(app: FastAPI) -> None:

@@ -11,10 +11,13 @@ from an unhandled exception (Starlette sends it from its outermost layer), which
 `service.problems` gives the header itself.
 """
 
+from typing import Any
 from uuid import uuid4
 
 from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
 from fastapi import FastAPI
+
+from service.openapi import extend_openapi, operations
 
 HEADER = "X-Request-ID"
 MAX_LENGTH = 128
@@ -42,7 +45,8 @@ def current_request_id() -> str | None:
 
 def add_request_ids(app: FastAPI) -> None:
     """Give `app` request ids; call it after every other `add_middleware`, so that it runs
-    first and sees every response."""
+    first and sees every response - and after every other OpenAPI addition, so that the
+    header is declared on every response, the added ones too."""
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name=HEADER,
@@ -50,3 +54,18 @@ def add_request_ids(app: FastAPI) -> None:
         generator=new_request_id,
         transformer=None,
     )
+    extend_openapi(app, _declare_request_id)
+
+
+def _declare_request_id(schema: dict[str, Any]) -> None:
+    """Every response of every operation carries X-Request-ID. (The request header is not
+    declared as a parameter of each operation: it is optional everywhere, and generated
+    clients would grow an argument on every method for it.)"""
+    for operation in operations(schema):
+        for response in operation.get("responses", {}).values():
+            response.setdefault("headers", {})[HEADER] = {
+                "description": "The request's id: the client's own X-Request-ID if it was "
+                "1-128 printable ASCII characters, else one the service made up. Also in "
+                "problem documents and in the service's logs.",
+                "schema": {"type": "string"},
+            }

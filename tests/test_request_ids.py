@@ -272,6 +272,19 @@ async def client_of(app: FastAPI, **transport_args: Any) -> AsyncIterator[httpx.
     await app.state.engine.dispose()
 
 
+async def test_every_response_of_every_operation_documents_the_header(
+    client: httpx.AsyncClient,
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    operations = [op for path in schema["paths"].values() for op in path.values()]
+    assert len(operations) >= 8
+    for operation in operations:
+        statuses = operation["responses"]
+        assert {"422", "500"} <= set(statuses) or operation["operationId"].startswith("check_")
+        for status, response in statuses.items():
+            assert "X-Request-ID" in response["headers"], (operation["operationId"], status)
+
+
 async def test_the_problem_schema_documents_the_request_id(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
     problem = schema["components"]["schemas"]["Problem"]
