@@ -43,7 +43,13 @@ from service.config import Settings
 from service.jwt_check import InvalidToken, JwtCheck
 from service.jwt_keys import FileKeys, RemoteKeys
 from service.openapi import extend_openapi
-from service.principal import Principal, current_principal_or_none, reset_principal, set_principal
+from service.principal import (
+    API_TOKEN_PREFIX,
+    Principal,
+    current_principal_or_none,
+    reset_principal,
+    set_principal,
+)
 from service.problems import problem_response, problem_responses
 
 logger = logging.getLogger("service.auth")
@@ -133,7 +139,7 @@ class Authenticator:
             raise Unauthenticated("no bearer token")
         label = self.api_tokens.label_of(credentials)
         if label is not None:
-            return Principal(f"token:{label}", scopes=None)
+            return Principal(f"{API_TOKEN_PREFIX}{label}", scopes=None)
         if self.jwt_check is None:
             raise Unauthenticated("not one of the API tokens (and JWT is off)")
         try:

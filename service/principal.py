@@ -19,7 +19,9 @@ UNKNOWN = "unknown"
 # Names the service gives its own principals: API tokens (`token:<label>`), commands of the
 # CLI (`cli:seed`), and UNKNOWN. A JWT may not claim them (`is_reserved`), or its holder
 # could write as one of them.
-RESERVED_PREFIXES = ("token:", "cli:")
+API_TOKEN_PREFIX = "token:"
+CLI_PREFIX = "cli:"
+RESERVED_PREFIXES = (API_TOKEN_PREFIX, CLI_PREFIX)
 
 
 def is_reserved(name: str) -> bool:

@@ -461,11 +461,7 @@ async def test_an_unknown_kid_refreshes_the_jwks_once_a_minute_at_most(
     # Within the next minute, unknown kids - however many, however concurrent - fetch
     # nothing.
     clock[0] += 30
-    unknown = [provider.token(headers={"kid": f"nobody-{n}"}) for n in range(20)]
-    responses = await asyncio.gather(
-        *(client.post("/items", json=ITEM, headers=bearer(token)) for token in unknown)
-    )
-    assert {response.status_code for response in responses} == {401}
+    assert await statuses_of_unknown_kids(client, provider, 20) == {401}
     assert jwks_server.fetches == 2
 
 
@@ -487,6 +483,18 @@ async def test_a_key_the_provider_withdrew_stops_working_within_15_minutes(
     assert jwks_server.fetches == 2
 
 
+async def statuses_of_unknown_kids(
+    client: httpx.AsyncClient, provider: IdentityProvider, count: int
+) -> set[int]:
+    """The statuses of `count` concurrent writes, each with a token naming another unknown
+    kid."""
+    tokens = [provider.token(headers={"kid": f"nobody-{n}"}) for n in range(count)]
+    responses = await asyncio.gather(
+        *(client.post("/items", json=ITEM, headers=bearer(token)) for token in tokens)
+    )
+    return {response.status_code for response in responses}
+
+
 async def test_concurrent_unknown_kids_share_one_fetch(
     client: httpx.AsyncClient, jwks_server: JwksServer, provider: IdentityProvider,
     clock: list[float],
@@ -494,11 +502,7 @@ async def test_concurrent_unknown_kids_share_one_fetch(
     assert (await client.post("/items", json=ITEM, headers=bearer(provider.token()))).is_success
     clock[0] += 3600
     jwks_server.delay = 0.3  # every request arrives while the first refresh is under way
-    tokens = [provider.token(headers={"kid": f"nobody-{n}"}) for n in range(10)]
-    responses = await asyncio.gather(
-        *(client.post("/items", json=ITEM, headers=bearer(token)) for token in tokens)
-    )
-    assert {response.status_code for response in responses} == {401}
+    assert await statuses_of_unknown_kids(client, provider, 10) == {401}
     assert jwks_server.fetches == 2
 
 

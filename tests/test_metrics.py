@@ -122,24 +122,36 @@ async def test_a_metrics_token_guards_the_endpoint(settings: Settings) -> None:
     assert TEST_TOKEN not in right.text and token not in right.text
 
 
+@asynccontextmanager
+async def a_request_holding_a_slot(client: httpx.AsyncClient) -> AsyncIterator[None]:
+    """For the block, a request to the client's app is inside its route, holding one
+    database slot (GET /hold, added for it)."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @client.app.get("/hold")  # type: ignore[attr-defined]
+    async def hold() -> dict[str, str]:
+        entered.set()
+        await release.wait()
+        return {}
+
+    holder = asyncio.ensure_future(client.get("/hold"))
+    await entered.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
 async def test_metrics_answer_while_every_database_slot_is_taken(settings: Settings) -> None:
     """/metrics is a sessionless path: it never queues behind the database work."""
-    async with serving(settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout=5) as client:
-        entered, release = asyncio.Event(), asyncio.Event()
-
-        @client.app.get("/hold")  # type: ignore[attr-defined]
-        async def hold() -> dict[str, str]:
-            entered.set()
-            await release.wait()
-            return {}
-
-        holder = asyncio.ensure_future(client.get("/hold"))
-        await entered.wait()
+    async with (
+        serving(settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout=5) as client,
+        a_request_holding_a_slot(client),
+    ):
         started = time.perf_counter()
         response = await client.get("/metrics")
         waited = time.perf_counter() - started
-        release.set()
-        await holder
     assert response.status_code == 200
     assert waited < 1.0
     assert 'http_requests_in_progress 2.0' in response.text  # /hold and this scrape
@@ -247,20 +259,9 @@ async def test_statements_per_request_and_admission_waits_are_observed(
 async def test_admission_rejections_are_counted(settings: Settings) -> None:
     async with serving(settings, db_pool_size=1, db_max_overflow=0,
                        db_pool_timeout=0.2) as client:
-        entered, release = asyncio.Event(), asyncio.Event()
-
-        @client.app.get("/hold")  # type: ignore[attr-defined]
-        async def hold() -> dict[str, str]:
-            entered.set()
-            await release.wait()
-            return {}
-
         before = sample("db_admission_rejected_total", database="db")
-        holder = asyncio.ensure_future(client.get("/hold"))
-        await entered.wait()
-        busy = await client.get("/items")
-        release.set()
-        await holder
+        async with a_request_holding_a_slot(client):
+            busy = await client.get("/items")
     assert busy.status_code == 503
     assert sample("db_admission_rejected_total", database="db") - before == 1
     assert sample("db_admission_wait_seconds_bucket", database="db", le="+Inf") > 0

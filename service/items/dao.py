@@ -96,21 +96,23 @@ async def page_rows(
     filters: ItemFilters, sort: ItemSort, limit: int, offset: int
 ) -> Sequence[ItemRow]:
     """One page of items in `sort` order: one SELECT."""
-    statement = _list_statement(sort, _set_filters(filters), positioned=False, offset=True)
-    parameters = {**_filter_values(filters), "limit": limit, "offset": offset}
+    values = _filter_values(filters)
+    statement = _list_statement(sort, frozenset(values), positioned=False, offset=True)
+    parameters = {**values, "limit": limit, "offset": offset}
     return _as_dicts(await db.session.execute(statement, parameters))
 
 
 async def count(filters: ItemFilters) -> int:
     """How many items match: `SELECT count(*)`, which reads every one of them."""
-    statement = _count_statement(_set_filters(filters))
-    return await db.session.scalar(statement, _filter_values(filters)) or 0
+    values = _filter_values(filters)
+    return await db.session.scalar(_count_statement(frozenset(values)), values) or 0
 
 
 async def count_up_to(filters: ItemFilters, limit: int) -> int:
     """How many items match, counting no further than `limit`: reads at most `limit` rows."""
-    statement = _count_up_to_statement(_set_filters(filters))
-    parameters = {**_filter_values(filters), "limit": limit}
+    values = _filter_values(filters)
+    statement = _count_up_to_statement(frozenset(values))
+    parameters = {**values, "limit": limit}
     return await db.session.scalar(statement, parameters) or 0
 
 
@@ -119,8 +121,8 @@ async def estimated_count(filters: ItemFilters) -> int | None:
     rows, only statistics); None where the database has no such estimate (SQLite)."""
     if db.session.get_bind().dialect.name != "postgresql":
         return None
-    statement = Explain(_filtered(_set_filters(filters)))
-    plan = await db.session.scalar(statement, _filter_values(filters))
+    values = _filter_values(filters)
+    plan = await db.session.scalar(Explain(_filtered(frozenset(values))), values)
     if isinstance(plan, str):  # asyncpg hands json over undecoded
         plan = json.loads(plan)
     return int(plan[0]["Plan"]["Plan Rows"])
@@ -147,10 +149,11 @@ async def items_after(
     """Up to `limit` items following the position `after` = (sort value, id) in `sort`
     order, or from the start; one SELECT, as cheap at any depth (a range scan of the
     (field, id) index)."""
+    values = _filter_values(filters)
     statement = _list_statement(
-        sort, _set_filters(filters), positioned=after is not None, offset=False
+        sort, frozenset(values), positioned=after is not None, offset=False
     )
-    parameters = {**_filter_values(filters), "limit": limit}
+    parameters = {**values, "limit": limit}
     if after is not None:
         parameters["after_value"], parameters["after_id"] = after
     return _as_dicts(await db.session.execute(statement, parameters))
@@ -177,12 +180,9 @@ _FILTERS: dict[str, ColumnElement[bool]] = {
 }
 
 
-def _set_filters(filters: ItemFilters) -> frozenset[str]:
-    return frozenset(name for name in _FILTERS if getattr(filters, name) is not None)
-
-
 def _filter_values(filters: ItemFilters) -> dict[str, Any]:
-    """The bound values of the filters that are set."""
+    """The bound values of the filters that are set, by parameter name: its keys say which
+    statement shape to run."""
     values = {name: getattr(filters, name) for name in _FILTERS}
     if filters.q is not None:
         values["q"] = _like_escaped(filters.q)

@@ -29,6 +29,7 @@ from typing import Any
 
 from service.db import db
 from service.items import seed_dao
+from service.principal import CLI_PREFIX
 
 _STYLES = (
     "Rustic", "Modern", "Vintage", "Compact", "Deluxe", "Classic", "Nordic", "Industrial",
@@ -50,7 +51,7 @@ _FEATURES = (
 )
 _A_YEAR = 365 * 24 * 3600.0
 # Who the seeded items say created them (`created_by`, `updated_by`).
-SEEDED_BY = "cli:seed"
+SEEDED_BY = f"{CLI_PREFIX}seed"
 
 
 def fake_items(count: int, run_token: str, rng: random.Random) -> Iterator[dict[str, Any]]:
