@@ -31,12 +31,14 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    true,
     tuple_,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from service.db.asyncio import db
 from service.items.models import Item
@@ -102,18 +104,22 @@ async def page_rows(
     return _as_dicts(await db.session.execute(statement, parameters))
 
 
-async def count(filters: ItemFilters) -> int:
-    """How many items match: `SELECT count(*)`, which reads every one of them."""
+async def counted_page(
+    filters: ItemFilters, sort: ItemSort, limit: int, offset: int, count_up_to: int | None
+) -> tuple[int, list[ItemRow]]:
+    """How many items match - every one, or no more than `count_up_to` (reading at most
+    that many rows) - and one page of them in `sort` order, in one SELECT: one round trip,
+    and a total that is about the same snapshot as the rows beside it."""
     values = _filter_values(filters)
-    return await db.session.scalar(_count_statement(frozenset(values)), values) or 0
-
-
-async def count_up_to(filters: ItemFilters, limit: int) -> int:
-    """How many items match, counting no further than `limit`: reads at most `limit` rows."""
-    values = _filter_values(filters)
-    statement = _count_up_to_statement(frozenset(values))
-    parameters = {**values, "limit": limit}
-    return await db.session.scalar(statement, parameters) or 0
+    statement = _counted_page_statement(sort, frozenset(values), bounded=count_up_to is not None)
+    parameters = {**values, "limit": limit, "offset": offset}
+    if count_up_to is not None:
+        parameters["count_limit"] = count_up_to
+    result = await db.session.execute(statement, parameters)
+    names = tuple(result.keys())[1:]
+    rows = result.all()  # at least one: the count's row, with NULLs for an empty page
+    items = [dict(zip(names, row[1:], strict=True)) for row in rows if row.id is not None]
+    return rows[0].total, items
 
 
 async def estimated_count(filters: ItemFilters) -> int | None:
@@ -132,7 +138,12 @@ class Explain(Executable, ClauseElement):
     """`EXPLAIN (FORMAT JSON) <statement>`, with the statement's parameters bound by the
     driver like any other query's (PostgreSQL only)."""
 
-    inherit_cache = False
+    # Cached like any statement, by the wrapped one's shape (compiling EXPLAIN afresh was a
+    # third of its CPU). Its one result column is the plan, which SQLAlchemy does not know
+    # as a column of any table: there are none to map a cached result's columns to.
+    inherit_cache = True
+    _traverse_internals = [("statement", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+    _all_selected_columns = ()
 
     def __init__(self, statement: Select[Any]) -> None:
         self.statement = statement
@@ -219,18 +230,31 @@ def _list_statement(
 
 
 @cache
-def _count_statement(filters: frozenset[str]) -> Select[Any]:
-    return _filtered(filters).with_only_columns(func.count(), maintain_column_froms=True)
-
-
-@cache
-def _count_up_to_statement(filters: frozenset[str]) -> Select[Any]:
-    """How many rows match, counting no further than `:limit`."""
-    matching: Select[Any] = _filtered(filters).with_only_columns(
-        literal_column("1"), maintain_column_froms=True
+def _counted_page_statement(sort: ItemSort, filters: frozenset[str], bounded: bool) -> Select[Any]:
+    """`total` - how many rows match, counting no further than `:count_limit` if `bounded` -
+    and the columns of the page `_list_statement(sort, filters, offset=True)`: the count's
+    one row left-joined to the page's rows, so that an empty page still brings the count."""
+    matching = _filtered(filters)
+    counted: Select[Any]
+    if bounded:
+        ones: Select[Any] = matching.with_only_columns(
+            literal_column("1"), maintain_column_froms=True
+        )
+        ones = ones.limit(bindparam("count_limit", type_=Integer))
+        counted = select(func.count().label("total")).select_from(ones.subquery())
+    else:
+        counted = matching.with_only_columns(
+            func.count().label("total"), maintain_column_froms=True
+        )
+    total = counted.subquery("counted")
+    page = _list_statement(sort, filters, positioned=False, offset=True).subquery("page")
+    # The join keeps no order of its own: the page's order again, on its 1-100 rows.
+    order = (page.c[column.name] for column in _sort_key(sort))
+    return (
+        select(total.c.total, page)
+        .select_from(total.outerjoin(page, true()))
+        .order_by(*(c.desc() if sort.descending else c.asc() for c in order))
     )
-    matching = matching.limit(bindparam("limit", type_=Integer))
-    return select(func.count()).select_from(matching.subquery())
 
 
 def _sort_key(sort: ItemSort) -> tuple[Any, ...]:

@@ -12,6 +12,7 @@ from fastapi_pagination import Page
 from fastapi_pagination.customization import (
     CustomizedPage,
     UseAdditionalFields,
+    UseFieldTypeAnnotations,
     UseName,
     UseOptionalFields,
     UseParamsFields,
@@ -242,6 +243,8 @@ class ItemSort(StrEnum):
 ItemPage = CustomizedPage[
     Page[ItemOut],
     UseName("ItemPage"),
+    # A list, as Page's Sequence is validated and serialised through Python item by item.
+    UseFieldTypeAnnotations(items=list[ItemOut]),
     # With count=none there is no total, so no number of pages either.
     UseOptionalFields(fields=("total", "pages")),
     UseAdditionalFields(

@@ -122,30 +122,29 @@ async def list_items(
 ) -> AbstractPage[Any]:
     """The page of the request's `page`/`size`, with a total counted as `count` says:
 
-    - exact: `SELECT count(*)` (2 statements);
-    - estimated: exact up to `threshold` matching items, with a count that stops there;
-      above it, on PostgreSQL, the planner's estimate of the same filtered query, else
-      the threshold itself as a lower bound (2 statements, 3 above the threshold);
+    - exact: every matching item (`count(*)`), in the statement that reads the page
+      (1 statement);
+    - estimated: exact up to `threshold` matching items, counted in the page's statement by
+      a count that stops there; above it, on PostgreSQL, the planner's estimate of the same
+      filtered query, else the threshold itself as a lower bound (1 statement, 2 above the
+      threshold on PostgreSQL);
     - none: no total and no page count (1 statement).
     """
     params: AbstractParams = resolve_params()
     window = params.to_raw_params().as_limit_offset()
-    total, exact = await _total(filters, count, threshold)
-    items = await dao.page_rows(filters, sort, limit=window.limit or 0, offset=window.offset or 0)
-    return create_page(items, total=total, params=params, total_is_exact=exact)
-
-
-async def _total(filters: ItemFilters, count: CountMode, threshold: int) -> tuple[int | None, bool]:
-    """The total to report, and whether it is exact."""
+    limit, offset = window.limit or 0, window.offset or 0
     if count is CountMode.none:
-        return None, False
-    if count is CountMode.exact:
-        return await dao.count(filters), True
-    counted = await dao.count_up_to(filters, threshold + 1)
-    if counted <= threshold:
-        return counted, True
+        items = await dao.page_rows(filters, sort, limit=limit, offset=offset)
+        return create_page(items, total=None, params=params, total_is_exact=False)
+    bounded = count is CountMode.estimated
+    counted, items = await dao.counted_page(
+        filters, sort, limit=limit, offset=offset, count_up_to=threshold + 1 if bounded else None
+    )
+    if not bounded or counted <= threshold:
+        return create_page(items, total=counted, params=params, total_is_exact=True)
     # More than the threshold: never report fewer than the rows known to be there.
-    return max(await dao.estimated_count(filters) or 0, threshold), False
+    total = max(await dao.estimated_count(filters) or 0, threshold)
+    return create_page(items, total=total, params=params, total_is_exact=False)
 
 
 async def scroll_items(

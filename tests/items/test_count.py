@@ -155,6 +155,46 @@ async def test_count_none_runs_one_statement_and_reports_no_total(
     assert [item["name"] for item in body["items"]] == [f"lamp {n}" for n in range(5, 10)]
 
 
+@pytest.mark.parametrize(("mode", "lamps"), [("exact", 12), ("estimated", THRESHOLD - 1)])
+@pytest.mark.parametrize("page", [2, 50])  # a page of the list, one past its end
+async def test_an_exact_total_and_its_page_are_read_in_one_statement(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, assert_max_queries: MaxQueries,
+    mode: str, lamps: int, page: int,
+) -> None:
+    add(engine, [f"lamp {n:02}" for n in range(lamps)], backend)
+    with assert_max_queries(1):
+        response = await reader.get("/items", params={"count": mode, "size": 2, "page": page})
+    body = response.json()
+    assert response.status_code == 200
+    assert totals(body) == (lamps, ceil(lamps / 2), True)
+    expected = [f"lamp {n:02}" for n in range(lamps)][(page - 1) * 2:page * 2]
+    assert [item["name"] for item in body["items"]] == expected
+
+
+@pytest.mark.parametrize("mode", ["exact", "estimated"])
+async def test_an_empty_table_counts_zero_in_one_statement(
+    reader: httpx.AsyncClient, assert_max_queries: MaxQueries, mode: str
+) -> None:
+    with assert_max_queries(1):
+        response = await reader.get("/items", params={"count": mode})
+    assert response.status_code == 200
+    assert totals(response.json()) == (0, 0, True)
+    assert response.json()["items"] == []
+
+
+async def test_above_the_threshold_only_the_estimate_is_a_statement_of_its_own(
+    reader: httpx.AsyncClient, engine: Engine, backend: str, assert_max_queries: MaxQueries
+) -> None:
+    add(engine, [f"lamp {n:02}" for n in range(12)], backend)
+    with assert_max_queries(2 if backend == "postgresql" else 1) as statements:
+        response = await reader.get("/items", params={"size": 5, "page": 3, "sort": "-name"})
+    body = response.json()
+    assert totals(body)[2] is False
+    assert [item["name"] for item in body["items"]] == ["lamp 01", "lamp 00"]
+    if backend == "postgresql":
+        assert statements[1].startswith("EXPLAIN")
+
+
 @pytest.mark.parametrize("mode", ["exact", "none"])
 async def test_prefer_header_chooses_the_mode_and_is_acknowledged(
     reader: httpx.AsyncClient, engine: Engine, backend: str, mode: str
