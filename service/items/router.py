@@ -28,6 +28,7 @@ from service.items.schemas import (
     ItemScroll,
     ItemSort,
     ItemUpdate,
+    PageParams,
 )
 from service.items.service import ANY_VERSION, VersionMatch
 from service.problems import problem_responses
@@ -115,6 +116,8 @@ async def list_items(
         str | None,
         Header(description="RFC 7240 preferences; `count=exact|estimated|none` is honoured."),
     ] = None,
+    *,
+    paging: Annotated[PageParams, Query()],
 ) -> Any:
     """Numbered pages with a total. For reading far into a large list, `GET /items/scroll`
     stays fast at any depth."""
@@ -124,7 +127,7 @@ async def list_items(
         response.headers["Preference-Applied"] = f"count={mode.value}"
     settings: Settings = request.app.state.settings
     return await service.list_items(
-        filters, sort, mode or CountMode.estimated, settings.count_threshold
+        filters, sort, paging, mode or CountMode.estimated, settings.count_threshold
     )
 
 

@@ -8,14 +8,14 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import Query
-from fastapi_pagination import Page
+from fastapi_pagination import Page, Params
 from fastapi_pagination.customization import (
     CustomizedPage,
     UseAdditionalFields,
     UseFieldTypeAnnotations,
     UseName,
     UseOptionalFields,
-    UseParamsFields,
+    UseParams,
 )
 from pydantic import (
     AfterValidator,
@@ -240,6 +240,14 @@ class ItemSort(StrEnum):
         return self.value.startswith("-")
 
 
+class PageParams(Params):
+    """`page` and `size` of `GET /items`."""
+
+    # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
+    page: int = Query(1, ge=1, le=2**31 - 1, description="Page number, from 1.")
+    size: int = Query(20, ge=1, le=100, description="Items per page, 1-100.")
+
+
 ItemPage = CustomizedPage[
     Page[ItemOut],
     UseName("ItemPage"),
@@ -257,11 +265,7 @@ ItemPage = CustomizedPage[
             ),
         ]
     ),
-    UseParamsFields(
-        # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
-        page=Query(1, ge=1, le=2**31 - 1, description="Page number, from 1."),
-        size=Query(20, ge=1, le=100, description="Items per page, 1-100."),
-    ),
+    UseParams(PageParams),
 ]
 
 

@@ -5,13 +5,12 @@ Raises domain errors (`service.domain_errors`), which the app answers as problem
 400 bad cursor.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
-from fastapi_pagination import create_page, resolve_params
-from fastapi_pagination.bases import AbstractPage, AbstractParams
 from pydantic import TypeAdapter
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
@@ -25,9 +24,11 @@ from service.items.schemas import (
     CountMode,
     ItemCreate,
     ItemFilters,
+    ItemPage,
     ItemScroll,
     ItemSort,
     ItemUpdate,
+    PageParams,
 )
 from service.principal import current_principal
 
@@ -118,9 +119,9 @@ async def delete_item(item_id: int, if_match: VersionMatch | None) -> None:
 
 
 async def list_items(
-    filters: ItemFilters, sort: ItemSort, count: CountMode, threshold: int
-) -> AbstractPage[Any]:
-    """The page of the request's `page`/`size`, with a total counted as `count` says:
+    filters: ItemFilters, sort: ItemSort, paging: PageParams, count: CountMode, threshold: int
+) -> ItemPage:
+    """The page `paging` asks for, with a total counted as `count` says:
 
     - exact: every matching item (`count(*)`), in the statement that reads the page
       (1 statement);
@@ -130,21 +131,27 @@ async def list_items(
       threshold on PostgreSQL);
     - none: no total and no page count (1 statement).
     """
-    params: AbstractParams = resolve_params()
-    window = params.to_raw_params().as_limit_offset()
+    window = paging.to_raw_params().as_limit_offset()
     limit, offset = window.limit or 0, window.offset or 0
     if count is CountMode.none:
         items = await dao.page_rows(filters, sort, limit=limit, offset=offset)
-        return create_page(items, total=None, params=params, total_is_exact=False)
+        return _page(items, paging, total=None, exact=False)
     bounded = count is CountMode.estimated
     counted, items = await dao.counted_page(
         filters, sort, limit=limit, offset=offset, count_up_to=threshold + 1 if bounded else None
     )
     if not bounded or counted <= threshold:
-        return create_page(items, total=counted, params=params, total_is_exact=True)
+        return _page(items, paging, total=counted, exact=True)
     # More than the threshold: never report fewer than the rows known to be there.
     total = max(await dao.estimated_count(filters) or 0, threshold)
-    return create_page(items, total=total, params=params, total_is_exact=False)
+    return _page(items, paging, total=total, exact=False)
+
+
+def _page(
+    items: Sequence[ItemRow], paging: PageParams, total: int | None, exact: bool
+) -> ItemPage:
+    # Validated from the rows' dicts in one go, like the scroll page.
+    return ItemPage.create(cast(Sequence[Any], items), paging, total=total, total_is_exact=exact)
 
 
 async def scroll_items(
