@@ -29,6 +29,7 @@ from service.items.schemas import (
     ItemSort,
     ItemUpdate,
     PageParams,
+    ScrollQuery,
 )
 from service.items.service import ANY_VERSION, VersionMatch
 from service.problems import problem_responses
@@ -81,8 +82,7 @@ def version_match(item_id: int, if_match: str | None) -> VersionMatch | None:
     return VersionMatch(frozenset(versions))
 
 
-async def cursor_secret(request: Request) -> bytes:
-    # async: a sync dependency would cost every scroll page a hop to the threadpool
+def cursor_secret(request: Request) -> bytes:
     settings: Settings = request.app.state.settings
     return settings.cursor_secret.get_secret_value().encode()
 
@@ -150,20 +150,13 @@ def preferred_count(prefer: str | None) -> CountMode | None:
     summary="Scroll through items with a cursor",
     responses=problem_responses(400, 422),
 )
-async def scroll_items(
-    filters: Filters,
-    secret: Annotated[bytes, Depends(cursor_secret)],
-    sort: Sort = ItemSort.id_asc,
-    cursor: Annotated[
-        str | None,
-        Query(max_length=1000, description="`next_page` of the previous page; none to start."),
-    ] = None,
-    size: Annotated[int, Query(ge=1, le=100, description="Items per page, 1-100.")] = 20,
-) -> Response:
+async def scroll_items(query: Annotated[ScrollQuery, Query()], request: Request) -> Response:
     """Keyset pagination: no total, one query per page at any depth, and rows added or
     removed meanwhile never make a page repeat or skip an item. A cursor belongs to its
     sort; a malformed, altered or mismatched one gets 400."""
-    page = await service.scroll_items(filters, sort, cursor, size, secret)
+    page = await service.scroll_items(
+        query, query.sort, query.cursor, query.size, cursor_secret(request)
+    )
     # Serialised here: FastAPI would validate the page again first, to the same JSON.
     return Response(page.model_dump_json(), media_type="application/json")
 

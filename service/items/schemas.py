@@ -240,6 +240,21 @@ class ItemSort(StrEnum):
         return self.value.startswith("-")
 
 
+class ScrollQuery(ItemFilters):
+    """The query of `GET /items/scroll`: the filters, the sort, and where and how far to go.
+    One model, so FastAPI reads the whole query in one pass instead of parameter by
+    parameter."""
+
+    sort: ItemSort = Field(
+        ItemSort.id_asc,
+        description="`field` or `-field` (descending); ties are ordered by id.",
+    )
+    cursor: str | None = Field(
+        None, max_length=1000, description="`next_page` of the previous page; none to start."
+    )
+    size: int = Field(20, ge=1, le=100, description="Items per page, 1-100.")
+
+
 class PageParams(Params):
     """`page` and `size` of `GET /items`."""
 
