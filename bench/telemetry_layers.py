@@ -75,6 +75,12 @@ def observed_chain(settings: Settings) -> ASGIApp:
         def add_middleware(self, cls: Any, **kwargs: Any) -> None:
             self.app = cls(self.app, **kwargs)
 
+        # add_request_ids also declares the header in the OpenAPI document.
+        openapi_schema = None
+
+        def openapi(self) -> dict[str, Any]:
+            return {}
+
     stack = Stack()
     stack.add_middleware(
         RequestTelemetry, templates=lambda: ["/items/scroll"], access_log=settings.access_log,
