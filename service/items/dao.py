@@ -109,7 +109,7 @@ async def counted_page(
 ) -> tuple[int, list[ItemRow]]:
     """How many items match - every one, or no more than `count_up_to` (reading at most
     that many rows) - and one page of them in `sort` order, in one SELECT: one round trip,
-    and a total that is about the same snapshot as the rows beside it."""
+    and the total read in the same snapshot as the rows beside it."""
     values = _filter_values(filters)
     statement = _counted_page_statement(sort, frozenset(values), bounded=count_up_to is not None)
     parameters = {**values, "limit": limit, "offset": offset}
