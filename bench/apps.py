@@ -243,7 +243,7 @@ def _async_app() -> tuple[FastAPI, AsyncEngine, bytes]:
         yield
         await engine.dispose()
 
-    return FastAPI(lifespan=lifespan), engine, settings.cursor_secret.get_secret_value().encode()
+    return FastAPI(lifespan=lifespan), engine, settings.cursor_key()
 
 
 def ours_async(autocommit_methods: Collection[str] = ()) -> FastAPI:
@@ -322,7 +322,7 @@ def raw_asyncpg() -> FastAPI:
 
     settings = get_settings()
     url = make_url(settings.async_database_url()).set(drivername="postgresql")
-    secret = settings.cursor_secret.get_secret_value().encode()
+    secret = settings.cursor_key()
     pools: list[asyncpg.Pool] = []
 
     @asynccontextmanager

@@ -19,11 +19,18 @@ from service.auth import Requirement
 from service.config import Settings
 from service.db import db
 from service.items.models import Item
-from service.items.router import Filters, Sort, cursor_secret, preferred_count
+from service.items.router import Filters, Sort, preferred_count
 from service.items.schemas import CountMode, ItemFilters, ItemOut, ItemPage, ItemScroll, ItemSort
 from service.items.service import _cursor_after, _position
 
 router = APIRouter(prefix="/items", dependencies=[Depends(Requirement("items:read", reads=True))])
+
+
+async def cursor_secret(request: Request) -> bytes:
+    # async: a sync dependency would cost every scroll page a hop to the threadpool
+    settings: Settings = request.app.state.settings
+    return settings.cursor_key()
+
 
 # Every sortable field has an index (field, id), which both sort directions can use.
 SORT_COLUMNS: dict[str, Any] = {

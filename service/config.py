@@ -338,6 +338,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    def cursor_key(self) -> bytes:
+        """CURSOR_SECRET as the key that signs cursors and consistency tokens (HMAC)."""
+        return self.cursor_secret.get_secret_value().encode()
+
     def api_token_list(self) -> list[str]:
         """The configured API tokens, without their labels (empty if none)."""
         return [token for _, token in _labelled(self.api_tokens.get_secret_value())]

@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.replicas = replicas
     app.state.settings = settings
+    app.state.cursor_key = settings.cursor_key()  # once, not per scroll page
     app.state.database_observer = (
         DatabaseMetrics({async_db.name: engine.sync_engine.pool})
         if settings.metrics_enabled
@@ -117,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # commit's WAL position is known when this one adds the token.
         app.add_middleware(
             ConsistencyMiddleware,
-            tokens=ConsistencyTokens(settings.cursor_secret.get_secret_value().encode()),
+            tokens=ConsistencyTokens(app.state.cursor_key),
             read_methods=SAFE_METHODS,
             invalid_token_response=lambda reason: problem_response(400, reason),
         )

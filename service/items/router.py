@@ -20,6 +20,7 @@ from service.config import Settings
 from service.items import service
 from service.items.models import Item
 from service.items.schemas import (
+    SORT_HELP,
     CountMode,
     ItemCreate,
     ItemFilters,
@@ -51,10 +52,7 @@ IfMatch = Annotated[
     ),
 ]
 Filters = Annotated[ItemFilters, Query()]
-Sort = Annotated[
-    ItemSort,
-    Query(description="`field` or `-field` (descending); ties are ordered by id."),
-]
+Sort = Annotated[ItemSort, Query(description=SORT_HELP)]
 
 _ENTITY_TAG = re.compile(r'"(\d+)-(\d+)"')
 
@@ -80,11 +78,6 @@ def version_match(item_id: int, if_match: str | None) -> VersionMatch | None:
         if match and int(match[1]) == item_id:
             versions.add(int(match[2]))
     return VersionMatch(frozenset(versions))
-
-
-def cursor_secret(request: Request) -> bytes:
-    settings: Settings = request.app.state.settings
-    return settings.cursor_secret.get_secret_value().encode()
 
 
 def _item_response(response: Response, item: Item) -> ItemOut:
@@ -155,7 +148,7 @@ async def scroll_items(query: Annotated[ScrollQuery, Query()], request: Request)
     removed meanwhile never make a page repeat or skip an item. A cursor belongs to its
     sort; a malformed, altered or mismatched one gets 400."""
     page = await service.scroll_items(
-        query, query.sort, query.cursor, query.size, cursor_secret(request)
+        query, query.sort, query.cursor, query.size, request.app.state.cursor_key
     )
     # Serialised here: FastAPI would validate the page again first, to the same JSON.
     return Response(page.model_dump_json(), media_type="application/json")

@@ -240,19 +240,21 @@ class ItemSort(StrEnum):
         return self.value.startswith("-")
 
 
+# The sort and page size parameters of both lists.
+SORT_HELP = "`field` or `-field` (descending); ties are ordered by id."
+SIZE_HELP = "Items per page, 1-100."
+
+
 class ScrollQuery(ItemFilters):
     """The query of `GET /items/scroll`: the filters, the sort, and where and how far to go.
     One model, so FastAPI reads the whole query in one pass instead of parameter by
     parameter."""
 
-    sort: ItemSort = Field(
-        ItemSort.id_asc,
-        description="`field` or `-field` (descending); ties are ordered by id.",
-    )
+    sort: ItemSort = Field(ItemSort.id_asc, description=SORT_HELP)
     cursor: str | None = Field(
         None, max_length=1000, description="`next_page` of the previous page; none to start."
     )
-    size: int = Field(20, ge=1, le=100, description="Items per page, 1-100.")
+    size: int = Field(20, ge=1, le=100, description=SIZE_HELP)
 
 
 class PageParams(Params):
@@ -260,7 +262,7 @@ class PageParams(Params):
 
     # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
     page: int = Query(1, ge=1, le=2**31 - 1, description="Page number, from 1.")
-    size: int = Query(20, ge=1, le=100, description="Items per page, 1-100.")
+    size: int = Query(20, ge=1, le=100, description=SIZE_HELP)
 
 
 ItemPage = CustomizedPage[

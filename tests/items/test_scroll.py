@@ -210,7 +210,7 @@ async def test_a_cursor_signed_with_another_secret_returns_400(
 async def test_a_signed_cursor_without_a_valid_position_returns_400_not_500(
     client: httpx.AsyncClient, settings: Settings, sort: str, after: Any
 ) -> None:
-    secret = settings.cursor_secret.get_secret_value().encode()
+    secret = settings.cursor_key()
     cursor = sign_cursor({"sort": sort, "after": after}, secret)
 
     response = await client.get("/items/scroll", params={"sort": sort, "cursor": cursor})
