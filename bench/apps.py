@@ -8,12 +8,16 @@ framework's ceiling; and the service's two lists as they were before they went a
 Async: one rows handler - the first keyset page, 20 rows of `items` read as Core rows and
 rendered as the service's `ItemScroll` - served with three ways of managing its
 `AsyncSession`, and with ours configured as the service configures it; and the floor under
-it, the same SQL on a bare asyncpg pool, rendered with orjson (`raw_asyncpg`).
+it, the same SQL on a bare asyncpg pool, rendered with orjson (`raw_asyncpg`). Beside them,
+the two reference rows of issue #13's table, so that its targets can be read against what
+those stacks cost on the machine of the run: SQLAlchemy's `AsyncSession` as its docs show it,
+Core rows and an orjson body (`reference_async`), and FastAPI serving the same items from
+memory (`memory_async`).
 
 Every app gets the same engine settings (the service's own).
 """
 
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, cast
 
@@ -23,7 +27,12 @@ from fastapi_pagination.customization import CustomizedPage, UseParamsFields
 from fastapi_pagination.ext.sqlalchemy import paginate
 from sqlalchemy import Engine, Row, Table, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench import sync_items
@@ -318,7 +327,6 @@ def raw_asyncpg() -> FastAPI:
     no pydantic), the same JSON made by orjson - the cost of the framework, the driver and
     the encoding alone."""
     import asyncpg
-    import orjson
 
     settings = get_settings()
     url = make_url(settings.async_database_url()).set(drivername="postgresql")
@@ -337,24 +345,92 @@ def raw_asyncpg() -> FastAPI:
 
     @app.get("/items/scroll")
     async def items(size: Size = 20) -> Response:
-        rows = await pools[0].fetch(RAW_SCROLL_SQL, size + 1)
-        body = {
-            "items": [
-                {
-                    "id": row["id"],
-                    "name": row["name"],
-                    "description": row["description"],
-                    "price": f"{row['price']:.2f}",
-                    "created_at": row["created_at"],
-                    "updated_at": row["updated_at"],
-                    "version": row["version"],
-                    "created_by": row["created_by"],
-                    "updated_by": row["updated_by"],
-                }
-                for row in rows[:size]
-            ],
-            "next_page": cursor_after(rows[size - 1]["id"], secret) if len(rows) > size else None,
-        }
-        return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")
+        return orjson_page(await pools[0].fetch(RAW_SCROLL_SQL, size + 1), size, secret)
+
+    return app
+
+
+def orjson_page(rows: Sequence[Mapping[str, Any]], size: int, secret: bytes) -> Response:
+    """The service's scroll page JSON for `size + 1` rows (one more: is there a next
+    page?), made by orjson from the rows as they come: no pydantic."""
+    import orjson
+
+    body = {
+        "items": [
+            {
+                "id": row["id"],
+                "name": row["name"],
+                "description": row["description"],
+                "price": f"{row['price']:.2f}",
+                "created_at": row["created_at"],
+                "updated_at": row["updated_at"],
+                "version": row["version"],
+                "created_by": row["created_by"],
+                "updated_by": row["updated_by"],
+            }
+            for row in rows[:size]
+        ],
+        "next_page": cursor_after(rows[size - 1]["id"], secret) if len(rows) > size else None,
+    }
+    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), media_type="application/json")
+
+
+def reference_async() -> FastAPI:
+    """Issue #13's reference row "`async def`, `AsyncSession` on asyncpg, Core rows
+    (`select(table)`), orjson body" (0.94 ms of CPU where the issue was measured):
+    SQLAlchemy as its documentation shows it - a plain `create_async_engine` (the service's
+    pool sizes, no pre-ping, none of our events) and `async_sessionmaker`, one session per
+    request in `async with` (a transaction, rolled back when it closes) - no middleware,
+    and the floor's orjson body."""
+    settings = get_settings()
+    engine = create_async_engine(
+        settings.async_database_url(),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    secret = settings.cursor_key()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/items/scroll")
+    async def items(size: Size = 20) -> Response:
+        async with sessions() as session:
+            rows = (await session.execute(FIRST_ROWS.limit(size + 1))).mappings().all()
+        return orjson_page(rows, size, secret)
+
+    return app
+
+
+def memory_async() -> FastAPI:
+    """Issue #13's "FastAPI + pydantic serving the same 20 items from memory" (0.26 ms
+    where the issue was measured): the first page's items, read once at start-up, returned
+    as the service's `ItemScroll` (validated and serialised by FastAPI)."""
+    settings = get_settings()
+    secret = settings.cursor_key()
+    page: list[ItemScroll] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_async_engine(settings.async_database_url())
+        async with engine.connect() as connection:
+            rows = (await connection.execute(FIRST_ROWS.limit(21))).all()
+        await engine.dispose()
+        page.append(ItemScroll(
+            items=[ItemOut.model_validate(row) for row in rows[:20]],
+            next_page=cursor_after(rows[19].id, secret),
+        ))
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/items/scroll")
+    async def items(size: Size = 20) -> ItemScroll:
+        return page[0]
 
     return app

@@ -75,7 +75,7 @@ def run(url: str, budget: Budget) -> Report:
         throughput = scenarios.throughput(servers, budget)
         scroll_load = scenarios.scroll_load(servers, budget)
         telemetry = scenarios.telemetry_cost(servers, budget)
-        raw_checks = scenarios.raw_checks(settings, servers["service"], servers["raw_asyncpg"])
+        raw_checks = scenarios.raw_checks(settings, servers)
         latency = scenarios.latency(servers, budget)
         # The service, async and as it was sync, serves the rest.
         for name in [n for n in servers if n not in ("service", "service_sync")]:

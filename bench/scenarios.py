@@ -37,6 +37,8 @@ VARIANTS = {
     "peer_async": SCROLL,
     "depends_async": SCROLL,
     "raw_asyncpg": SCROLL,
+    "reference_async": SCROLL,
+    "memory_async": SCROLL,
     "service_unobserved": SCROLL,
     "service_observed": SCROLL,
 }
@@ -128,8 +130,9 @@ def throughput(servers: Servers, budget: Budget) -> Throughput:
 class ScrollLoad:
     """The first keyset page (20 rows of the throughput table) under load: the service's
     GET /items/scroll sync and async; one async rows handler under three session managers
-    with their defaults, and under ours as the service configures it; and the floor, the
-    service's SQL on a bare asyncpg pool rendered with orjson."""
+    with their defaults, and under ours as the service configures it; the floor, the
+    service's SQL on a bare asyncpg pool rendered with orjson; and issue #13's two reference
+    stacks (`bench.apps.reference_async`, `memory_async`)."""
 
     service_sync: Series
     service_async: Series
@@ -138,6 +141,8 @@ class ScrollLoad:
     depends: Series
     ours_autocommit: Series
     raw: Series
+    reference: Series
+    memory: Series
 
     def labelled(self) -> list[tuple[str, Series]]:
         peer = f"fastapi-async-sqlalchemy {version('fastapi-async-sqlalchemy')}"
@@ -149,6 +154,10 @@ class ScrollLoad:
             ("rows handler: Depends(get_async_db)", self.depends),
             ("rows handler: ours, autocommit_methods as the service", self.ours_autocommit),
             ("raw asyncpg pool + orjson (no SQLAlchemy)", self.raw),
+            ("issue #13's reference: plain AsyncSession, Core rows, orjson (no middleware)",
+             self.reference),
+            ("issue #13's reference: FastAPI + pydantic, the same items from memory",
+             self.memory),
         ]
 
 
@@ -162,6 +171,8 @@ def scroll_load(servers: Servers, budget: Budget) -> ScrollLoad:
         "depends": servers["depends_async"],
         "ours_autocommit": servers["ours_async_autocommit"],
         "raw": servers["raw_asyncpg"],
+        "reference": servers["reference_async"],
+        "memory": servers["memory_async"],
     }
     for server in cases.values():  # warm-up
         wrk(server, SCROLL, c, 1)
@@ -222,23 +233,34 @@ def telemetry_cost(servers: Servers, budget: Budget) -> TelemetryCost:
 
 @dataclass
 class RawChecks:
-    """Whether the raw floor serves what the service serves for GET /items/scroll?size=20."""
+    """Whether the raw floor serves what the service serves for GET /items/scroll?size=20,
+    and issue #13's two reference stacks too."""
 
     same_sql: bool  # its one statement is the one the service's driver receives
     same_json: bool  # its response body, parsed, equals the service's
+    references_same_json: bool  # so do the bodies of `reference_async` and `memory_async`
 
     def __str__(self) -> str:
         def yes(ok: bool) -> str:
             return "same" if ok else "DIFFERENT"
 
-        return f"SQL {yes(self.same_sql)}, JSON {yes(self.same_json)}"
+        return (
+            f"SQL {yes(self.same_sql)}, JSON {yes(self.same_json)}; the references' JSON "
+            f"{yes(self.references_same_json)}"
+        )
 
 
-def raw_checks(settings: Settings, service: ServerProcess, raw: ServerProcess) -> RawChecks:
+def raw_checks(settings: Settings, servers: Servers) -> RawChecks:
     sql = [statement.sql for statement in statements_of(settings, SCROLL)]
+    expected = httpx.get(servers["service"].url(SCROLL)).json()
+
+    def same(name: str) -> bool:
+        return bool(httpx.get(servers[name].url(SCROLL)).json() == expected)
+
     return RawChecks(
         same_sql=sql == [RAW_SCROLL_SQL],
-        same_json=httpx.get(raw.url(SCROLL)).json() == httpx.get(service.url(SCROLL)).json(),
+        same_json=same("raw_asyncpg"),
+        references_same_json=same("reference_async") and same("memory_async"),
     )
 
 
