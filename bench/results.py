@@ -187,7 +187,8 @@ class Report:
         ours, peer, depends, raw = cpu(load.ours), cpu(load.peer), cpu(load.depends), cpu(load.raw)
         reference = cpu(load.reference)
         c = self.counting
-        page, page_sync = cpu(c.estimated), cpu(c.sync_estimated)
+        page, page_sync = cpu(c.estimated_loaded), cpu(c.sync_estimated)
+        page_alone = cpu(c.estimated)
         p50, cursor = c.estimated.median("p50_ms"), c.cursor.median("p50_ms")
         p50_sync, cursor_sync = c.sync_estimated.median("p50_ms"), c.sync_cursor.median("p50_ms")
         under_load = f"{self.budget.connections} connections"
@@ -200,18 +201,17 @@ class Report:
             ),
             (
                 f"async GET /items?size=20 (count=estimated), {c.rows:,} rows: server CPU <= "
-                "2.0 ms/request and p50 <= 2x cursor page p50 (one connection)"
-                + ("" if c.rows >= 1_000_000 else "; the target names 1M: FULL=1"),
-                f"{page:.2f} ms, {p50 / cursor:.2f}x ({p50:.2f} / {cursor:.2f} ms); "
-                f"sync: {page_sync:.2f} ms, {p50_sync / cursor_sync:.2f}x",
+                f"2.0 ms/request ({under_load}) and p50 <= 2x cursor page p50 (one "
+                "connection)" + ("" if c.rows >= 1_000_000 else "; the target names 1M: FULL=1"),
+                f"{page:.2f} ms (one connection: {page_alone:.2f}), {p50 / cursor:.2f}x "
+                f"({p50:.2f} / {cursor:.2f} ms); sync, one connection: {page_sync:.2f} ms, "
+                f"{p50_sync / cursor_sync:.2f}x",
                 page <= PAGE_TARGET_MS and p50 <= 2 * cursor,
             ),
             (
                 f"async GET /items?size=20 (count=estimated), {c.rows:,} rows: server CPU "
-                f"<= {PAGE_TARGET_MS / ISSUE_REFERENCE_MS:.2f}x issue #13's reference stack: "
-                "the 2.0 ms target against the issue's own reference row (the page on one "
-                f"connection, as above; the reference under {under_load}, which costs less "
-                "per request)",
+                f"<= {PAGE_TARGET_MS / ISSUE_REFERENCE_MS:.2f}x issue #13's reference stack "
+                f"({under_load}): the 2.0 ms target against the issue's own reference row",
                 f"{page / reference:.2f}x ({page:.2f} / {reference:.2f} ms; 2.0 ms there is "
                 f"{PAGE_TARGET_MS / ISSUE_REFERENCE_MS * reference:.2f} ms here)",
                 page * ISSUE_REFERENCE_MS <= PAGE_TARGET_MS * reference,
@@ -397,6 +397,10 @@ class Report:
             "",
             f"## Totals: GET /items?size=20 by count mode ({self.counting.rows:,} rows), "
             "one connection",
+            "",
+            "Each row on one connection, but for `count=estimated, under load`: "
+            f"{budget.connections} connections, as the CPU targets are measured (a request "
+            "costs less CPU under load: the event loop handles several at a time).",
             "",
             "| request | p50 ms | p99 ms | server CPU ms/req |",
             "| --- | ---: | ---: | ---: |",

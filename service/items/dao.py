@@ -14,12 +14,12 @@ Writes are flushed here, so that constraint violations and lost version races ra
 the service, where they become domain errors, and not at commit time.
 """
 
-import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     CursorResult,
     Integer,
@@ -27,18 +27,18 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
+    case,
     delete,
     func,
+    literal,
     literal_column,
+    null,
     select,
     true,
     tuple_,
 )
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ClauseElement, Executable
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from service.db.asyncio import db
 from service.items.models import Item
@@ -105,53 +105,36 @@ async def page_rows(
 
 
 async def counted_page(
-    filters: ItemFilters, sort: ItemSort, limit: int, offset: int, count_up_to: int | None
-) -> tuple[int, list[ItemRow]]:
+    filters: ItemFilters,
+    sort: ItemSort,
+    limit: int,
+    offset: int,
+    count_up_to: int | None,
+    estimate: bool = False,
+) -> tuple[int, int | None, list[ItemRow]]:
     """How many items match - every one, or no more than `count_up_to` (reading at most
     that many rows) - and one page of them in `sort` order, in one SELECT: one round trip,
-    and the total read in the same snapshot as the rows beside it."""
+    and the total read in the same snapshot as the rows beside it.
+
+    With `estimate` (and `count_up_to`), a count that reaches `count_up_to` also brings the
+    query planner's estimate of how many match, from the same statement
+    (`items_estimated_count`, migration 0003: EXPLAIN, which reads no rows); None below it,
+    and on databases without such an estimate (SQLite). Returns (count, estimate, page).
+    """
     values = _filter_values(filters)
-    statement = _counted_page_statement(sort, frozenset(values), bounded=count_up_to is not None)
+    bounded = count_up_to is not None
+    estimate = estimate and bounded and db.session.get_bind().dialect.name == "postgresql"
+    statement = _counted_page_statement(sort, frozenset(values), bounded, estimate)
     parameters = {**values, "limit": limit, "offset": offset}
     if count_up_to is not None:
         parameters["count_limit"] = count_up_to
     result = await db.session.execute(statement, parameters)
-    names = tuple(result.keys())[1:]
+    skip = 2 if estimate else 1  # the count (and the estimate) before the page's columns
+    names = tuple(result.keys())[skip:]
     rows = result.all()  # at least one: the count's row, with NULLs for an empty page
-    items = [dict(zip(names, row[1:], strict=True)) for row in rows if row.id is not None]
-    return rows[0].total, items
-
-
-async def estimated_count(filters: ItemFilters) -> int | None:
-    """The query planner's estimate of how many items match (PostgreSQL's EXPLAIN: reads no
-    rows, only statistics); None where the database has no such estimate (SQLite)."""
-    if db.session.get_bind().dialect.name != "postgresql":
-        return None
-    values = _filter_values(filters)
-    plan = await db.session.scalar(Explain(_filtered(frozenset(values))), values)
-    if isinstance(plan, str):  # asyncpg hands json over undecoded
-        plan = json.loads(plan)
-    return int(plan[0]["Plan"]["Plan Rows"])
-
-
-class Explain(Executable, ClauseElement):
-    """`EXPLAIN (FORMAT JSON) <statement>`, with the statement's parameters bound by the
-    driver like any other query's (PostgreSQL only)."""
-
-    # Cached like any statement, by the wrapped one's shape (compiling EXPLAIN afresh was a
-    # third of its CPU). Its one result column is the plan, which SQLAlchemy does not know
-    # as a column of any table: there are none to map a cached result's columns to.
-    inherit_cache = True
-    _traverse_internals = [("statement", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
-    _all_selected_columns = ()
-
-    def __init__(self, statement: Select[Any]) -> None:
-        self.statement = statement
-
-
-@compiles(Explain, "postgresql")
-def _explain(element: Explain, compiler: SQLCompiler, **kw: Any) -> str:
-    return "EXPLAIN (FORMAT JSON) " + compiler.process(element.statement, **kw)
+    items = [dict(zip(names, row[skip:], strict=True)) for row in rows if row.id is not None]
+    first = rows[0]
+    return first.total, first.estimate if estimate else None, items
 
 
 async def items_after(
@@ -178,17 +161,46 @@ def _as_dicts(result: Result[Any]) -> list[ItemRow]:
 
 # -- the list statements, one per shape; values are bound parameters named as below -------
 
-# A filter's parameter, and the condition it puts on `items`.
-_FILTERS: dict[str, ColumnElement[bool]] = {
-    # `q` is bound as a LIKE pattern with its own % _ / escaped (`_filter_values`).
-    "q": ITEMS.c.name.icontains(bindparam("q", type_=ITEMS.c.name.type), escape="/"),
-    "min_price": ITEMS.c.price >= bindparam("min_price", type_=ITEMS.c.price.type),
-    "max_price": ITEMS.c.price <= bindparam("max_price", type_=ITEMS.c.price.type),
-    "created_after": ITEMS.c.created_at >= bindparam("created_after",
-                                                     type_=ITEMS.c.created_at.type),
-    "created_before": ITEMS.c.created_at < bindparam("created_before",
-                                                     type_=ITEMS.c.created_at.type),
+# The column each filter compares its value with.
+_FILTERED_COLUMN: dict[str, ColumnElement[Any]] = {
+    "q": ITEMS.c.name,
+    "min_price": ITEMS.c.price,
+    "max_price": ITEMS.c.price,
+    "created_after": ITEMS.c.created_at,
+    "created_before": ITEMS.c.created_at,
 }
+
+
+def _conditions(
+    value: Callable[[str], ColumnElement[Any]],
+) -> dict[str, ColumnElement[bool]]:
+    """Each filter's condition on `items`, by the filter's name; `value(name)` is what it
+    compares its column with."""
+    name, price, created_at = ITEMS.c.name, ITEMS.c.price, ITEMS.c.created_at
+    return {
+        # `q` is bound as a LIKE pattern with its own % _ / escaped (`_filter_values`).
+        "q": name.icontains(value("q"), escape="/"),
+        "min_price": price >= value("min_price"),
+        "max_price": price <= value("max_price"),
+        "created_after": created_at >= value("created_after"),
+        "created_before": created_at < value("created_before"),
+    }
+
+
+def _bound(name: str) -> ColumnElement[Any]:
+    return bindparam(name, type_=_FILTERED_COLUMN[name].type)
+
+
+_FILTERS = _conditions(_bound)
+# `items_estimated_count`'s arguments after the query text, in order (migration 0003): the
+# query refers to them as $1..$5.
+_ESTIMATE_ARGUMENTS = ("q", "min_price", "max_price", "created_after", "created_before")
+_POSITIONAL = _conditions(
+    lambda name: literal_column(f"${_ESTIMATE_ARGUMENTS.index(name) + 1}")
+)
+# Renders the positional query's text: any PostgreSQL dialect whose parameter style does
+# not double the % of the LIKE pattern's literals.
+_ESTIMATE_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
 
 
 def _filter_values(filters: ItemFilters) -> dict[str, Any]:
@@ -230,18 +242,28 @@ def _list_statement(
 
 
 @cache
-def _counted_page_statement(sort: ItemSort, filters: frozenset[str], bounded: bool) -> Select[Any]:
+def _counted_page_statement(
+    sort: ItemSort, filters: frozenset[str], bounded: bool, estimate: bool = False
+) -> Select[Any]:
     """`total` - how many rows match, counting no further than `:count_limit` if `bounded` -
-    and the columns of the page `_list_statement(sort, filters, offset=True)`: the count's
-    one row left-joined to the page's rows, so that an empty page still brings the count."""
+    (with `estimate`: and `estimate`, the planner's estimate when the count reached
+    `:count_limit`, else NULL; PostgreSQL) and the columns of the page
+    `_list_statement(sort, filters, offset=True)`: the count's one row left-joined to the
+    page's rows, so that an empty page still brings the count."""
     matching = _filtered(filters)
     counted: Select[Any]
     if bounded:
         ones: Select[Any] = matching.with_only_columns(
             literal_column("1"), maintain_column_froms=True
         )
-        ones = ones.limit(bindparam("count_limit", type_=Integer))
-        counted = select(func.count().label("total")).select_from(ones.subquery())
+        count_limit = bindparam("count_limit", type_=Integer)
+        counted = select(func.count().label("total")).select_from(
+            ones.limit(count_limit).subquery()
+        )
+        if estimate:
+            # In the count's one row, so it runs once, and only above the threshold.
+            reached = case((func.count() >= count_limit, _estimated_count(filters)))
+            counted = counted.add_columns(reached.label("estimate"))
     else:
         counted = matching.with_only_columns(
             func.count().label("total"), maintain_column_froms=True
@@ -250,11 +272,27 @@ def _counted_page_statement(sort: ItemSort, filters: frozenset[str], bounded: bo
     page = _list_statement(sort, filters, positioned=False, offset=True).subquery("page")
     # The join keeps no order of its own: the page's order again, on its 1-100 rows.
     order = (page.c[column.name] for column in _sort_key(sort))
+    counts = (total.c.total, total.c.estimate) if estimate else (total.c.total,)
     return (
-        select(total.c.total, page)
+        select(*counts, page)
         .select_from(total.outerjoin(page, true()))
         .order_by(*(c.desc() if sort.descending else c.asc() for c in order))
     )
+
+
+def _estimated_count(filters: frozenset[str]) -> ColumnElement[int]:
+    """`items_estimated_count(...)` (migration 0003) of the rows matching `filters`: the
+    filtered query as text with $1..$5 for the filters' values, then the values, bound as
+    the page's own (NULL for a filter not set)."""
+    query = select(ITEMS.c.id).where(
+        *(_POSITIONAL[name] for name in _FILTERS if name in filters)
+    )
+    sql = str(query.compile(dialect=_ESTIMATE_DIALECT, compile_kwargs={"literal_binds": True}))
+    arguments = (
+        _bound(name) if name in filters else null()
+        for name in _ESTIMATE_ARGUMENTS
+    )
+    return func.items_estimated_count(literal(sql), *arguments, type_=BigInteger)
 
 
 def _sort_key(sort: ItemSort) -> tuple[Any, ...]:

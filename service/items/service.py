@@ -127,8 +127,8 @@ async def list_items(
       (1 statement);
     - estimated: exact up to `threshold` matching items, counted in the page's statement by
       a count that stops there; above it, on PostgreSQL, the planner's estimate of the same
-      filtered query, else the threshold itself as a lower bound (1 statement, 2 above the
-      threshold on PostgreSQL);
+      filtered query, asked for by that statement (`dao.counted_page`), else the threshold
+      itself as a lower bound (1 statement);
     - none: no total and no page count (1 statement).
     """
     window = paging.to_raw_params().as_limit_offset()
@@ -137,14 +137,18 @@ async def list_items(
         items = await dao.page_rows(filters, sort, limit=limit, offset=offset)
         return _page(items, paging, total=None, exact=False)
     bounded = count is CountMode.estimated
-    counted, items = await dao.counted_page(
-        filters, sort, limit=limit, offset=offset, count_up_to=threshold + 1 if bounded else None
+    counted, estimate, items = await dao.counted_page(
+        filters,
+        sort,
+        limit=limit,
+        offset=offset,
+        count_up_to=threshold + 1 if bounded else None,
+        estimate=bounded,
     )
     if not bounded or counted <= threshold:
         return _page(items, paging, total=counted, exact=True)
     # More than the threshold: never report fewer than the rows known to be there.
-    total = max(await dao.estimated_count(filters) or 0, threshold)
-    return _page(items, paging, total=total, exact=False)
+    return _page(items, paging, total=max(estimate or 0, threshold), exact=False)
 
 
 def _page(
