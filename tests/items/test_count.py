@@ -4,8 +4,8 @@ The threshold is lowered to 5 so both sides of it fit in a test; the production 
 10,000 (COUNT_THRESHOLD).
 """
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from math import ceil
 from typing import Any, Protocol
 
@@ -217,6 +217,53 @@ async def test_the_estimate_takes_every_filter_and_is_exact_again_below_the_thre
         connection.execute(text("DELETE FROM items WHERE name >= 'lamp 03'"))
     below = await reader.get("/items", params=every_filter)
     assert totals(below.json()) == (3, 1, True)
+
+
+_ESTIMATE_SIGNATURE = (
+    "items_estimated_count(text, text, numeric, numeric, timestamptz, timestamptz)"
+)
+
+
+@contextmanager
+def estimate_fails(engine: Engine) -> Iterator[None]:
+    """`items_estimated_count` replaced by one that raises, for the block: a page that asks
+    for the estimate fails; the real one is back afterwards."""
+    with engine.begin() as connection:
+        connection.execute(text(f"ALTER FUNCTION {_ESTIMATE_SIGNATURE} RENAME TO real_estimate"))
+        connection.execute(text(
+            f"CREATE FUNCTION {_ESTIMATE_SIGNATURE} "
+            "RETURNS bigint LANGUAGE plpgsql VOLATILE AS "
+            "$$ BEGIN RAISE EXCEPTION 'the estimate was asked for'; END $$"
+        ))
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP FUNCTION {_ESTIMATE_SIGNATURE}"))
+            connection.execute(text(
+                "ALTER FUNCTION real_estimate(text, text, numeric, numeric, timestamptz, "
+                "timestamptz) RENAME TO items_estimated_count"
+            ))
+
+
+async def test_the_estimate_is_asked_for_only_above_the_threshold(
+    app: FastAPI, engine: Engine, backend: str
+) -> None:
+    """The page's statement names the estimate on every `count=estimated` page; PostgreSQL
+    runs it only when the count reached the threshold (the CASE around it)."""
+    if backend != "postgresql":
+        pytest.skip("SQLite has no planner estimate: its statement does not name one")
+    add(engine, [f"lamp {n}" for n in range(THRESHOLD)], backend)
+    with estimate_fails(engine):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            at = await client.get("/items", params={"size": 2})
+            assert at.status_code == 200
+            assert totals(at.json()) == (THRESHOLD, 3, True)
+            add(engine, ["lamp one more"], backend)
+            above = await client.get("/items", params={"size": 2})
+            assert above.status_code == 500  # the estimate ran, and failed
+        await app.state.engine.dispose()
 
 
 @pytest.mark.parametrize("mode", ["exact", "none"])
