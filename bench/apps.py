@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequen
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, cast
 
+import orjson
 from fastapi import Depends, FastAPI, Query, Response
 from fastapi_pagination import Page, add_pagination
 from fastapi_pagination.customization import CustomizedPage, UseParamsFields
@@ -353,8 +354,6 @@ def raw_asyncpg() -> FastAPI:
 def orjson_page(rows: Sequence[Mapping[str, Any]], size: int, secret: bytes) -> Response:
     """The service's scroll page JSON for `size + 1` rows (one more: is there a next
     page?), made by orjson from the rows as they come: no pydantic."""
-    import orjson
-
     body = {
         "items": [
             {

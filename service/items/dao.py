@@ -14,6 +14,7 @@ Writes are flushed here, so that constraint violations and lost version races ra
 the service, where they become domain errors, and not at commit time.
 """
 
+import operator
 from collections.abc import Callable, Collection, Sequence
 from functools import cache
 from typing import Any, cast
@@ -161,34 +162,29 @@ def _as_dicts(result: Result[Any]) -> list[ItemRow]:
 
 # -- the list statements, one per shape; values are bound parameters named as below -------
 
-# The column each filter compares its value with.
-_FILTERED_COLUMN: dict[str, ColumnElement[Any]] = {
-    "q": ITEMS.c.name,
-    "min_price": ITEMS.c.price,
-    "max_price": ITEMS.c.price,
-    "created_after": ITEMS.c.created_at,
-    "created_before": ITEMS.c.created_at,
+# Each filter: the column it tests, and how it compares that column with its value.
+_FILTER_TESTS: dict[str, tuple[ColumnElement[Any], Callable[[Any, Any], Any]]] = {
+    # `q` is bound as a LIKE pattern with its own % _ / escaped (`_filter_values`).
+    "q": (ITEMS.c.name, lambda column, value: column.icontains(value, escape="/")),
+    "min_price": (ITEMS.c.price, operator.ge),
+    "max_price": (ITEMS.c.price, operator.le),
+    "created_after": (ITEMS.c.created_at, operator.ge),
+    "created_before": (ITEMS.c.created_at, operator.lt),
 }
 
 
 def _conditions(
-    value: Callable[[str], ColumnElement[Any]],
+    value: Callable[[str, ColumnElement[Any]], ColumnElement[Any]],
 ) -> dict[str, ColumnElement[bool]]:
-    """Each filter's condition on `items`, by the filter's name; `value(name)` is what it
-    compares its column with."""
-    name, price, created_at = ITEMS.c.name, ITEMS.c.price, ITEMS.c.created_at
+    """Each filter's condition on `items`, by the filter's name, comparing its column with
+    `value(name, column)`."""
     return {
-        # `q` is bound as a LIKE pattern with its own % _ / escaped (`_filter_values`).
-        "q": name.icontains(value("q"), escape="/"),
-        "min_price": price >= value("min_price"),
-        "max_price": price <= value("max_price"),
-        "created_after": created_at >= value("created_after"),
-        "created_before": created_at < value("created_before"),
+        name: test(column, value(name, column)) for name, (column, test) in _FILTER_TESTS.items()
     }
 
 
-def _bound(name: str) -> ColumnElement[Any]:
-    return bindparam(name, type_=_FILTERED_COLUMN[name].type)
+def _bound(name: str, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    return bindparam(name, type_=column.type)
 
 
 _FILTERS = _conditions(_bound)
@@ -196,7 +192,7 @@ _FILTERS = _conditions(_bound)
 # query refers to them as $1..$5.
 _ESTIMATE_ARGUMENTS = ("q", "min_price", "max_price", "created_after", "created_before")
 _POSITIONAL = _conditions(
-    lambda name: literal_column(f"${_ESTIMATE_ARGUMENTS.index(name) + 1}")
+    lambda name, column: literal_column(f"${_ESTIMATE_ARGUMENTS.index(name) + 1}")
 )
 # Renders the positional query's text: any PostgreSQL dialect whose parameter style does
 # not double the % of the LIKE pattern's literals.
@@ -289,7 +285,7 @@ def _estimated_count(filters: frozenset[str]) -> ColumnElement[int]:
     )
     sql = str(query.compile(dialect=_ESTIMATE_DIALECT, compile_kwargs={"literal_binds": True}))
     arguments = (
-        _bound(name) if name in filters else null()
+        _bound(name, _FILTER_TESTS[name][0]) if name in filters else null()
         for name in _ESTIMATE_ARGUMENTS
     )
     return func.items_estimated_count(literal(sql), *arguments, type_=BigInteger)
