@@ -18,7 +18,12 @@ from tests.db.conftest import add_item, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
 
-PROMPT = 0.1  # seconds: "well under" this is what a probe that waits for nothing takes
+# Seconds a request waits for a slot before its 503 (DB_POOL_TIMEOUT in `busy_service`).
+SLOT_WAIT = 10.0
+# Seconds: a request that waits for nothing answers well within this, even a 1 MB docs
+# asset on a slow, shared CI machine (0.24 s seen); one that waits for a slot takes
+# SLOT_WAIT.
+PROMPT = 1.0
 
 
 @pytest.fixture
@@ -52,7 +57,9 @@ async def busy_service(
     settings: Settings,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Holder]]:
     """The real app with one connection slot, which a request is holding."""
-    app = create_app(settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0}))
+    app = create_app(settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout": SLOT_WAIT}
+    ))
     holder = Holder(app, on_async_db=True)
     async with client_for(app) as client:
         await client.get("/openapi.json")  # built once, on first use: CPU, not waiting
@@ -115,7 +122,7 @@ async def test_without_sessionless_paths_the_probe_waits_for_a_slot(
         held = asyncio.create_task(client.get("/hold"))
         await asyncio.wait_for(holder.holding.wait(), 5)
         probe = asyncio.create_task(client.get("/health/live"))
-        await asyncio.sleep(PROMPT * 3)
+        await asyncio.sleep(0.3)
         assert not probe.done()  # still waiting for the slot
         holder.release.set()
         assert (await asyncio.wait_for(probe, 5)).status_code == 200
