@@ -233,7 +233,8 @@ def _list_statement(
     if positioned:
         statement = statement.where(_follows(sort))
     if offset:
-        statement = statement.offset(bindparam("offset", type_=Integer))
+        # BIGINT: page x size passes 2**31 - 1 (asyncpg refuses a larger INTEGER).
+        statement = statement.offset(bindparam("offset", type_=BigInteger))
     return statement
 
 

@@ -54,6 +54,20 @@ async def test_a_page_past_the_end_is_empty_but_keeps_the_totals(
     assert response.json()["total"] == 10
 
 
+@pytest.mark.parametrize("count", ["estimated", "exact", "none"])
+async def test_the_last_valid_page_is_empty_not_an_error(
+    client: httpx.AsyncClient, shop: list[dict[str, Any]], count: str
+) -> None:
+    # Its offset, (2**31 - 2) * 100, is far beyond a 32-bit integer.
+    params = {"page": 2**31 - 1, "size": 100, "count": count}
+
+    response = await client.get("/items", params=params)
+
+    assert response.status_code == 200, response.text
+    assert ids(response) == []
+    assert response.json()["total"] == (None if count == "none" else 10)
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
