@@ -56,6 +56,7 @@ SORT_COLUMNS: dict[str, Any] = {
     "created_at": ITEMS.c.created_at,
 }
 UNIQUE_NAME_INDEX = "uq_items_name_lower"
+_MAX_VERSION = 2**31 - 1  # `items.version` is an INTEGER
 
 
 async def get(item_id: int) -> Item | None:
@@ -83,7 +84,10 @@ async def delete_item(item_id: int, versions: Collection[int] | None = None) -> 
     """DELETE the item, only at one of `versions` if given; whether a row was deleted."""
     statement = delete(Item).where(Item.id == item_id)
     if versions is not None:
-        statement = statement.where(Item.version.in_(versions))
+        # A version the column cannot hold matches no row, and must not reach the driver
+        # (which refuses an integer wider than the column's).
+        storable = [version for version in versions if 0 <= version <= _MAX_VERSION]
+        statement = statement.where(Item.version.in_(storable))
     result = await db.session.execute(
         statement, execution_options={"synchronize_session": False}
     )

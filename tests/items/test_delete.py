@@ -75,3 +75,17 @@ async def test_delete_with_if_match_of_an_unknown_item_returns_404(
     response = await client.delete("/items/424242", headers={"If-Match": '"424242-1"'})
 
     assert response.status_code == 404
+
+
+async def test_an_if_match_version_beyond_any_stored_one_is_412_not_an_error(
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem
+) -> None:
+    item = await create_item("Lamp")
+    beyond = 2**63  # wider than the version column on every database
+
+    response = await client.delete(
+        f"/items/{item['id']}", headers={"If-Match": f'"{item["id"]}-{beyond}"'}
+    )
+
+    assert response.status_code == 412
+    assert list(stored(engine)) == [item["id"]]
