@@ -59,8 +59,10 @@ UNIQUE_NAME_INDEX = "uq_items_name_lower"
 _MAX_VERSION = 2**31 - 1  # `items.version` is an INTEGER
 
 
-async def get(item_id: int) -> Item | None:
-    return await db.session.get(Item, item_id)
+async def get(item_id: int, *, for_update: bool = False) -> Item | None:
+    """The item, or None; with `for_update`, its row locked until the request ends
+    (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite has one writer at a time anyway)."""
+    return await db.session.get(Item, item_id, with_for_update=for_update or None)
 
 
 async def add(item: Item) -> None:

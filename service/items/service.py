@@ -66,8 +66,8 @@ async def create_item(data: ItemCreate) -> Item:
     return item
 
 
-async def get_item(item_id: int) -> Item:
-    item = await dao.get(item_id)
+async def get_item(item_id: int, *, for_update: bool = False) -> Item:
+    item = await dao.get(item_id, for_update=for_update)
     if item is None:
         raise NotFound(f"There is no item {item_id}.")
     return item
@@ -79,7 +79,9 @@ async def update_item(
     """Apply `update` if every precondition sent (If-Match, body `version`) accepts the
     item's current version; one is required. Bumps the version, and records the current
     principal as `updated_by`, if anything changed."""
-    item = await get_item(item_id)
+    # `If-Match: *` accepts any version, so a concurrent update must not make it fail: the
+    # row is locked as it is read, and the versioned UPDATE below finds the version read.
+    item = await get_item(item_id, for_update=if_match is ANY_VERSION)
     preconditions = [if_match] if if_match is not None else []
     if update.version is not None:
         preconditions.append(VersionMatch(frozenset({update.version})))

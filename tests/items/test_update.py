@@ -353,3 +353,30 @@ async def test_ten_concurrent_patches_with_the_same_version_exactly_one_wins(
     winner = next(response.json() for response in responses if response.status_code == 200)
     row = stored(engine)[item["id"]]
     assert (row["price"], row["version"]) == (Decimal(winner["price"]), 2)
+
+
+async def test_ten_concurrent_patches_with_if_match_star_all_apply(
+    app: FastAPI, engine: Engine
+) -> None:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=AUTH
+    ) as client:
+        item = (await client.post("/items", json={"name": "Lamp", "price": "1"})).json()
+
+        responses = await asyncio.gather(
+            *(
+                client.patch(
+                    f"/items/{item['id']}", json={"price": f"{n}.00"}, headers={"If-Match": "*"}
+                )
+                for n in range(10, 20)
+            )
+        )
+
+    assert [response.status_code for response in responses] == [200] * 10
+    # Each one applied on top of the one before it: ten versions after the first.
+    assert sorted(response.json()["version"] for response in responses) == list(range(2, 12))
+    row = stored(engine)[item["id"]]
+    assert row["version"] == 11
+    last = max(responses, key=lambda response: response.json()["version"]).json()
+    assert row["price"] == Decimal(last["price"])
