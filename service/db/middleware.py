@@ -134,7 +134,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
         # thread, so an abandoned unit is ended like any other.
         unit = request.unit
         idle = request.job is None or request.job.done()
-        if idle and not unit.has_work():
+        if idle and not unit.has_work() and not unit.has_hooks():
             unit.session.close()  # nothing open: no I/O, no thread needed
             return
         await self._in_thread(request, unit.end, commit)

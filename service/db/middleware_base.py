@@ -192,7 +192,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         """Commit or roll back for the response `start`; returns the message to forward."""
         unit = request.unit
         if self.commit_on_exit and self.commit_policy(start["status"]):
-            if unit.has_work():
+            if unit.has_work() or unit.has_hooks():
+                had_work = unit.has_work()
                 try:
                     await self._commit(request)
                 except Exception as exc:
@@ -206,11 +207,15 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                     )
                     await self.error_response(failure)(request.scope, receive, send)
                     return None
-                self.observer.transaction_ended(self.database.name, request.scope, "commit")
+                if had_work:
+                    self.observer.transaction_ended(self.database.name, request.scope,
+                                                    "commit")
             request.commits = True
-        elif unit.has_work():
+        elif unit.has_work() or unit.has_hooks():
+            had_work = unit.has_work()
             await self._rollback(request)
-            self.observer.transaction_ended(self.database.name, request.scope, "rollback")
+            if had_work:
+                self.observer.transaction_ended(self.database.name, request.scope, "rollback")
         if not self.server_timing:
             return start
         timing = (b"server-timing", unit.stats.server_timing().encode())

@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from service.db.accounting import QueryStats
 
@@ -22,32 +23,101 @@ CommitHook = Callable[[], Any]
 
 
 class UnitOfWorkBase(Generic[SessionT, FactoryT]):
-    """One session (sync or async) and its on-commit hooks."""
+    """One session (sync or async) and its on-commit hooks.
 
-    __slots__ = ("_hooks", "commit_on_exit", "factory", "session", "stats")
+    A hook waits for the transaction it was registered in: the session's, or the innermost
+    savepoint (`begin_nested()`), which hands it on to the one around it when released and
+    drops it when rolled back. Once the session's transaction commits - this unit's commit,
+    or one made by hand with `session.commit()` - the hook is due, and runs the next time
+    the unit ends a transaction (right after its own commit, or at its rollback or end); a
+    rollback of the session's transaction drops the hooks still waiting. The session's
+    `after_commit` / `after_rollback` events tell, listened to from the first hook on.
+    """
+
+    __slots__ = ("_due", "_hooks", "_watching", "commit_on_exit", "factory", "session", "stats")
 
     def __init__(self, factory: FactoryT, session: SessionT, commit_on_exit: bool) -> None:
         self.factory = factory
         self.session = session
         self.commit_on_exit = commit_on_exit
         self.stats = QueryStats()
-        self._hooks: list[CommitHook] = []
+        # Waiting hooks, each with the savepoint it waits for (None: the transaction).
+        self._hooks: list[tuple[CommitHook, SessionTransaction | None]] = []
+        self._due: list[CommitHook] = []  # their transaction committed: to run
+        self._watching = False
 
     def has_work(self) -> bool:
         """Whether ending the unit needs the database (a transaction or unflushed changes)."""
         session: Any = self.session  # Session and AsyncSession answer these alike, without I/O
         return session.in_transaction() or bool(session.new or session.deleted or session.dirty)
 
-    def on_commit(self, hook: CommitHook) -> None:
-        """Run `hook()` after this unit's next successful commit."""
-        self._hooks.append(hook)
+    def has_hooks(self) -> bool:
+        """Whether an on-commit hook waits or is due."""
+        return bool(self._hooks or self._due)
 
-    def _take_hooks(self) -> list[CommitHook]:
-        hooks, self._hooks = self._hooks, []
+    def on_commit(self, hook: CommitHook) -> None:
+        """Run `hook()` once the current transaction (or savepoint, up to the transaction)
+        has committed; see the class docstring."""
+        session = self._sync_session()
+        if not self._watching:
+            event.listen(session, "after_commit", self._committed)
+            event.listen(session, "after_rollback", self._rolled_back)
+            self._watching = True
+        self._hooks.append((hook, session.get_nested_transaction()))
+
+    def _sync_session(self) -> Session:
+        raise NotImplementedError
+
+    def _committed(self, session: Session) -> None:
+        released = session.get_nested_transaction()
+        if released is None:  # the transaction: every waiting hook is due
+            self._due.extend(hook for hook, _ in self._hooks)
+            self._hooks.clear()
+            return
+        outer = _enclosing_savepoint(released)
+        self._hooks = [
+            (hook, outer if savepoint is released else savepoint)
+            for hook, savepoint in self._hooks
+        ]
+
+    def _rolled_back(self, session: Session) -> None:
+        undone = session.get_nested_transaction()
+        if undone is None:
+            self._hooks.clear()
+            return
+        self._hooks = [
+            (hook, savepoint)
+            for hook, savepoint in self._hooks
+            if not _within(savepoint, undone)
+        ]
+
+    def _nothing_to_commit(self) -> None:
+        """The unit commits with no transaction open: what its hooks wait for stands."""
+        self._due.extend(hook for hook, _ in self._hooks)
+        self._hooks.clear()
+
+    def _take_due(self) -> list[CommitHook]:
+        hooks, self._due = self._due, []
         return hooks
 
     def _forget_hooks(self) -> None:
+        """Drop the hooks still waiting (their work was not committed)."""
         self._hooks.clear()
+
+
+def _enclosing_savepoint(transaction: SessionTransaction) -> SessionTransaction | None:
+    outer = transaction.parent
+    while outer is not None and not outer.nested:
+        outer = outer.parent
+    return outer
+
+
+def _within(savepoint: SessionTransaction | None, undone: SessionTransaction) -> bool:
+    while savepoint is not None:
+        if savepoint is undone:
+            return True
+        savepoint = savepoint.parent
+    return False
 
 
 def hook_failed(hook: CommitHook) -> None:
@@ -60,34 +130,47 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
 
     __slots__ = ()
 
+    def _sync_session(self) -> Session:
+        return self.session
+
     def commit(self) -> None:
-        """Commit, then run the on-commit hooks. If the commit fails, roll back and re-raise."""
-        try:
-            with self.stats.timing():
-                self.session.commit()
-        except BaseException:
-            self._forget_hooks()
-            self.session.rollback()
-            raise
-        for hook in self._take_hooks():
+        """Commit (if a transaction is open), then run the hooks due. If the commit fails,
+        roll back and re-raise."""
+        if self.has_work():
             try:
-                hook()
-            except Exception:
-                hook_failed(hook)
+                with self.stats.timing():
+                    self.session.commit()
+            except BaseException:
+                self._forget_hooks()
+                self.session.rollback()
+                raise
+        else:
+            self._nothing_to_commit()
+        self._run_due_hooks()
 
     def rollback(self) -> None:
-        """Roll back and forget the on-commit hooks."""
+        """Roll back, dropping the hooks that waited for it; run those due from an earlier
+        commit."""
         self._forget_hooks()
-        with self.stats.timing():
-            self.session.rollback()
+        if self.has_work():
+            with self.stats.timing():
+                self.session.rollback()
+        self._run_due_hooks()
 
     def end(self, commit: bool) -> None:
-        """Commit (if asked and there is work) or roll back, and always close."""
+        """Commit (if asked) or roll back, run the hooks due, and always close."""
         try:
-            if commit and self.has_work():
+            if commit:
                 self.commit()
-            elif self.has_work():
+            else:
                 self.rollback()
         finally:
             self._forget_hooks()
             self.session.close()
+
+    def _run_due_hooks(self) -> None:
+        for hook in self._take_due():
+            try:
+                hook()
+            except Exception:
+                hook_failed(hook)

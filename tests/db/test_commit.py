@@ -354,6 +354,121 @@ async def test_failing_on_commit_hook_is_logged_and_changes_nothing(
     assert any("mail server down" in (r.exc_text or "") for r in caplog.records)
 
 
+async def test_on_commit_hook_runs_after_a_commit_made_by_hand(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app(commit_on_exit=False)
+    calls: list[set[str]] = []
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        mode.database.on_commit(lambda: calls.append(stored_names(engine)))
+        await mode.commit()
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    assert calls == [{"lamp"}]
+
+
+async def test_a_hook_whose_work_was_committed_by_hand_runs_though_the_rest_rolls_back(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app()
+    calls: list[str] = []
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        mode.database.on_commit(lambda: calls.append(f"{name} stored"))
+        await mode.commit()
+        mode.add_item("rug")
+        mode.database.on_commit(lambda: calls.append("rug stored"))
+        raise HTTPException(status_code=400)
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 400
+    assert stored_names(engine) == {"lamp"}
+    assert calls == ["lamp stored"]
+
+
+async def test_a_hook_after_the_last_commit_by_hand_is_dropped_if_nothing_commits_it(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app(commit_on_exit=False)
+    calls: list[str] = []
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        await mode.commit()
+        mode.add_item("rug")
+        mode.database.on_commit(lambda: calls.append("rug stored"))
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    assert stored_names(engine) == {"lamp"}
+    assert calls == []
+
+
+@pytest.mark.parametrize(("status", "runs"), [(200, True), (400, False)])
+async def test_a_hook_of_a_request_that_ran_no_sql_follows_the_commit_policy(
+    mode: Mode, status: int, runs: bool
+) -> None:
+    app = mode.make_app()
+    calls: list[str] = []
+
+    @app.post("/notify")
+    async def notify() -> Response:
+        mode.database.on_commit(lambda: calls.append("notified"))
+        return Response(status_code=status)
+
+    async with client_for(app) as client:
+        assert (await client.post("/notify")).status_code == status
+    assert calls == (["notified"] if runs else [])
+
+
+@pytest.mark.parametrize(("status", "expected"), [(200, ["lamp", "vase"]), (400, [])])
+async def test_a_hook_waits_for_its_savepoint_and_then_for_the_transaction(
+    mode: Mode, engine: Engine, status: int, expected: list[str]
+) -> None:
+    app = mode.make_app()
+    calls: list[str] = []
+
+    def work(session: Any) -> None:
+        session.add(Item(name="lamp", price=Decimal("1.00")))
+        mode.database.on_commit(lambda: calls.append("lamp"))
+        undone = session.begin_nested()
+        session.add(Item(name="rug", price=Decimal("1.00")))
+        mode.database.on_commit(lambda: calls.append("rug"))
+        undone.rollback()  # drops the rug and its hook
+        released = session.begin_nested()
+        session.add(Item(name="vase", price=Decimal("1.00")))
+        mode.database.on_commit(lambda: calls.append("vase"))
+        released.commit()  # a RELEASE: the vase's hook now waits for the transaction
+        assert calls == []
+
+    @app.post("/work")
+    async def post_work() -> Response:
+        await mode.run(work)
+        return Response(status_code=status)
+
+    async with client_for(app) as client:
+        assert (await client.post("/work")).status_code == status
+    assert calls == expected
+    assert stored_names(engine) == set(expected)
+
+
+async def test_a_hook_in_a_block_committed_by_hand_runs(mode: Mode, engine: Engine) -> None:
+    calls: list[set[str]] = []
+
+    async with mode.block(commit_on_exit=False):
+        mode.add_item("lamp")
+        mode.database.on_commit(lambda: calls.append(stored_names(engine)))
+        await mode.commit()
+    assert calls == [{"lamp"}]
+
+
 async def test_on_commit_outside_a_scope_raises(mode: Mode) -> None:
     from service.db import MissingSessionError
 

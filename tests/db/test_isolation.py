@@ -101,3 +101,30 @@ async def test_isolation_rolls_back_a_failed_request_only_to_its_savepoint(
     async with mode.block():
         names = set(await mode.run(lambda session: session.scalars(select(Item.name)).all()))
     assert names == {"kept"}
+
+
+async def test_on_commit_hooks_run_under_isolation_as_without_it(
+    mode: Mode, isolation: Any
+) -> None:
+    app = mode.make_app()
+    calls: list[str] = []
+
+    @app.post("/pair/{name}")
+    async def create_pair(name: str) -> None:
+        mode.add_item(name)
+        mode.add_item(name.upper())  # unique violation at commit
+        mode.database.on_commit(lambda: calls.append(f"pair {name}"))
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        mode.database.on_commit(lambda: calls.append(name))
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/kept")).status_code == 200
+        assert (await client.post("/pair/twin")).status_code == 409
+    async with mode.block(commit_on_exit=False):
+        mode.add_item("by hand")
+        mode.database.on_commit(lambda: calls.append("by hand"))
+        await mode.commit()
+    assert calls == ["kept", "by hand"]

@@ -107,7 +107,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
     async def _end_unit(self, request: _Request, commit: bool, abandoned: bool) -> None:
         unit = request.unit
         idle = request.job is None or request.job.done()
-        if idle and not abandoned and not unit.has_work():
+        if idle and not abandoned and not unit.has_work() and not unit.has_hooks():
             # No transaction, so no connection: closing is bookkeeping, no I/O to await.
             unit.session.sync_session.close()
             return

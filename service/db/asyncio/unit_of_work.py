@@ -4,6 +4,7 @@
 import inspect
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from service.db.unit_of_work import UnitOfWorkBase, hook_failed
 
@@ -13,32 +14,35 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
 
     __slots__ = ()
 
+    def _sync_session(self) -> Session:
+        return self.session.sync_session
+
     async def commit(self) -> None:
-        """Commit, then run the on-commit hooks (awaiting those that return an awaitable).
-        If the commit fails, roll back and re-raise."""
-        try:
-            with self.stats.timing():
-                await self.session.commit()
-        except BaseException:
-            self._forget_hooks()
-            await self.session.rollback()
-            raise
-        for hook in self._take_hooks():
+        """Commit (if a transaction is open), then run the hooks due, awaiting those that
+        return an awaitable. If the commit fails, roll back and re-raise."""
+        if self.has_work():
             try:
-                result = hook()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                hook_failed(hook)
+                with self.stats.timing():
+                    await self.session.commit()
+            except BaseException:
+                self._forget_hooks()
+                await self.session.rollback()
+                raise
+        else:
+            self._nothing_to_commit()
+        await self._run_due_hooks()
 
     async def rollback(self) -> None:
-        """Roll back and forget the on-commit hooks."""
+        """Roll back, dropping the hooks that waited for it; run those due from an earlier
+        commit."""
         self._forget_hooks()
-        with self.stats.timing():
-            await self.session.rollback()
+        if self.has_work():
+            with self.stats.timing():
+                await self.session.rollback()
+        await self._run_due_hooks()
 
     async def end(self, commit: bool, abandoned: bool = False) -> None:
-        """Commit (if asked and there is work) or roll back, and always close.
+        """Commit (if asked) or roll back, run the hooks due, and always close.
 
         `abandoned`: the task using the session was cancelled, possibly in the middle of a
         statement; its connection may be mid-protocol (asyncpg: "another operation is in
@@ -48,10 +52,20 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
             if abandoned:
                 self._forget_hooks()
                 await self.session.invalidate()
-            elif commit and self.has_work():
+                await self._run_due_hooks()  # their commit happened before
+            elif commit:
                 await self.commit()
-            elif self.has_work():
+            else:
                 await self.rollback()
         finally:
             self._forget_hooks()
             await self.session.close()
+
+    async def _run_due_hooks(self) -> None:
+        for hook in self._take_due():
+            try:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                hook_failed(hook)
