@@ -40,6 +40,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
     """The current unit of work of one database, in a context variable; no I/O here."""
 
     unit_class: type[UnitT]
+    block = "with"  # how a scope is opened, in error messages
 
     def __init__(self, name: str = "db") -> None:
         self.name = name
@@ -73,7 +74,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         if unit is None:
             if self._default is None:
                 raise SessionNotInitialisedError(self.name)
-            raise MissingSessionError(self.name)
+            raise MissingSessionError(self.name, self.block)
         return unit
 
     def on_commit(self, hook: CommitHook) -> None:
@@ -90,7 +91,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         """
         unit = self._current.get()
         if unit is None:
-            raise MissingSessionError(self.name)
+            raise MissingSessionError(self.name, self.block)
         unit.on_commit(hook)
 
     def primary(self) -> AbstractContextManager[None]:

@@ -4,11 +4,12 @@
 class MissingSessionError(Exception):
     """`db.session` was read where no session scope is open."""
 
-    def __init__(self, name: str = "db") -> None:
+    def __init__(self, name: str = "db", block: str = "with") -> None:
+        # `block`: how a scope is opened in the caller's mode - "with" or "async with".
         super().__init__(
             f"No database session is open here. Inside a request, add DBSessionMiddleware to "
             f"the app (requests to its `sessionless_paths` get no session); anywhere else "
-            f"(scripts, jobs, tests) open one with `with {name}():`."
+            f"(scripts, jobs, tests) open one with `{block} {name}():`."
         )
 
 

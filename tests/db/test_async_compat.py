@@ -127,8 +127,10 @@ async def test_outside_of_route_without_context_fails(
     async_engine: AsyncEngine, fresh_db: Database
 ) -> None:
     fresh_db.configure(async_engine)
-    with pytest.raises(MissingSessionError):
+    with pytest.raises(MissingSessionError) as exc_info:
         fresh_db.session  # noqa: B018
+    # The message says how to open one, in this mode.
+    assert f"`async with {fresh_db.name}():`" in str(exc_info.value)
 
 
 async def test_commit_failure_propagates_and_the_next_block_works(

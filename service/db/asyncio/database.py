@@ -28,6 +28,7 @@ class Database(
     """
 
     unit_class = AsyncUnitOfWork
+    block = "async with"
 
     def __init__(self, name: str = "db") -> None:
         super().__init__(name)
