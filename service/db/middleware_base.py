@@ -11,7 +11,10 @@ acts on `http.response.start`, before forwarding it:
 - any other status -> ROLLBACK, then send;
 - writes made after the response started (streaming bodies, BackgroundTasks) are committed
   when the app returns, in a transaction of their own; a failure there is logged at ERROR
-  (the status is already on the wire);
+  (the status is already on the wire). A body that never completed (Starlette stops a
+  streaming body when the client disconnects) rolls them back instead;
+- after a failed commit the app's own response is stopped (`ResponseReplaced` raised from
+  `send`), so its background tasks do not run;
 - an exception from the app rolls back and propagates; whatever happens, the session is
   closed and the current unit reset, including on client disconnect and cancellation.
 
@@ -43,6 +46,7 @@ from time import perf_counter
 from typing import Any, Generic, Literal, TypeVar
 
 from sqlalchemy import Engine
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,6 +65,13 @@ UnitT = TypeVar("UnitT", bound=UnitOfWorkBase[Any, Any])
 JobT = TypeVar("JobT")
 
 
+class ResponseReplaced(BaseException):
+    """Raised into the app by `send` once the middleware has answered in its place (the
+    commit failed): it stops the app's response - and the response's background tasks,
+    which were to follow work that was not stored. A BaseException, like a cancellation, so
+    that the app's `except Exception` blocks let it through; the middleware catches it."""
+
+
 def commit_below_400(status: int) -> bool:
     """The default commit policy: success and redirect responses commit, errors roll back."""
     return status < 400
@@ -75,12 +86,13 @@ def detail_json(failure: Failure) -> ASGIApp:
 class RequestState(Generic[UnitT, JobT]):
     """One request's unit of work and what the middleware has seen of its response."""
 
-    __slots__ = ("commits", "job", "replaced", "scope", "started", "unit")
+    __slots__ = ("commits", "finished", "job", "replaced", "scope", "started", "unit")
 
     def __init__(self, unit: UnitT, scope: Scope) -> None:
         self.unit = unit
         self.scope = scope
         self.started = False  # http.response.start went out
+        self.finished = False  # so did the body's last part
         self.commits = False  # its status committed, so later writes commit too
         self.replaced = False  # the commit failed and an error response was sent instead
         # The last COMMIT/ROLLBACK/CLOSE started. The next one waits for it, so the session
@@ -163,15 +175,27 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             if message["type"] == "http.response.start":
                 request.started = True
                 start = await self._settle(request, message, receive, send)
-                if start is not None:
-                    await send(start)
-            elif not request.replaced:
+                if start is None:
+                    raise ResponseReplaced
+                await send(start)
+            elif request.replaced:
+                raise ResponseReplaced
+            else:
+                if not message.get("more_body", False):
+                    request.finished = True
                 await send(message)
 
         try:
             await self.app(scope, receive, send_after_commit)
+        except ResponseReplaced:
+            # The app's response, and its background tasks, stop here: nothing it did was
+            # stored, and the client has the error response instead.
+            await self._end(request, commit=False, abandoned=False)
         except BaseException as exc:
-            if request.started and isinstance(exc, Exception):
+            if isinstance(exc, ClientDisconnect):
+                # Starlette's streaming body on an ASGI 2.4 server: the client left.
+                _log_cut_off(scope)
+            elif request.started and isinstance(exc, Exception):
                 logger.error(
                     "%s failed after its response started; its later writes were rolled back",
                     describe(scope),
@@ -181,7 +205,14 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             await self._end(request, commit=False, abandoned=not isinstance(exc, Exception))
             raise
         else:
-            await self._end(request, commit=request.commits, abandoned=False)
+            if request.started and not request.finished and not request.replaced:
+                # The body was cut off: Starlette stops a streaming body when the client
+                # disconnects, and the app returns as if done. Its later writes are not
+                # committed, and the session may have been cut off mid-statement.
+                _log_cut_off(scope)
+                await self._end(request, commit=False, abandoned=True)
+            else:
+                await self._end(request, commit=request.commits, abandoned=False)
         finally:
             self.database.deactivate(tokens)
             self.observer.request_ended(self.database.name, scope, unit.stats)
@@ -265,6 +296,14 @@ def autocommit_engine(engine: Any) -> Any | None:
     if dialect.name == "sqlite":
         return None
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _log_cut_off(scope: Scope) -> None:
+    logger.warning(
+        "%s: the response body was not completed (client gone?); the work done after the "
+        "response started was rolled back",
+        describe(scope),
+    )
 
 
 def describe(scope: Scope) -> str:

@@ -1,13 +1,16 @@
 """Work done after the response started: streaming bodies and BackgroundTasks
 (behaviours 6 and 7 of service.db), in both modes."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from fastapi import BackgroundTasks
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import Engine, func, select
+from starlette.requests import ClientDisconnect
 
 from service.items.models import Item
 from tests.db.conftest import MakeApp, Mode, add_item, client_for, stored_names
@@ -228,3 +231,94 @@ async def test_background_task_reads_the_requests_objects_after_the_commit(
         assert (await client.post("/items/lamp")).status_code == 200
     assert read == ["lamp"]
     assert stored_names(engine) == {"lamp", "audit-lamp"}
+
+
+# How the server tells a streaming body that the client left: before ASGI 2.4 (uvicorn) it
+# sends http.disconnect and Starlette cancels the body; from 2.4 on `send` raises OSError
+# and Starlette raises ClientDisconnect out of the app.
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_a_stream_cut_off_by_a_disconnect_commits_none_of_its_writes(
+    mode: Mode, engine: Engine, caplog: pytest.LogCaptureFixture, spec_version: str
+) -> None:
+    app = mode.make_app()
+
+    @app.post("/export/{run}")
+    async def export(run: str) -> StreamingResponse:
+        mode.add_item(f"{run}-before-response")
+
+        async def parts() -> AsyncIterator[bytes]:
+            for n in range(20):
+                mode.add_item(f"{run}-part-{n}")
+                await mode.flush()
+                yield b"part\n"
+
+        return StreamingResponse(parts())
+
+    received = [{"type": "http.request", "body": b"", "more_body": False}]
+    two_parts = asyncio.Event()
+    parts_sent = 0
+
+    async def receive() -> dict[str, Any]:
+        if received:
+            return received.pop()
+        await two_parts.wait()
+        if spec_version == "2.4":
+            await asyncio.Event().wait()  # told through `send` instead
+        return {"type": "http.disconnect"}  # the client hangs up after two parts
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal parts_sent
+        if message["type"] == "http.response.body" and message.get("body"):
+            if spec_version == "2.4" and two_parts.is_set():
+                raise OSError("the client closed the connection")
+            parts_sent += 1
+            if parts_sent == 2:
+                two_parts.set()
+            await asyncio.sleep(0)  # as a socket write would, let the disconnect through
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/export/cut", "raw_path": b"/export/cut", "query_string": b"",
+        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }
+    with caplog.at_level(logging.WARNING, logger="service.db"):
+        if spec_version == "2.4":
+            with pytest.raises(ClientDisconnect):
+                await asyncio.wait_for(app(scope, receive, send), timeout=10)
+        else:
+            await asyncio.wait_for(app(scope, receive, send), timeout=10)
+
+    assert 2 <= parts_sent < 20
+    # The status's own work was committed before the response started; the cut-off body's
+    # was not.
+    assert stored_names(engine) == {"cut-before-response"}
+    assert "response body was not completed" in caplog.text
+    assert mode.checked_out() == 0
+    async with client_for(app) as client:
+        assert (await client.post("/export/whole")).status_code == 200
+    assert len(stored_names(engine)) == 1 + 1 + 20
+
+
+async def test_background_tasks_do_not_run_when_the_commit_failed(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app()
+    sent: list[str] = []
+
+    @app.post("/pair/{name}")
+    async def create_pair(name: str, tasks: BackgroundTasks) -> dict[str, str]:
+        mode.add_item(name)
+        mode.add_item(name.upper())  # refused at COMMIT: names are unique ignoring case
+        tasks.add_task(lambda: sent.append(f"confirmation for {name}"))
+        return {"created": name}
+
+    async with client_for(app) as client:
+        response = await client.post("/pair/lamp")
+        assert response.status_code == 409
+        # The task followed up work that was not stored; it never ran.
+        assert sent == []
+        assert stored_names(engine) == set()
+        assert mode.checked_out() == 0
+        assert (await client.post("/pair/rug")).status_code == 409
+    assert sent == []
