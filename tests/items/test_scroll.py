@@ -2,6 +2,7 @@
 
 import base64
 import json
+import string
 from decimal import Decimal
 from typing import Any
 
@@ -180,6 +181,27 @@ async def test_a_tampered_but_well_formed_cursor_returns_400(
 
     assert response.status_code == 400
     assert "altered" in response.json()["detail"]
+
+
+async def test_a_cursor_with_any_other_last_character_returns_400(
+    client: httpx.AsyncClient, shop: list[dict[str, Any]]
+) -> None:
+    _, cursor = await scroll(client, sort="id", size=2)
+    assert cursor is not None
+    alphabet = string.ascii_letters + string.digits + "-_"
+
+    # The signature's last character also carries unused bits: the texts that differ only
+    # there decode to the same bytes, and must be refused all the same.
+    statuses = {
+        other: (
+            await client.get("/items/scroll", params={"cursor": cursor[:-1] + other})
+        ).status_code
+        for other in alphabet
+        if other != cursor[-1]
+    }
+
+    assert set(statuses.values()) == {400}, statuses
+    assert (await client.get("/items/scroll", params={"cursor": cursor})).status_code == 200
 
 
 async def test_a_cursor_signed_with_another_secret_returns_400(
