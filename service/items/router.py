@@ -115,6 +115,9 @@ async def list_items(
     """Numbered pages with a total. For reading far into a large list, `GET /items/scroll`
     stays fast at any depth."""
     mode = count
+    # `prefer` documents the header; RFC 7240 lets a client send it several times, and a
+    # header parameter holds the first only.
+    prefer = ", ".join(request.headers.getlist("prefer")) if prefer is not None else None
     if mode is None and (preferred := preferred_count(prefer)) is not None:
         mode = preferred
         response.headers["Preference-Applied"] = f"count={mode.value}"

@@ -276,6 +276,19 @@ async def test_prefer_header_chooses_the_mode_and_is_acknowledged(
     assert response.json()["total"] == (12 if mode == "exact" else None)
 
 
+async def test_a_count_preference_in_a_second_prefer_header_is_honoured(
+    reader: httpx.AsyncClient, engine: Engine, backend: str
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    # RFC 7240: several Prefer headers mean the same as one listing them all.
+    headers = [("Prefer", "return=minimal"), ("Prefer", "count=none")]
+
+    response = await reader.get("/items", headers=headers)
+
+    assert response.headers["preference-applied"] == "count=none"
+    assert response.json()["total"] is None
+
+
 async def test_query_parameter_wins_over_prefer(
     reader: httpx.AsyncClient, engine: Engine, backend: str
 ) -> None:
