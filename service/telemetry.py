@@ -33,6 +33,7 @@ access_logger = logging.getLogger("service.access")
 
 DB_STATS = "service.db_stats"  # the scope key of the request's QueryStats
 UNMATCHED = "<unmatched>"  # the route label of a path no route matches
+CLIENT_CLOSED_REQUEST = 499  # the status of a request whose client left before any answer
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -75,8 +76,9 @@ class RequestTelemetry:
             await self.app(scope, receive, send)
             return
         started = perf_counter()
-        status = 500  # if the app raises before answering, the client gets a 500
+        status = 0  # no response yet
         finished = 0.0
+        gone = False
 
         async def watch(message: Message) -> None:
             nonlocal status, finished
@@ -86,13 +88,24 @@ class RequestTelemetry:
                 finished = perf_counter()
             await send(message)
 
+        async def listen() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
         if self.in_progress is not None:
             self.in_progress.inc()
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, listen, watch)
         finally:
             if self.in_progress is not None:
                 self.in_progress.dec()
+            if not status:
+                # No response: the client left before there was one (499, as nginx logs
+                # it), or the app failed and the server answers 500.
+                status = CLIENT_CLOSED_REQUEST if gone else 500
             seconds = (finished or perf_counter()) - started
             route = self.route_of(scope)
             method = scope["method"] if scope["method"] in METHODS else "other"

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -32,6 +33,7 @@ from service.main import create_app
 from service.metrics import prepare_multiprocess_dir
 from tests.conftest import AUTH, TEST_TOKEN
 from tests.faults.test_commit_failures import DEFERRED_FOREIGN_KEY, injected
+from tests.items.helpers import stored
 
 pytestmark = pytest.mark.anyio
 
@@ -183,6 +185,43 @@ async def test_requests_are_counted_by_method_route_template_and_status(
     }
     # No series is ever named after a raw path.
     assert f"/items/{item_id}\"" not in (await client.get("/metrics")).text
+
+
+async def test_a_client_gone_before_its_upload_ended_is_counted_499_not_500(
+    app: FastAPI, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = {status: requests_of("/items", status, "POST") for status in ("499", "500")}
+    upload = [{"type": "http.request", "body": b'{"name": "Hal', "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        return upload.pop() if upload else {"type": "http.disconnect"}  # hangs up
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/items", "raw_path": b"/items", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"100"),
+            (b"authorization", AUTH["Authorization"].encode()),
+        ],
+    }
+    with caplog.at_level("INFO", logger="service.access"):
+        await app(scope, receive, send)
+
+    assert sent == []  # nobody to answer
+    after = {status: requests_of("/items", status, "POST") for status in before}
+    assert {status: after[status] - before[status] for status in before} == {"499": 1, "500": 0}
+    access = [r for r in caplog.records if r.name == "service.access"]
+    assert [r.status for r in access] == [499]  # type: ignore[attr-defined]
+    assert stored(engine) == {}
+    await app.state.engine.dispose()
 
 
 async def test_a_scan_of_10000_random_paths_adds_no_series(settings: Settings) -> None:
