@@ -9,7 +9,10 @@ what SQLite needs to act like a real database:
   so SAVEPOINT works (SQLAlchemy's SQLite dialect docs, "Serializable isolation /
   Savepoints / Transactional DDL");
 - file databases use WAL journaling so readers don't block the writer, and wait for a lock
-  instead of failing at once.
+  instead of failing at once;
+- `lower()` folds every letter, as PostgreSQL's does, not only A-Z (SQLite's own): a
+  case-insensitive unique index on `lower(name)`, and `ilike` / `icontains` (which SQLite
+  runs as `lower(x) LIKE lower(y)`), then treat "Émile" and "émile" alike on both.
 """
 
 from typing import Any
@@ -79,6 +82,28 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    use_unicode_lower(dbapi_connection)
+
+
+def use_unicode_lower(dbapi_connection: Any) -> None:
+    """Replace SQLite's `lower()` on this connection (pysqlite's, or SQLAlchemy's adapter
+    around aiosqlite) by `unicode_lower`. Deterministic, so index expressions may use it;
+    an index built with SQLite's own must be rebuilt (REINDEX, migration 0004)."""
+    dbapi_connection.create_function("lower", 1, unicode_lower, deterministic=True)
+
+
+# Where Python's lower() differs from the one-letter-at-a-time mapping PostgreSQL applies:
+# "İ" becomes "i" + a combining dot, and a final "Σ" becomes "ς".
+_ONE_TO_ONE = str.maketrans({"\u0130": "i", "\u03a3": "\u03c3"})  # capital I with dot, sigma
+
+
+def unicode_lower(value: Any) -> Any:
+    """SQL `lower(value)` folding every letter, as PostgreSQL does in a UTF-8 database."""
+    if isinstance(value, str):
+        return value.lower() if value.isascii() else value.translate(_ONE_TO_ONE).lower()
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).lower()  # a number: SQLite's lower() answers its text
 
 
 def _on_begin(connection: sqlalchemy.Connection) -> None:

@@ -55,11 +55,25 @@ async def test_timestamps_are_iso_8601_in_utc(client: httpx.AsyncClient) -> None
     assert body["updated_at"] >= body["created_at"]
 
 
-@pytest.mark.parametrize("duplicate", ["Desk lamp", "DESK LAMP", "desk Lamp", "  desk lamp "])
+@pytest.mark.parametrize(
+    ("name", "duplicate"),
+    [
+        ("Desk lamp", "Desk lamp"),
+        ("Desk lamp", "DESK LAMP"),
+        ("Desk lamp", "desk Lamp"),
+        ("Desk lamp", "  desk lamp "),
+        # Every letter, not only A-Z, on SQLite as on PostgreSQL.
+        ("Émile lamp", "émile LAMP"),
+        ("Ça va", "ÇA VA"),
+        ("Ωmega", "ωMEGA"),
+        ("Straße", "STRAẞE"),
+    ],
+)
 async def test_post_with_a_taken_name_in_any_case_returns_409_and_stores_nothing(
-    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem, duplicate: str
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem, name: str,
+    duplicate: str,
 ) -> None:
-    await create_item("Desk lamp", price="10.00")
+    await create_item(name, price="10.00")
 
     response = await client.post("/items", json={"name": duplicate, "price": "20.00"})
 

@@ -134,6 +134,19 @@ async def test_q_matches_part_of_the_name_ignoring_case(
     assert [item["name"] for item in response.json()["items"]] == ["Desk lamp", "LAMP shade"]
 
 
+@pytest.mark.parametrize(("q", "matches"), [("café", ["CAFÉ au lait", "Café crème"]),
+                                             ("ÉCLAIR", ["éclair"]), ("ωmega", ["ΩMEGA"])])
+async def test_q_ignores_the_case_of_every_letter(
+    client: httpx.AsyncClient, engine: Engine, q: str, matches: list[str]
+) -> None:
+    names = ["CAFÉ au lait", "Café crème", "Cafe", "éclair", "ΩMEGA"]
+    insert_items(engine, *({"name": name, "price": Decimal(1)} for name in names))
+
+    response = await client.get("/items", params={"q": q, "sort": "name"})
+
+    assert sorted(item["name"] for item in response.json()["items"]) == sorted(matches)
+
+
 @pytest.mark.parametrize(
     ("q", "matches"),
     [("%", ["100% cotton"]), ("_", ["50_50 blend"]), ("0%", ["100% cotton"]), ("\\", ["a\\b"])],
