@@ -15,6 +15,7 @@ what SQLite needs to act like a real database:
   runs as `lower(x) LIKE lower(y)`), then treat "Émile" and "émile" alike on both.
 """
 
+import logging
 from typing import Any
 
 import sqlalchemy
@@ -23,6 +24,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
 from service.db.accounting import instrument
+
+logger = logging.getLogger("service.db")
 
 # Pool sizing makes no sense for a single shared connection.
 _POOL_SIZING_ARGS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle")
@@ -64,6 +67,7 @@ def enable_sqlite_savepoints(engine: Engine, *, wal: bool = False) -> None:
         event.listen(engine, "connect", _use_wal)
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
+    event.listen(engine, "invalidate", _roll_back_before_closing)
 
 
 def _is_memory(url: URL) -> bool:
@@ -104,6 +108,23 @@ def unicode_lower(value: Any) -> Any:
     if value is None or isinstance(value, bytes):
         return value
     return str(value).lower()  # a number: SQLite's lower() answers its text
+
+
+def _roll_back_before_closing(
+    dbapi_connection: Any, connection_record: Any, exception: BaseException | None
+) -> None:
+    # SQLAlchemy invalidates (closes) a connection whose statement was interrupted - in
+    # async mode, a cancelled request. aiosqlite runs the statement on a thread of its own,
+    # where it finishes anyway; closing a sqlite3 connection whose statement is not
+    # finalised leaves a "zombie" that keeps its transaction, and with it SQLite's one
+    # write lock, until the garbage collector finalises the statement: every later write
+    # would wait and fail with "database is locked". A ROLLBACK first releases the lock
+    # (queued on aiosqlite's thread after the interrupted statement).
+    try:
+        dbapi_connection.rollback()
+    except Exception:  # e.g. outside a greenlet, or a connection already closed
+        logger.debug("no rollback before closing an invalidated SQLite connection",
+                     exc_info=True)
 
 
 def _on_begin(connection: sqlalchemy.Connection) -> None:

@@ -3,8 +3,12 @@ commit - never leave a connection checked out, never put one back in the pool in
 middle of a statement, and never make a later request fail. In both modes."""
 
 import asyncio
+import gc
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -25,7 +29,7 @@ def busy_app(mode: Mode) -> FastAPI:
     app = mode.make_app()
 
     @app.post("/work/{n}")
-    async def work(n: int) -> dict[str, int]:
+    async def work(n: str) -> dict[str, str]:
         mode.add_item(f"work-{n}")
         await mode.flush()
         for _ in range(3):
@@ -34,6 +38,36 @@ def busy_app(mode: Mode) -> FastAPI:
         return {"n": n}
 
     return app
+
+
+@contextmanager
+def asyncpg_cancel_request_noise_ignored() -> Iterator[None]:
+    """Let through the one error asyncpg leaks when a query is cancelled: it sends the
+    server a CancelRequest on a new connection, first asking for TLS (sslmode=prefer, its
+    default); when the cancelled connection is closed before that exchange ends, the
+    future waiting for the server's TLS answer fails with "unexpected connection_lost()
+    call" and nobody retrieves it (asyncpg issues #1211, #1310), so asyncio logs it. No
+    request sees it. Every other error reaching the event loop still fails the test."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, ConnectionError) and str(error) == (
+            "unexpected connection_lost() call"
+        ):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield
+        gc.collect()  # futures nobody retrieved report when they are collected
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def wait_until_returned(mode: Mode, seconds: float = 10) -> int:
@@ -49,6 +83,14 @@ async def test_random_cancellations_leave_no_connection_and_no_later_failure(
 ) -> None:
     rng = random.Random(1234)
     app = busy_app(mode)
+    with asyncpg_cancel_request_noise_ignored():
+        await cancel_at_random(app, mode, rng)
+    names = stored_names(engine)  # type: ignore[arg-type]
+    assert {f"work-{CANCELLED + n}" for n in range(AFTERWARDS)} <= names
+    assert mode.checked_out() == 0
+
+
+async def cancel_at_random(app: FastAPI, mode: Mode, rng: random.Random) -> None:
     async with client_for(app) as client:
         tasks = []
         for n in range(CANCELLED):
@@ -71,6 +113,35 @@ async def test_random_cancellations_leave_no_connection_and_no_later_failure(
         statuses = [(await client.post(f"/work/{CANCELLED + n}")).status_code
                     for n in range(AFTERWARDS)]
     assert statuses == [200] * AFTERWARDS
-    names = stored_names(engine)  # type: ignore[arg-type]
-    assert {f"work-{CANCELLED + n}" for n in range(AFTERWARDS)} <= names
+
+
+async def test_one_request_at_a_time_cancelled_mid_way_leaves_nothing_locked(
+    mode: Mode, engine: object
+) -> None:
+    # Alone, each request gets its connection at once, so the cancellation lands inside
+    # its own statements (the INSERT, the reads) or its commit far more often than when
+    # many wait for a slot. On SQLite a connection closed mid-statement kept the write
+    # lock: every later write waited for it and failed.
+    rng = random.Random(3)
+    app = busy_app(mode)
+    with asyncpg_cancel_request_noise_ignored():
+        probes = await cancel_one_at_a_time(app, mode, rng)
+    assert probes == [200] * (CANCELLED // 10)
     assert mode.checked_out() == 0
+
+
+async def cancel_one_at_a_time(app: FastAPI, mode: Mode, rng: random.Random) -> list[int]:
+    """Each request cancelled after 0-6 ms, alone; every tenth, one that is not, whose
+    status is returned."""
+    loop = asyncio.get_running_loop()
+    probes = []
+    async with client_for(app) as client:
+        for n in range(CANCELLED):
+            task = asyncio.create_task(client.post(f"/work/{n}"))
+            loop.call_later(rng.uniform(0, 0.006), task.cancel)
+            await asyncio.gather(task, return_exceptions=True)
+            if n % 10 == 9:
+                assert await wait_until_returned(mode) == 0
+                probe = await asyncio.wait_for(client.post(f"/work/probe-{n}"), timeout=10)
+                probes.append(probe.status_code)
+    return probes
