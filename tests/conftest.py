@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -33,6 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # The API token of the test apps; `client` sends it, so tests/items/* can write.
 TEST_TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
+
+def http_scope(
+    method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The ASGI scope of one HTTP/1.1 request from 127.0.0.1, for tests that drive the app
+    message by message (slow uploads, disconnects); `extra` adds or replaces keys."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": headers or [], "client": ("127.0.0.1", 1),
+        "server": ("test", 80), **extra,
+    }
 
 
 def pytest_report_header() -> str:

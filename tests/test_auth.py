@@ -34,7 +34,7 @@ from service.auth import NoApiTokens, TokenCheck
 from service.config import Settings
 from service.db.asyncio import db as async_db
 from service.main import create_app
-from tests.conftest import ROOT, TEST_TOKEN
+from tests.conftest import ROOT, TEST_TOKEN, http_scope
 from tests.items.helpers import insert_items, stored
 
 pytestmark = pytest.mark.anyio
@@ -338,13 +338,9 @@ async def test_a_refused_write_never_reads_its_body(app: Any) -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/items", "raw_path": b"/items", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                    (b"content-length", b"2")],
-    }
+    scope = http_scope("POST", "/items", [
+        (b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", b"2"),
+    ])
     await app(scope, receive, send)
 
     assert sent[0]["status"] == 401

@@ -31,7 +31,7 @@ from bench.harness import free_port
 from service.config import Settings
 from service.main import create_app
 from service.metrics import prepare_multiprocess_dir
-from tests.conftest import AUTH, TEST_TOKEN
+from tests.conftest import AUTH, TEST_TOKEN, http_scope
 from tests.faults.test_commit_failures import DEFERRED_FOREIGN_KEY, injected
 from tests.items.helpers import stored
 
@@ -201,17 +201,12 @@ async def test_a_client_gone_before_its_upload_ended_is_counted_499_not_500(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/items", "raw_path": b"/items", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
-        "headers": [
-            (b"host", b"test"),
-            (b"content-type", b"application/json"),
-            (b"content-length", b"100"),
-            (b"authorization", AUTH["Authorization"].encode()),
-        ],
-    }
+    scope = http_scope("POST", "/items", [
+        (b"host", b"test"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"100"),
+        (b"authorization", AUTH["Authorization"].encode()),
+    ])
     with caplog.at_level("INFO", logger="service.access"):
         await app(scope, receive, send)
 

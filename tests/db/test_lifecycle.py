@@ -18,6 +18,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from service.db import DBSessionMiddleware, MissingSessionError, create_engine, db
 from service.db import asyncio as async_mode
 from service.items.models import Item
+from tests.conftest import http_scope
 from tests.db.conftest import MakeApp, Mode, add_item, async_url, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
@@ -219,11 +220,7 @@ async def test_client_disconnect_mid_stream_returns_the_connection(mode: Mode) -
         if message["type"] == "http.response.body" and message.get("body"):
             first_chunk.set()
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": "/export", "raw_path": b"/export", "query_string": b"",
-        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("test", 80),
-    }
+    scope = http_scope("GET", "/export")
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
     assert finished.is_set()
     assert mode.checked_out() == 0

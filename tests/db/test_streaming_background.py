@@ -13,6 +13,7 @@ from sqlalchemy import Engine, func, select
 from starlette.requests import ClientDisconnect
 
 from service.items.models import Item
+from tests.conftest import http_scope
 from tests.db.conftest import MakeApp, Mode, add_item, client_for, stored_names
 
 pytestmark = pytest.mark.anyio
@@ -276,12 +277,8 @@ async def test_a_stream_cut_off_by_a_disconnect_commits_none_of_its_writes(
                 two_parts.set()
             await asyncio.sleep(0)  # as a socket write would, let the disconnect through
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
-        "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/export/cut", "raw_path": b"/export/cut", "query_string": b"",
-        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("test", 80),
-    }
+    asgi = {"version": "3.0", "spec_version": spec_version}
+    scope = http_scope("POST", "/export/cut", asgi=asgi)
     with caplog.at_level(logging.WARNING, logger="service.db"):
         if spec_version == "2.4":
             with pytest.raises(ClientDisconnect):

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from service.config import Settings
 from service.main import create_app
-from tests.conftest import AUTH
+from tests.conftest import AUTH, http_scope
 from tests.items.helpers import ids, insert_items, stored
 
 pytestmark = pytest.mark.anyio
@@ -138,17 +138,12 @@ async def test_a_slow_upload_holds_no_connection_while_another_request_is_served
         if message["type"] == "http.response.body" and not message.get("more_body"):
             answered.set()
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/items", "raw_path": b"/items", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
-        "headers": [
-            (b"host", b"test"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"authorization", AUTH["Authorization"].encode()),
-        ],
-    }
+    scope = http_scope("POST", "/items", [
+        (b"host", b"test"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"authorization", AUTH["Authorization"].encode()),
+    ])
     slow = asyncio.create_task(app(scope, receive, send))
     try:
         await asyncio.wait_for(body_started.wait(), timeout=5)

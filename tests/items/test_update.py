@@ -5,7 +5,7 @@ body. No precondition: 428. A stale one: 412. Either way nothing changes.
 """
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
@@ -328,55 +328,48 @@ async def test_patch_that_loses_the_race_after_its_check_returns_412_and_changes
     assert (row["price"], row["version"]) == (Decimal("10.00"), 1)
 
 
-async def test_ten_concurrent_patches_with_the_same_version_exactly_one_wins(
-    app: FastAPI, engine: Engine
-) -> None:
+async def ten_concurrent_patches(
+    app: FastAPI, if_match: Callable[[dict[str, Any]], str]
+) -> list[httpx.Response]:
+    """A new item, then ten PATCHes of its price (10.00 .. 19.00) sent at once, each with
+    the header `if_match(item)`."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://test", headers=AUTH
     ) as client:
         item = (await client.post("/items", json={"name": "Lamp", "price": "1"})).json()
-
-        responses = await asyncio.gather(
+        return await asyncio.gather(
             *(
                 client.patch(
                     f"/items/{item['id']}",
                     json={"price": f"{n}.00"},
-                    headers={"If-Match": f'"{item["id"]}-1"'},
+                    headers={"If-Match": if_match(item)},
                 )
                 for n in range(10, 20)
             )
         )
 
+
+async def test_ten_concurrent_patches_with_the_same_version_exactly_one_wins(
+    app: FastAPI, engine: Engine
+) -> None:
+    responses = await ten_concurrent_patches(app, lambda item: f'"{item["id"]}-1"')
+
     statuses = sorted(response.status_code for response in responses)
     assert statuses == [200] + [412] * 9
     winner = next(response.json() for response in responses if response.status_code == 200)
-    row = stored(engine)[item["id"]]
+    row = stored(engine)[winner["id"]]
     assert (row["price"], row["version"]) == (Decimal(winner["price"]), 2)
 
 
 async def test_ten_concurrent_patches_with_if_match_star_all_apply(
     app: FastAPI, engine: Engine
 ) -> None:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://test", headers=AUTH
-    ) as client:
-        item = (await client.post("/items", json={"name": "Lamp", "price": "1"})).json()
-
-        responses = await asyncio.gather(
-            *(
-                client.patch(
-                    f"/items/{item['id']}", json={"price": f"{n}.00"}, headers={"If-Match": "*"}
-                )
-                for n in range(10, 20)
-            )
-        )
+    responses = await ten_concurrent_patches(app, lambda item: "*")
 
     assert [response.status_code for response in responses] == [200] * 10
     # Each one applied on top of the one before it: ten versions after the first.
     assert sorted(response.json()["version"] for response in responses) == list(range(2, 12))
-    row = stored(engine)[item["id"]]
-    assert row["version"] == 11
-    last = max(responses, key=lambda response: response.json()["version"]).json()
-    assert row["price"] == Decimal(last["price"])
+    last = max((response.json() for response in responses), key=lambda body: body["version"])
+    row = stored(engine)[last["id"]]
+    assert (row["price"], row["version"]) == (Decimal(last["price"]), 11)
