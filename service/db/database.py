@@ -82,12 +82,13 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
         Hooks run in registration order: after the unit's COMMIT (in a request: before the
         response is sent), or - for a commit made by hand with `session.commit()` - when
-        the unit next commits, rolls back or ends, whatever its own outcome. A rollback
-        drops the hooks still waiting; one registered inside a savepoint waits for the
-        transaction once the savepoint is released, and is dropped if it is rolled back. A
-        unit that commits with no transaction open runs its hooks (nothing was lost). An
-        exception in a hook is logged at ERROR and changes nothing else. Raises
-        `MissingSessionError` outside a unit of work.
+        the unit next commits, rolls back or ends, whatever its own outcome. A rollback (or
+        `session.close()`) drops the hooks still waiting; one registered inside a savepoint
+        waits for the transaction once the savepoint is released, and is dropped if it is
+        rolled back. A unit that commits with no transaction open runs its hooks (nothing
+        was lost); hooks registered by hooks run at the unit's end. An exception in a hook
+        is logged at ERROR and changes nothing else. Raises `MissingSessionError` outside a
+        unit of work.
         """
         unit = self._current.get()
         if unit is None:

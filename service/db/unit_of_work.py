@@ -29,9 +29,12 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
     savepoint (`begin_nested()`), which hands it on to the one around it when released and
     drops it when rolled back. Once the session's transaction commits - this unit's commit,
     or one made by hand with `session.commit()` - the hook is due, and runs the next time
-    the unit ends a transaction (right after its own commit, or at its rollback or end); a
-    rollback of the session's transaction drops the hooks still waiting. The session's
-    `after_commit` / `after_rollback` events tell, listened to from the first hook on.
+    the unit ends a transaction (right after its own commit, or at its rollback or end),
+    whether or not that succeeds. A transaction that ends otherwise - rolled back, or closed
+    with `session.close()` - drops the hooks still waiting for it. A hook registered by a
+    hook waits for the next commit; at the unit's end, that is the end itself. The
+    session's `after_commit` / `after_transaction_end` events tell, listened to from the
+    first hook on.
     """
 
     __slots__ = ("_due", "_hooks", "_watching", "commit_on_exit", "factory", "session", "stats")
@@ -61,7 +64,7 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
         session = self._sync_session()
         if not self._watching:
             event.listen(session, "after_commit", self._committed)
-            event.listen(session, "after_rollback", self._rolled_back)
+            event.listen(session, "after_transaction_end", self._ended)
             self._watching = True
         self._hooks.append((hook, session.get_nested_transaction()))
 
@@ -80,16 +83,17 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
             for hook, savepoint in self._hooks
         ]
 
-    def _rolled_back(self, session: Session) -> None:
-        undone = session.get_nested_transaction()
-        if undone is None:
+    def _ended(self, session: Session, transaction: SessionTransaction) -> None:
+        # A released savepoint or a committed transaction handed its hooks on already
+        # (`_committed`): whatever still waits for the one that ended was not committed.
+        if transaction.nested:
+            self._hooks = [
+                (hook, savepoint)
+                for hook, savepoint in self._hooks
+                if not _within(savepoint, transaction)
+            ]
+        elif transaction.parent is None:
             self._hooks.clear()
-            return
-        self._hooks = [
-            (hook, savepoint)
-            for hook, savepoint in self._hooks
-            if not _within(savepoint, undone)
-        ]
 
     def _nothing_to_commit(self) -> None:
         """The unit commits with no transaction open: what its hooks wait for stands."""
@@ -120,6 +124,19 @@ def _within(savepoint: SessionTransaction | None, undone: SessionTransaction) ->
     return False
 
 
+# Rounds of hooks registered by hooks that a unit's end runs; a hook that registers itself
+# again would otherwise never let the unit end.
+HOOK_ROUNDS = 10
+
+
+def drop_leftover_hooks(hooks: list[tuple[CommitHook, Any]]) -> None:
+    """Forget the hooks still waiting when a unit ends (their work was not committed, or
+    hooks kept registering hooks for `HOOK_ROUNDS` rounds: logged)."""
+    if hooks:
+        logger.debug("dropping %d on_commit hook(s) whose work was not committed", len(hooks))
+    hooks.clear()
+
+
 def hook_failed(hook: CommitHook) -> None:
     """Log a failing on-commit hook (called from an `except` block): the commit stands."""
     logger.exception("on_commit hook %r failed; the commit stands", hook)
@@ -135,14 +152,16 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
 
     def commit(self) -> None:
         """Commit (if a transaction is open), then run the hooks due. If the commit fails,
-        roll back and re-raise."""
+        roll back, run the hooks due from an earlier commit made by hand, and re-raise."""
         if self.has_work():
             try:
                 with self.stats.timing():
                     self.session.commit()
-            except BaseException:
+            except BaseException as error:
                 self._forget_hooks()
                 self.session.rollback()
+                if isinstance(error, Exception):
+                    self._run_due_hooks()
                 raise
         else:
             self._nothing_to_commit()
@@ -162,10 +181,14 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
         try:
             if commit:
                 self.commit()
+                for _ in range(HOOK_ROUNDS):
+                    if not self._hooks:
+                        break
+                    self.commit()  # what the hooks registered (and did)
             else:
                 self.rollback()
         finally:
-            self._forget_hooks()
+            drop_leftover_hooks(self._hooks)
             self.session.close()
 
     def _run_due_hooks(self) -> None:

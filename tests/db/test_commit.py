@@ -10,7 +10,7 @@ import pytest
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.items.models import Item
 from tests.db.conftest import MakeApp, Mode, add_item, client_for, stored_names
@@ -459,14 +459,87 @@ async def test_a_hook_waits_for_its_savepoint_and_then_for_the_transaction(
     assert stored_names(engine) == set(expected)
 
 
+def jobs_database(mode: Mode) -> Any:
+    """A `Database` of this mode of its own, on the test engine: `with db():` in a job."""
+    jobs = mode.database_class("jobs")
+    jobs.configure(mode.engine)
+    return jobs
+
+
 async def test_a_hook_in_a_block_committed_by_hand_runs(mode: Mode, engine: Engine) -> None:
+    jobs = jobs_database(mode)
     calls: list[set[str]] = []
 
-    async with mode.block(commit_on_exit=False):
-        mode.add_item("lamp")
-        mode.database.on_commit(lambda: calls.append(stored_names(engine)))
-        await mode.commit()
+    async with mode.block(jobs, commit_on_exit=False):
+        mode.add_item("lamp", jobs)
+        jobs.on_commit(lambda: calls.append(stored_names(engine)))
+        await mode.commit(jobs)
     assert calls == [{"lamp"}]
+
+
+async def test_a_hook_of_a_commit_by_hand_runs_though_the_blocks_own_commit_fails(
+    mode: Mode, engine: Engine
+) -> None:
+    jobs = jobs_database(mode)
+    calls: list[str] = []
+
+    with pytest.raises(IntegrityError):
+        async with mode.block(jobs):
+            mode.add_item("lamp", jobs)
+            jobs.on_commit(lambda: calls.append("lamp stored"))
+            await mode.commit(jobs)
+            mode.add_item("LAMP", jobs)  # refused at the block's COMMIT: one name
+            jobs.on_commit(lambda: calls.append("LAMP stored"))
+    assert stored_names(engine) == {"lamp"}
+    assert calls == ["lamp stored"]
+
+
+async def test_a_hook_registered_by_a_hook_runs_at_the_blocks_end(mode: Mode) -> None:
+    jobs = jobs_database(mode)
+    calls: list[str] = []
+
+    def outer() -> None:
+        calls.append("outer")
+        jobs.on_commit(lambda: calls.append("inner"))
+
+    async with mode.block(jobs):
+        mode.add_item("lamp", jobs)
+        jobs.on_commit(outer)
+    assert calls == ["outer", "inner"]
+
+
+async def test_a_hook_that_keeps_registering_itself_does_not_hang_the_scope(
+    mode: Mode,
+) -> None:
+    jobs = jobs_database(mode)
+    calls: list[str] = []
+
+    def again() -> None:
+        calls.append("again")
+        jobs.on_commit(again)
+
+    async with mode.block(jobs):
+        jobs.on_commit(again)
+    assert 1 < len(calls) <= 20
+
+
+async def test_a_session_closed_by_hand_drops_the_hooks_of_the_work_it_discarded(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app()
+    calls: list[str] = []
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        await mode.flush()
+        mode.database.on_commit(lambda: calls.append(f"{name} stored"))
+        await mode.run(lambda session: session.close())  # the INSERT is discarded
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    assert stored_names(engine) == set()
+    assert calls == []
 
 
 async def test_on_commit_outside_a_scope_raises(mode: Mode) -> None:

@@ -6,7 +6,12 @@ import inspect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from service.db.unit_of_work import UnitOfWorkBase, hook_failed
+from service.db.unit_of_work import (
+    HOOK_ROUNDS,
+    UnitOfWorkBase,
+    drop_leftover_hooks,
+    hook_failed,
+)
 
 
 class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSession]]):
@@ -19,14 +24,17 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
 
     async def commit(self) -> None:
         """Commit (if a transaction is open), then run the hooks due, awaiting those that
-        return an awaitable. If the commit fails, roll back and re-raise."""
+        return an awaitable. If the commit fails, roll back, run the hooks due from an
+        earlier commit made by hand, and re-raise."""
         if self.has_work():
             try:
                 with self.stats.timing():
                     await self.session.commit()
-            except BaseException:
+            except BaseException as error:
                 self._forget_hooks()
                 await self.session.rollback()
+                if isinstance(error, Exception):
+                    await self._run_due_hooks()
                 raise
         else:
             self._nothing_to_commit()
@@ -55,10 +63,14 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
                 await self._run_due_hooks()  # their commit happened before
             elif commit:
                 await self.commit()
+                for _ in range(HOOK_ROUNDS):
+                    if not self._hooks:
+                        break
+                    await self.commit()  # what the hooks registered (and did)
             else:
                 await self.rollback()
         finally:
-            self._forget_hooks()
+            drop_leftover_hooks(self._hooks)
             await self.session.close()
 
     async def _run_due_hooks(self) -> None:
