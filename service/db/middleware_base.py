@@ -46,6 +46,8 @@ from time import perf_counter
 from typing import Any, Generic, Literal, TypeVar
 
 from sqlalchemy import Engine
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -139,6 +141,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         )
         self.slots = ConnectionSlots(self.slot_limit, pool_wait(pool_engine))
         database.adopt_default(sessionmaker)
+        _warn_of_middleware_inside(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.sessionless_paths:
@@ -296,6 +299,32 @@ def autocommit_engine(engine: Any) -> Any | None:
     if dialect.name == "sqlite":
         return None
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+# Middleware that must not sit between DBSessionMiddleware and the routes: it runs the app
+# in a task of its own (BaseHTTPMiddleware), so a streaming body's statements run while the
+# middleware commits at the response's start, or holds the start back until the body's
+# first part exists (GZipMiddleware), so that part's writes go into the response's COMMIT.
+_NOT_INSIDE = (BaseHTTPMiddleware, GZipMiddleware)
+
+
+def _warn_of_middleware_inside(app: ASGIApp) -> None:
+    """Log a WARNING if `app`, the middleware stack inside DBSessionMiddleware, holds one
+    of `_NOT_INSIDE` (Starlette builds it before the middleware around it)."""
+    inner: Any = app
+    for _ in range(100):  # a chain of `.app`, as Starlette's middleware keep it
+        if inner is None:
+            return
+        if isinstance(inner, _NOT_INSIDE):
+            logger.warning(
+                "%s runs inside DBSessionMiddleware: the request's commit at the response's "
+                "start may then race a streaming body's statements, or take in their "
+                "writes; add it after DBSessionMiddleware (app.add_middleware runs the last "
+                "one added first), so that it wraps it",
+                type(inner).__name__,
+            )
+            return
+        inner = getattr(inner, "app", None)
 
 
 def _log_cut_off(scope: Scope) -> None:

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from fastapi import BackgroundTasks
+from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import Engine, func, select
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import ClientDisconnect
 
 from service.items.models import Item
@@ -319,3 +321,32 @@ async def test_background_tasks_do_not_run_when_the_commit_failed(
         assert mode.checked_out() == 0
         assert (await client.post("/pair/rug")).status_code == 409
     assert sent == []
+
+
+@pytest.mark.parametrize("inside", ["gzip", "base_http", None])
+async def test_middleware_that_must_wrap_the_session_middleware_is_named_if_inside_it(
+    mode: Mode, caplog: pytest.LogCaptureFixture, inside: str | None
+) -> None:
+    app = FastAPI()
+    if inside == "gzip":
+        app.add_middleware(GZipMiddleware)
+    elif inside == "base_http":
+
+        async def passing(request: Any, call_next: Any) -> Any:
+            return await call_next(request)
+
+        app.add_middleware(BaseHTTPMiddleware, dispatch=passing)
+    app.add_middleware(mode.middleware, custom_engine=mode.engine)  # added last: outermost
+    app.add_middleware(GZipMiddleware)  # outside it: fine
+
+    @app.get("/ping")
+    async def ping() -> str:
+        return "pong"
+
+    with caplog.at_level(logging.WARNING, logger="service.db"):
+        async with client_for(app) as client:  # Starlette builds the stack at the first call
+            assert (await client.get("/ping")).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "inside DBSessionMiddleware" in
+                r.getMessage()]
+    expected = {"gzip": "GZipMiddleware", "base_http": "BaseHTTPMiddleware"}.get(inside or "")
+    assert [w.split()[0] for w in warnings] == ([expected] if expected else [])
