@@ -10,18 +10,24 @@ what SQLite needs to act like a real database:
   Savepoints / Transactional DDL");
 - file databases use WAL journaling so readers don't block the writer, and wait for a lock
   instead of failing at once;
-- `lower()` folds every letter, as PostgreSQL's does, not only A-Z (SQLite's own): a
-  case-insensitive unique index on `lower(name)`, and `ilike` / `icontains` (which SQLite
-  runs as `lower(x) LIKE lower(y)`), then treat "Émile" and "émile" alike on both.
+- `fold_case(x)`: `lower()` of every letter - PostgreSQL's own `lower()` in a UTF-8
+  database; on SQLite, whose `lower()` folds A-Z only, a function of that name registered
+  on every connection. A case-insensitive unique index on `fold_case(name)` and searches
+  comparing `fold_case()`s then treat "Émile" and "émile" alike on both. (Not an override
+  of SQLite's `lower()`: an index built with it would look corrupt to every program
+  without it; one on `fold_case()` makes them fail plainly - "no such function".)
 """
 
 import logging
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, String, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from service.db.accounting import instrument
 
@@ -86,14 +92,13 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
-    use_unicode_lower(dbapi_connection)
+    register_fold_case(dbapi_connection)
 
 
-def use_unicode_lower(dbapi_connection: Any) -> None:
-    """Replace SQLite's `lower()` on this connection (pysqlite's, or SQLAlchemy's adapter
-    around aiosqlite) by `unicode_lower`. Deterministic, so index expressions may use it;
-    an index built with SQLite's own must be rebuilt (REINDEX, migration 0004)."""
-    dbapi_connection.create_function("lower", 1, unicode_lower, deterministic=True)
+def register_fold_case(dbapi_connection: Any) -> None:
+    """SQL `fold_case(x)` on this SQLite connection (pysqlite's, or SQLAlchemy's adapter
+    around aiosqlite); deterministic, so an index may use it."""
+    dbapi_connection.create_function("fold_case", 1, fold_case_text, deterministic=True)
 
 
 # Where Python's lower() differs from the one-letter-at-a-time mapping PostgreSQL applies:
@@ -101,13 +106,33 @@ def use_unicode_lower(dbapi_connection: Any) -> None:
 _ONE_TO_ONE = str.maketrans({"\u0130": "i", "\u03a3": "\u03c3"})  # capital I with dot, sigma
 
 
-def unicode_lower(value: Any) -> Any:
-    """SQL `lower(value)` folding every letter, as PostgreSQL does in a UTF-8 database."""
+def fold_case_text(value: Any) -> Any:
+    """`value` with every letter in lower case, as PostgreSQL's `lower()` in a UTF-8
+    database; None and non-text values as SQLite's `lower()` answers them."""
     if isinstance(value, str):
         return value.lower() if value.isascii() else value.translate(_ONE_TO_ONE).lower()
     if value is None or isinstance(value, bytes):
         return value
-    return str(value).lower()  # a number: SQLite's lower() answers its text
+    return str(value).lower()
+
+
+class fold_case(FunctionElement[str]):  # a SQL function, named as in SQL
+    """SQL `fold_case(x)`: `lower(x)` on PostgreSQL and elsewhere, the registered Unicode
+    one on SQLite (`register_fold_case`)."""
+
+    type = String()
+    inherit_cache = True
+    name = "fold_case"
+
+
+@compiles(fold_case)
+def _lower(element: fold_case, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(fold_case, "sqlite")
+def _fold_case(element: fold_case, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"fold_case({compiler.process(element.clauses, **kw)})"
 
 
 def _roll_back_before_closing(

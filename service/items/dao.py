@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.exc import IntegrityError
 
 from service.db.asyncio import db
+from service.db.engine import fold_case
 from service.items.models import Item
 from service.items.schemas import ItemFilters, ItemSort
 
@@ -171,7 +172,10 @@ def _as_dicts(result: Result[Any]) -> list[ItemRow]:
 # Each filter: the column it tests, and how it compares that column with its value.
 _FILTER_TESTS: dict[str, tuple[ColumnElement[Any], Callable[[Any, Any], Any]]] = {
     # `q` is bound as a LIKE pattern with its own % _ / escaped (`_filter_values`).
-    "q": (ITEMS.c.name, lambda column, value: column.icontains(value, escape="/")),
+    "q": (
+        ITEMS.c.name,
+        lambda column, value: fold_case(column).contains(fold_case(value), escape="/"),
+    ),
     "min_price": (ITEMS.c.price, operator.ge),
     "max_price": (ITEMS.c.price, operator.le),
     "created_after": (ITEMS.c.created_at, operator.ge),

@@ -19,6 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from service.db.engine import fold_case
 from service.model_base import Base
 from service.principal import UNKNOWN
 
@@ -81,8 +82,9 @@ class Item(Base):
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 (read by SQLAlchemy)
 
 
-# Names are unique regardless of case: "Lamp" and "lamp" are the same item.
-Index("uq_items_name_lower", func.lower(Item.name), unique=True)
+# Names are unique regardless of case, of every letter: "Lamp" and "lamp", "Émile" and
+# "ÉMILE" are the same item (`fold_case`: lower() on PostgreSQL, a Unicode one on SQLite).
+Index("uq_items_name_lower", fold_case(Item.name), unique=True)
 # One index per allowed sort, each ending in the id tie-breaker, so keyset pages cost the
 # same at any depth.
 Index("ix_items_name_id", Item.name, Item.id)

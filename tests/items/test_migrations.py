@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy
 from alembic import command
 from sqlalchemy import Engine, inspect, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.db import create_engine
 from tests.conftest import alembic_config
-from tests.items.helpers import insert_items
+from tests.items.helpers import insert_items, stored
 
 
 def columns(url: str, table: str = "items") -> list[str]:
@@ -152,3 +152,23 @@ def test_names_equal_once_case_is_ignored_never_both_pass_revision_0004(
         with engine.begin() as connection:
             connection.execute(text("DELETE FROM items"))
         command.upgrade(config, "head")
+
+
+def test_a_program_without_the_services_engine_cannot_store_a_clashing_name(
+    engine: Engine, migrated_url: str
+) -> None:
+    insert_items(engine, {"name": "Émile lamp", "price": 1})
+    plain = sqlalchemy.create_engine(migrated_url)  # e.g. the sqlite3 shell, another tool
+    try:
+        # PostgreSQL's index refuses it; SQLite's needs fold_case(), which such a program
+        # lacks: it fails plainly, rather than writing index entries the app disagrees with.
+        with pytest.raises((IntegrityError, OperationalError)) as refused:
+            insert_items(plain, {"name": "émile LAMP", "price": 1})
+        if engine.dialect.name == "sqlite":
+            assert "fold_case" in str(refused.value)
+    finally:
+        plain.dispose()
+    assert [row["name"] for row in stored(engine).values()] == ["Émile lamp"]
+    with engine.connect() as connection:  # the app's engine finds the file sound
+        if engine.dialect.name == "sqlite":
+            assert connection.execute(text("PRAGMA integrity_check")).scalar() == "ok"
