@@ -190,12 +190,13 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
 
         try:
             await self.app(scope, receive, send_after_commit)
-        except ResponseReplaced:
-            # The app's response, and its background tasks, stop here: nothing it did was
-            # stored, and the client has the error response instead.
-            await self._end(request, commit=False, abandoned=False)
         except BaseException as exc:
-            if isinstance(exc, ClientDisconnect):
+            if request.replaced and _is_response_replaced(exc):
+                # The app's response, and its background tasks, stopped here: nothing it
+                # did was stored, and the client has the error response instead.
+                await self._end(request, commit=False, abandoned=False)
+                return
+            if isinstance(exc, ClientDisconnect) and request.started:
                 # Starlette's streaming body on an ASGI 2.4 server: the client left.
                 _log_cut_off(scope)
             elif request.started and isinstance(exc, Exception):
@@ -325,6 +326,14 @@ def _warn_of_middleware_inside(app: ASGIApp) -> None:
             )
             return
         inner = getattr(inner, "app", None)
+
+
+def _is_response_replaced(exc: BaseException) -> bool:
+    """Whether `exc` is `ResponseReplaced`, or a group of nothing else (a response sent from
+    a task group that does not unwrap its errors)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(ResponseReplaced)[1] is None
+    return isinstance(exc, ResponseReplaced)
 
 
 def _log_cut_off(scope: Scope) -> None:

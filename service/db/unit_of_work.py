@@ -32,7 +32,8 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
     the unit ends a transaction (right after its own commit, or at its rollback or end),
     whether or not that succeeds. A transaction that ends otherwise - rolled back, or closed
     with `session.close()` - drops the hooks still waiting for it. A hook registered by a
-    hook waits for the next commit; at the unit's end, that is the end itself. The
+    hook waits for the next commit; at the end of a unit that commits, that is the end
+    itself (one that rolls back drops it). The
     session's `after_commit` / `after_transaction_end` events tell, listened to from the
     first hook on.
     """
@@ -182,7 +183,7 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
             if commit:
                 self.commit()
                 for _ in range(HOOK_ROUNDS):
-                    if not self._hooks:
+                    if not self.has_hooks():
                         break
                     self.commit()  # what the hooks registered (and did)
             else:

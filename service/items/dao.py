@@ -39,7 +39,7 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects.postgresql.base import PGDialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
 
 from service.db.asyncio import db
 from service.db.engine import fold_case
@@ -62,8 +62,21 @@ _MAX_VERSION = 2**31 - 1  # `items.version` is an INTEGER
 
 async def get(item_id: int, *, for_update: bool = False) -> Item | None:
     """The item, or None; with `for_update`, its row locked until the request ends
-    (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite has one writer at a time anyway)."""
-    return await db.session.get(Item, item_id, with_for_update=for_update or None)
+    (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite has one writer at a time anyway) and
+    read afresh even if the session holds it already."""
+    if not for_update:
+        return await db.session.get(Item, item_id)
+    held = db.session.identity_map.get(db.session.identity_key(Item, item_id))
+    if held is None:
+        return await db.session.get(Item, item_id, with_for_update=True)
+    # A locking read of a held item checks that its version has not moved (StaleDataError);
+    # a refresh takes the row as it is now.
+    try:
+        await db.session.refresh(held, with_for_update=True)
+    except InvalidRequestError:  # its row is gone
+        db.session.expunge(held)
+        return None
+    return cast(Item, held)
 
 
 async def add(item: Item) -> None:

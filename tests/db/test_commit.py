@@ -508,6 +508,32 @@ async def test_a_hook_registered_by_a_hook_runs_at_the_blocks_end(mode: Mode) ->
     assert calls == ["outer", "inner"]
 
 
+async def test_a_hook_registered_by_a_hook_that_commits_it_by_hand_runs(
+    mode: Mode, engine: Engine
+) -> None:
+    jobs = jobs_database(mode)
+    calls: list[str] = []
+
+    def write_rug() -> None:
+        calls.append("outer")
+        mode.add_item("rug", jobs)
+        jobs.on_commit(lambda: calls.append("rug stored"))
+
+    def outer() -> None:
+        write_rug()
+        jobs.session.commit()
+
+    async def outer_awaited() -> None:
+        write_rug()
+        await jobs.session.commit()
+
+    async with mode.block(jobs):
+        mode.add_item("lamp", jobs)
+        jobs.on_commit(outer_awaited if mode.name == "async" else outer)
+    assert stored_names(engine) == {"lamp", "rug"}
+    assert calls == ["outer", "rug stored"]
+
+
 async def test_a_hook_that_keeps_registering_itself_does_not_hang_the_scope(
     mode: Mode,
 ) -> None:

@@ -10,6 +10,7 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import Engine, func, select
+from starlette.background import BackgroundTask
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import ClientDisconnect
@@ -350,3 +351,38 @@ async def test_middleware_that_must_wrap_the_session_middleware_is_named_if_insi
                 r.getMessage()]
     expected = {"gzip": "GZipMiddleware", "base_http": "BaseHTTPMiddleware"}.get(inside or "")
     assert [w.split()[0] for w in warnings] == ([expected] if expected else [])
+
+
+class SentFromATaskGroup(JSONResponse):
+    """A response sent from a task of an asyncio.TaskGroup, which wraps what it raises in
+    an exception group (as some streaming libraries do)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(super().__call__(scope, receive, send))
+
+
+async def test_a_failed_commit_stops_a_response_sent_from_a_task_group_quietly(
+    mode: Mode, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = mode.make_app()
+    sent: list[str] = []
+
+    @app.post("/pair/{name}")
+    async def create_pair(name: str) -> JSONResponse:
+        mode.add_item(name)
+        mode.add_item(name.upper())  # refused at COMMIT
+        return SentFromATaskGroup(
+            {"created": name}, background=BackgroundTask(lambda: sent.append(name))
+        )
+
+    with caplog.at_level(logging.WARNING):
+        async with client_for(app) as client:
+            response = await client.post("/pair/lamp")
+            assert response.status_code == 409
+            assert (await client.post("/pair/rug")).status_code == 409  # the next one too
+    assert sent == []
+    assert stored_names(engine) == set()
+    assert mode.checked_out() == 0
+    # Nothing escaped to the server, and no connection was thrown away as if cancelled.
+    assert not [r for r in caplog.records if "ResponseReplaced" in (r.exc_text or "")]

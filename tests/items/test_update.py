@@ -16,7 +16,12 @@ from fastapi import FastAPI
 from sqlalchemy import Connection, Engine, event, update
 from sqlalchemy.orm import Mapper
 
+from service.db.asyncio import db as async_db
+from service.items import dao, service
 from service.items.models import Item
+from service.items.schemas import ItemUpdate
+from service.items.service import ANY_VERSION
+from service.principal import acting_as
 from tests.conftest import AUTH
 from tests.items.conftest import CreateItem
 from tests.items.helpers import stored
@@ -373,3 +378,27 @@ async def test_ten_concurrent_patches_with_if_match_star_all_apply(
     last = max((response.json() for response in responses), key=lambda body: body["version"])
     row = stored(engine)[last["id"]]
     assert (row["price"], row["version"]) == (Decimal(last["price"]), 11)
+
+
+async def test_if_match_star_applies_over_a_copy_the_session_already_holds(
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem
+) -> None:
+    item = await create_item("Lamp", price="1.00")
+    async with async_db():  # e.g. a job that read the item earlier in its session
+        held = await dao.get(item["id"])
+        assert held is not None and held.version == 1
+        await async_db.session.commit()  # the copy stays, as read (expire_on_commit=False)
+        with engine.begin() as connection:  # someone else updates it meanwhile
+            table = Item.__table__
+            connection.execute(
+                update(table).where(table.c.id == item["id"]).values(version=table.c.version + 1)
+            )
+
+        with acting_as("job"):
+            changed = await service.update_item(
+                item["id"], ItemUpdate(price=Decimal("3.00")), ANY_VERSION
+            )
+
+    assert changed.version == 3
+    row = stored(engine)[item["id"]]
+    assert (row["price"], row["version"]) == (Decimal("3.00"), 3)

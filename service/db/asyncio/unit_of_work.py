@@ -64,7 +64,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
             elif commit:
                 await self.commit()
                 for _ in range(HOOK_ROUNDS):
-                    if not self._hooks:
+                    if not self.has_hooks():
                         break
                     await self.commit()  # what the hooks registered (and did)
             else:
