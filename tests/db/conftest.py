@@ -124,6 +124,13 @@ class Mode:
     def database_class(self) -> type[Any]:
         return self.database.__class__  # type: ignore[no-any-return]
 
+    def own_database(self, name: str) -> Any:
+        """A `Database` of this mode of its own, configured with the test engine (what a
+        script or job uses for `with db():`)."""
+        database = self.database_class(name)
+        database.configure(self.engine)
+        return database
+
     def add_item(self, name: str, database: Any = None) -> Item:
         return add_item(name, database or self.database)
 

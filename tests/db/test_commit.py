@@ -459,15 +459,8 @@ async def test_a_hook_waits_for_its_savepoint_and_then_for_the_transaction(
     assert stored_names(engine) == set(expected)
 
 
-def jobs_database(mode: Mode) -> Any:
-    """A `Database` of this mode of its own, on the test engine: `with db():` in a job."""
-    jobs = mode.database_class("jobs")
-    jobs.configure(mode.engine)
-    return jobs
-
-
 async def test_a_hook_in_a_block_committed_by_hand_runs(mode: Mode, engine: Engine) -> None:
-    jobs = jobs_database(mode)
+    jobs = mode.own_database("jobs")
     calls: list[set[str]] = []
 
     async with mode.block(jobs, commit_on_exit=False):
@@ -480,7 +473,7 @@ async def test_a_hook_in_a_block_committed_by_hand_runs(mode: Mode, engine: Engi
 async def test_a_hook_of_a_commit_by_hand_runs_though_the_blocks_own_commit_fails(
     mode: Mode, engine: Engine
 ) -> None:
-    jobs = jobs_database(mode)
+    jobs = mode.own_database("jobs")
     calls: list[str] = []
 
     with pytest.raises(IntegrityError):
@@ -495,7 +488,7 @@ async def test_a_hook_of_a_commit_by_hand_runs_though_the_blocks_own_commit_fail
 
 
 async def test_a_hook_registered_by_a_hook_runs_at_the_blocks_end(mode: Mode) -> None:
-    jobs = jobs_database(mode)
+    jobs = mode.own_database("jobs")
     calls: list[str] = []
 
     def outer() -> None:
@@ -511,7 +504,7 @@ async def test_a_hook_registered_by_a_hook_runs_at_the_blocks_end(mode: Mode) ->
 async def test_a_hook_registered_by_a_hook_that_commits_it_by_hand_runs(
     mode: Mode, engine: Engine
 ) -> None:
-    jobs = jobs_database(mode)
+    jobs = mode.own_database("jobs")
     calls: list[str] = []
 
     def write_rug() -> None:
@@ -537,7 +530,7 @@ async def test_a_hook_registered_by_a_hook_that_commits_it_by_hand_runs(
 async def test_a_hook_that_keeps_registering_itself_does_not_hang_the_scope(
     mode: Mode,
 ) -> None:
-    jobs = jobs_database(mode)
+    jobs = mode.own_database("jobs")
     calls: list[str] = []
 
     def again() -> None:

@@ -101,9 +101,7 @@ async def test_with_db_works_in_a_script_before_any_app_exists(
 
 def scripts_database(mode: Mode) -> Any:
     """A `Database` of this mode of its own, configured with the test engine."""
-    scripts_db = mode.database_class("scripts")
-    scripts_db.configure(mode.engine)
-    return scripts_db
+    return mode.own_database("scripts")
 
 
 async def test_with_db_commits_on_exit(mode: Mode, engine: Engine) -> None:
