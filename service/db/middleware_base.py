@@ -226,9 +226,9 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
     ) -> Message | None:
         """Commit or roll back for the response `start`; returns the message to forward."""
         unit = request.unit
+        had_work = unit.has_work()
         if self.commit_on_exit and self.commit_policy(start["status"]):
-            if unit.has_work() or unit.has_hooks():
-                had_work = unit.has_work()
+            if had_work or unit.has_hooks():
                 try:
                     await self._commit(request)
                 except Exception as exc:
@@ -246,8 +246,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                     self.observer.transaction_ended(self.database.name, request.scope,
                                                     "commit")
             request.commits = True
-        elif unit.has_work() or unit.has_hooks():
-            had_work = unit.has_work()
+        elif had_work or unit.has_hooks():
             await self._rollback(request)
             if had_work:
                 self.observer.transaction_ended(self.database.name, request.scope, "rollback")

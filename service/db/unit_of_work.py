@@ -33,9 +33,8 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
     whether or not that succeeds. A transaction that ends otherwise - rolled back, or closed
     with `session.close()` - drops the hooks still waiting for it. A hook registered by a
     hook waits for the next commit; at the end of a unit that commits, that is the end
-    itself (one that rolls back drops it). The
-    session's `after_commit` / `after_transaction_end` events tell, listened to from the
-    first hook on.
+    itself (one that rolls back drops it). The session's `after_commit` /
+    `after_transaction_end` events tell, listened to from the first hook on.
     """
 
     __slots__ = ("_due", "_hooks", "_watching", "commit_on_exit", "factory", "session", "stats")
@@ -74,9 +73,8 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
 
     def _committed(self, session: Session) -> None:
         released = session.get_nested_transaction()
-        if released is None:  # the transaction: every waiting hook is due
-            self._due.extend(hook for hook, _ in self._hooks)
-            self._hooks.clear()
+        if released is None:  # the transaction
+            self._nothing_to_commit()
             return
         outer = _enclosing_savepoint(released)
         self._hooks = [
@@ -97,7 +95,8 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
             self._hooks.clear()
 
     def _nothing_to_commit(self) -> None:
-        """The unit commits with no transaction open: what its hooks wait for stands."""
+        """Every waiting hook is due: their transaction committed, or the unit commits with
+        none open (what they wait for stands)."""
         self._due.extend(hook for hook, _ in self._hooks)
         self._hooks.clear()
 
@@ -126,16 +125,8 @@ def _within(savepoint: SessionTransaction | None, undone: SessionTransaction) ->
 
 
 # Rounds of hooks registered by hooks that a unit's end runs; a hook that registers itself
-# again would otherwise never let the unit end.
+# again would otherwise never let the unit end (what is left then is dropped).
 HOOK_ROUNDS = 10
-
-
-def drop_leftover_hooks(hooks: list[tuple[CommitHook, Any]]) -> None:
-    """Forget the hooks still waiting when a unit ends (their work was not committed, or
-    hooks kept registering hooks for `HOOK_ROUNDS` rounds: logged)."""
-    if hooks:
-        logger.debug("dropping %d on_commit hook(s) whose work was not committed", len(hooks))
-    hooks.clear()
 
 
 def hook_failed(hook: CommitHook) -> None:
@@ -189,7 +180,7 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
             else:
                 self.rollback()
         finally:
-            drop_leftover_hooks(self._hooks)
+            self._forget_hooks()
             self.session.close()
 
     def _run_due_hooks(self) -> None:

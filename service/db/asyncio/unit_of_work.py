@@ -6,12 +6,7 @@ import inspect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from service.db.unit_of_work import (
-    HOOK_ROUNDS,
-    UnitOfWorkBase,
-    drop_leftover_hooks,
-    hook_failed,
-)
+from service.db.unit_of_work import HOOK_ROUNDS, UnitOfWorkBase, hook_failed
 
 
 class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSession]]):
@@ -70,7 +65,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
             else:
                 await self.rollback()
         finally:
-            drop_leftover_hooks(self._hooks)
+            self._forget_hooks()
             await self.session.close()
 
     async def _run_due_hooks(self) -> None:
