@@ -148,14 +148,16 @@ async def a_request_holding_a_slot(client: httpx.AsyncClient) -> AsyncIterator[N
 async def test_metrics_answer_while_every_database_slot_is_taken(settings: Settings) -> None:
     """/metrics is a sessionless path: it never queues behind the database work."""
     async with (
-        serving(settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout=5) as client,
+        serving(settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout=10) as client,
         a_request_holding_a_slot(client),
     ):
         started = time.perf_counter()
         response = await client.get("/metrics")
         waited = time.perf_counter() - started
     assert response.status_code == 200
-    assert waited < 1.0
+    # Waiting for the slot would take the pool timeout (10 s); a busy CI machine has taken
+    # over a second to answer a scrape that did not wait.
+    assert waited < 3.0
     assert 'http_requests_in_progress 2.0' in response.text  # /hold and this scrape
 
 
