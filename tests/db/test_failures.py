@@ -2,16 +2,19 @@
 (`service.db.failures`), used for failed statements in routes and for failed COMMITs alike,
 and the error body the middleware sends unless the app gives it its own."""
 
+import contextlib
 from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, event, text, update
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse
 
 from service.db import Failure
+from service.db.aborted import TransactionAborted
 from service.items.models import Item
 from service.problems import install_problem_handlers
 from tests.db.conftest import Mode, client_for, stored_names
@@ -172,6 +175,107 @@ async def test_commit_on_a_connection_the_server_dropped_answers_503(
     async with client_for(app) as client:  # the pool recovers: the next request is served
         assert (await client.post("/items/next")).status_code == 200
     assert stored_names(engine) == {"next"}
+
+
+# -- an error the route caught --------------------------------------------------------------
+
+
+def insert_again(name: str, *, savepoint: bool) -> Callable[[Session], bool]:
+    """A DAO that inserts `name` once more and treats the unique violation as "already
+    there": caught bare (wrong on PostgreSQL), or after a savepoint (right everywhere)."""
+
+    def insert(session: Session) -> bool:
+        block = session.begin_nested() if savepoint else contextlib.nullcontext()
+        try:
+            with block:
+                session.execute(insert_statement.values(name=name, price=Decimal("1.00")))
+        except IntegrityError:
+            return False
+        return True
+
+    return insert
+
+
+insert_statement = Item.__table__.insert()
+
+
+async def test_a_caught_error_without_a_savepoint_never_answers_2xx_for_lost_work(
+    mode: Mode, engine: Engine, backend: str
+) -> None:
+    """PostgreSQL aborts the transaction at the failed statement and answers its COMMIT with
+    a ROLLBACK, which the drivers do not report: the route's 2xx would be a lie (nothing is
+    stored). It is a failed COMMIT instead: 500. SQLite aborts only the statement: the rest
+    of the work is stored, and the route's answer stands."""
+    app = mode.make_app()
+    one_item(engine, "lamp")
+
+    @app.post("/items/{name}")
+    async def create(name: str, again: bool = True) -> dict[str, str]:
+        mode.add_item(name)
+        await mode.flush()
+        if again:
+            await mode.run(insert_again("lamp", savepoint=False))  # refused, and caught
+        return {"status": "created"}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/desk")
+    if backend == "postgresql":
+        assert response.status_code == 500
+        assert response.json()["detail"] == (
+            "The change could not be saved; nothing was stored."
+        )
+        assert stored_names(engine) == {"lamp"}
+    else:
+        assert response.status_code == 200
+        assert stored_names(engine) == {"lamp", "desk"}
+    assert mode.checked_out() == 0
+    async with client_for(app) as client:  # the connection went back clean
+        assert (await client.post("/items/chair?again=false")).status_code == 200
+    assert "chair" in stored_names(engine)
+
+
+async def test_a_caught_error_rolled_back_to_its_savepoint_keeps_the_rest_of_the_work(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app()
+    one_item(engine, "lamp")
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> dict[str, bool]:
+        mode.add_item(name)
+        await mode.flush()
+        inserted = await mode.run(insert_again("lamp", savepoint=True))
+        mode.add_item(name + "-2")  # the transaction goes on after the savepoint
+        await mode.flush()
+        return {"inserted": inserted}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/desk")
+    assert (response.status_code, response.json()) == (200, {"inserted": False})
+    assert stored_names(engine) == {"lamp", "desk", "desk-2"}
+
+
+async def test_a_savepoint_opened_after_the_error_does_not_undo_it(
+    mode: Mode, engine: Engine, backend: str
+) -> None:
+    """Only rolling back to a savepoint that was open when the statement failed makes the
+    transaction usable again."""
+    if backend != "postgresql":
+        pytest.skip("a statement error aborts the whole transaction on PostgreSQL only")
+    one_item(engine, "lamp")
+
+    def fail_then_savepoint(session: Session) -> None:
+        insert_again("lamp", savepoint=False)(session)
+        # Refused too: the transaction is aborted.
+        with contextlib.suppress(DBAPIError), session.begin_nested():
+            session.execute(text("SELECT 1"))
+
+    with pytest.raises(TransactionAborted, match="savepoint"):
+        async with mode.block():
+            mode.add_item("desk")
+            await mode.flush()
+            await mode.run(fail_then_savepoint)
+    assert stored_names(engine) == {"lamp"}
 
 
 # -- the error body -----------------------------------------------------------------------
