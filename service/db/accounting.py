@@ -16,6 +16,9 @@ from time import perf_counter
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import ExceptionContext
+
+from service.db.aborted import guard_aborted_transactions
 
 _TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")
 
@@ -75,10 +78,15 @@ def assert_max_queries(limit: int) -> Iterator[QueryLog]:
 
 
 def instrument(engine: Engine) -> Engine:
-    """Count `engine`'s statements from now on (idempotent); returns the engine."""
+    """Count `engine`'s statements from now on (idempotent); returns the engine. A statement
+    the database refused (a constraint, a lock timeout, a lost connection) counts too.
+    (Every engine `service.db` works with passes here: it also gets the PostgreSQL guard of
+    `service.db.aborted`.)"""
+    guard_aborted_transactions(engine)
     if not event.contains(engine, "after_cursor_execute", _after):
         event.listen(engine, "before_cursor_execute", _before)
         event.listen(engine, "after_cursor_execute", _after)
+        event.listen(engine, "handle_error", _failed)
     return engine
 
 
@@ -92,12 +100,25 @@ def _before(
 def _after(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:
+    _charge(statement)
+
+
+def _failed(context: ExceptionContext) -> None:
+    # Also called for errors outside a statement (connecting, fetching rows of one already
+    # counted): only a statement `_before` started and `_after` never saw is charged.
+    if context.statement is not None and _started.get():
+        _charge(context.statement)
+
+
+def _charge(statement: str) -> None:
+    started = _started.get()
+    if started:
+        _started.set(0.0)
     stats = current_stats.get()
     if (stats is None and not _logs) or statement.startswith(_TRANSACTION_CONTROL):
         return
     if stats is not None:
         stats.count += 1
-        started = _started.get()
         if started:
             stats.seconds += perf_counter() - started
     for log in _logs:

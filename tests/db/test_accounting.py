@@ -1,6 +1,7 @@
 """Query accounting: the Server-Timing header and the N+1 guard (behaviour 12)."""
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -37,6 +38,36 @@ async def test_server_timing_counts_the_requests_statements(mode: Mode) -> None:
     match = SERVER_TIMING.match(response.headers["server-timing"])
     assert match is not None, response.headers["server-timing"]
     assert match.group(2) == "3"
+    assert float(match.group(1)) > 0
+
+
+async def test_a_statement_the_database_refuses_is_counted_and_timed(
+    mode: Mode, assert_max_queries: Callable[[int], AbstractContextManager[QueryLog]]
+) -> None:
+    """A failed INSERT (a unique violation) is a statement the request ran, and its time is
+    database time: an on-call engineer reading "0 queries" would look elsewhere."""
+    app = mode.make_app()
+
+    @app.post("/twice/{name}")
+    async def twice(name: str) -> str:
+        mode.add_item(name)
+        await mode.flush()  # INSERT
+
+        def insert_again(session: Session) -> None:  # the same name again: refused
+            with contextlib.suppress(sqlalchemy.exc.IntegrityError), session.begin_nested():
+                session.execute(sqlalchemy.insert(Item).values(name=name, price=1))
+
+        await mode.run(insert_again)
+        return "done"
+
+    async with client_for(app) as client:
+        with assert_max_queries(10) as log:
+            response = await client.post("/twice/lamp")
+    assert response.status_code == 200
+    match = SERVER_TIMING.match(response.headers["server-timing"])
+    assert match is not None, response.headers["server-timing"]
+    assert match.group(2) == "2"
+    assert [statement.split()[0] for statement in log] == ["INSERT", "INSERT"]
     assert float(match.group(1)) > 0
 
 
