@@ -376,8 +376,9 @@ class Settings(BaseSettings):
         }
 
     def _pool_args(self) -> dict[str, Any]:
+        # No `echo`: SQLAlchemy's echo adds a plain-text stdout handler of its own; the
+        # statements are logged through `service.logs` instead (`echo_statements`).
         return {
-            "echo": self.db_echo,
             "pool_pre_ping": self.db_pool_pre_ping,
             "pool_size": self.db_pool_size,
             "max_overflow": self.db_max_overflow,

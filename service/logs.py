@@ -74,6 +74,8 @@ def configure_logging(settings: Settings) -> None:
     itself, so handlers of others (pytest's, a host application's) stay.
     """
     add_request_id_to_records()
+    take_over_uvicorn_loggers()
+    echo_statements(settings.db_echo)
     if settings.log_config is not None:
         load_config_file(settings.log_config)
         return
@@ -89,6 +91,38 @@ def configure_logging(settings: Settings) -> None:
 
 
 _HANDLER_NAME = "service"
+
+
+def echo_statements(echo: bool) -> None:
+    """`DB_ECHO`: SQLAlchemy's statements logged at INFO (`sqlalchemy.engine`) through the
+    service's handlers - one format, with the request id - whatever `LOG_LEVEL` says.
+    Without it, the level set here for an earlier app is taken back."""
+    global _echoing
+    if echo or _echoing:
+        logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO if echo else logging.NOTSET)
+        _echoing = echo
+
+
+_echoing = False
+
+
+def take_over_uvicorn_loggers() -> None:
+    """Route uvicorn's lines through the root logger's handlers, and drop its access line.
+
+    `uvicorn service.main:app` configures uvicorn's loggers (handlers of their own, plain
+    text, not propagated) before it loads the app. Their lines would bypass `LOG_FORMAT`,
+    and uvicorn's access line carries the raw query string - which may hold a token - where
+    the app's own access line (`service.access`) logs the path alone. An access logger
+    without handlers is one uvicorn skips. A `LOG_CONFIG` file, loaded after this, may
+    configure these loggers again.
+    """
+    for name, propagate in (("uvicorn", True), ("uvicorn.error", True),
+                            ("uvicorn.access", False)):
+        uvicorn_logger = logging.getLogger(name)
+        for handler in list(uvicorn_logger.handlers):
+            uvicorn_logger.removeHandler(handler)
+        uvicorn_logger.propagate = propagate
+        uvicorn_logger.setLevel(logging.NOTSET)
 
 
 def log_format(settings: Settings) -> str:
