@@ -83,7 +83,8 @@ def observed_chain(settings: Settings) -> ASGIApp:
 
     stack = Stack()
     stack.add_middleware(
-        RequestTelemetry, templates=lambda: ["/items/scroll"], access_log=settings.access_log,
+        RequestTelemetry, templates=lambda: [("/items/scroll", {"GET"})],
+        access_log=settings.access_log,
         duration=REQUEST_DURATION, in_progress=IN_PROGRESS,
     )
     add_request_ids(stack)  # type: ignore[arg-type]

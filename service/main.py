@@ -1,6 +1,6 @@
 """The application: `create_app(settings)`, and `app` for `uvicorn service.main:app`."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from service.problems import (
 )
 from service.request_ids import HEADER as REQUEST_ID_HEADER
 from service.request_ids import add_request_ids
-from service.telemetry import RequestDatabaseStats, RequestTelemetry
+from service.telemetry import METHODS, RequestDatabaseStats, RequestTelemetry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -89,7 +89,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.cursor_key = settings.cursor_key()  # once, not per scroll page
     app.state.database_observer = (
-        DatabaseMetrics({async_db.name: engine.sync_engine.pool})
+        DatabaseMetrics(
+            {async_db.name: engine.sync_engine.pool},
+            {async_db.name: replicas.pools()} if replicas else {},
+        )
         if settings.metrics_enabled
         else RequestDatabaseStats()
     )
@@ -243,11 +246,20 @@ def static_file_paths(app: FastAPI) -> set[str]:
     return paths
 
 
-def route_templates(app: FastAPI) -> list[str]:
-    """Every route's path template: the documented operations' and the others' (docs,
-    metrics), for naming the route of requests answered before routing."""
-    routes = (getattr(route, "path", None) for route in app.router.routes)
-    return [*app.openapi().get("paths", {}), *(path for path in routes if isinstance(path, str))]
+def route_templates(app: FastAPI) -> list[tuple[str, Collection[str]]]:
+    """Every route's path template and methods, in the router's order: the documented
+    operations' and the others' (docs, metrics), for naming the route of requests answered
+    before routing."""
+    documented = [
+        (path, [method for method in operations if method.upper() in METHODS])
+        for path, operations in app.openapi().get("paths", {}).items()
+    ]
+    others = [
+        (path, getattr(route, "methods", None) or METHODS)
+        for route in app.router.routes
+        if isinstance(path := getattr(route, "path", None), str)
+    ]
+    return [*documented, *others]
 
 
 def __getattr__(name: str) -> FastAPI:

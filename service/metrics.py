@@ -26,6 +26,7 @@ the pool gauges are refreshed when a request ends and when `/metrics` is read.
 
 import hmac
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,10 +106,24 @@ STATEMENTS_PER_REQUEST = Histogram(
 
 class DatabaseMetrics(RequestDatabaseStats):
     """The `SessionObserver` that turns `service.db`'s observations into the `db_*`
-    metrics; `pools` maps each database name to its engine's pool, for the pool gauges."""
+    metrics; `pools` maps each database name to its engine's pool, and `replica_pools` maps
+    it to its read replicas' pools by replica name, for the pool gauges (a replica's
+    `database` label is `<database>@<replica>`, e.g. `db@10.0.0.7:5432/app`)."""
 
-    def __init__(self, pools: Mapping[str, Pool]) -> None:
-        self.pools = dict(pools)
+    def __init__(
+        self,
+        pools: Mapping[str, Pool],
+        replica_pools: Mapping[str, Mapping[str, Pool]] | None = None,
+    ) -> None:
+        replica_pools = replica_pools or {}
+        # database -> its (label, pool) pairs: the primary's, then each replica's.
+        self.pools = {
+            database: [(database, pool)] + [
+                (f"{database}@{replica}", replica_pool)
+                for replica, replica_pool in replica_pools.get(database, {}).items()
+            ]
+            for database, pool in pools.items()
+        }
         # Every series exists from the start, at 0 (a rate over a counter that appears only
         # at its first increment misses that increment); `labels()` is looked up once.
         self._children: dict[tuple[str, ...], Any] = {}
@@ -142,13 +157,14 @@ class DatabaseMetrics(RequestDatabaseStats):
         self.refresh_pool(database)
 
     def refresh_pool(self, database: str) -> None:
-        """Set `db_pool_connections` of `database` from its pool as it is now."""
-        pool = self.pools.get(database)
-        if not isinstance(pool, QueuePool):
-            return  # no pool to speak of (SQLite's in-memory StaticPool, NullPool)
-        self._child(POOL_CONNECTIONS, database, "checked_out").set(pool.checkedout())
-        self._child(POOL_CONNECTIONS, database, "idle").set(pool.checkedin())
-        self._child(POOL_CONNECTIONS, database, "overflow").set(max(pool.overflow(), 0))
+        """Set `db_pool_connections` of `database`'s pools (its replicas' too) from the
+        pools as they are now."""
+        for label, pool in self.pools.get(database, ()):
+            if not isinstance(pool, QueuePool):
+                continue  # no pool to speak of (SQLite's in-memory StaticPool, NullPool)
+            self._child(POOL_CONNECTIONS, label, "checked_out").set(pool.checkedout())
+            self._child(POOL_CONNECTIONS, label, "idle").set(pool.checkedin())
+            self._child(POOL_CONNECTIONS, label, "overflow").set(max(pool.overflow(), 0))
 
     def refresh_pools(self) -> None:
         for database in self.pools:
@@ -164,6 +180,7 @@ def exposition() -> bytes:
     """All metrics in Prometheus text format: this process's, or every worker's."""
     if not multiprocess_mode():
         return generate_latest(REGISTRY)
+    forget_dead_workers()
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry)
@@ -213,6 +230,35 @@ def prepare_multiprocess_dir(workers: int) -> Path | None:
             stale.unlink()
     os.environ[MULTIPROCESS_DIR_VARIABLE] = str(path)
     return path
+
+
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
+
+
+def forget_dead_workers() -> None:
+    """Drop the live gauges of worker processes that are gone without a clean shutdown
+    (killed, crashed, or stopped by uvicorn's supervisor): without this their last
+    `http_requests_in_progress` and pool numbers would stay in every sum."""
+    directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+    if not directory:
+        return
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for pid in {int(m[1]) for name in names if (m := _LIVE_GAUGE_FILE.match(name))}:
+        if not _is_running(pid):
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def worker_stopped() -> None:

@@ -11,10 +11,12 @@ from an unhandled exception (Starlette sends it from its outermost layer), which
 `service.problems` gives the header itself.
 """
 
+import logging
 from typing import Any
 from uuid import uuid4
 
 from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
+from asgi_correlation_id.middleware import FAILED_VALIDATION_MESSAGE
 from fastapi import FastAPI
 
 from service.openapi import extend_openapi, operations
@@ -54,7 +56,24 @@ def add_request_ids(app: FastAPI) -> None:
         generator=new_request_id,
         transformer=None,
     )
+    refused_logger = logging.getLogger("asgi_correlation_id")
+    if not any(isinstance(f, _RefusedIdLine) for f in refused_logger.filters):
+        refused_logger.addFilter(_RefusedIdLine())
     extend_openapi(app, _declare_request_id)
+
+
+class _RefusedIdLine(logging.Filter):
+    """asgi-correlation-id's line about a refused `X-Request-ID`, made a line of its request:
+    logged before the library makes the new id current, it would carry no id (the new one
+    is its argument). At INFO, not WARNING: a client's malformed header is not the
+    service's problem, and any client could make one warning per request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == FAILED_VALIDATION_MESSAGE and record.args:
+            record.request_id = record.args[0]  # type: ignore[index]
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
 
 
 def _declare_request_id(schema: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ A request the database middleware never saw (a 413, a sessionless path) has none
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from time import perf_counter
 from typing import Any
 
@@ -47,23 +47,24 @@ class RequestDatabaseStats(SessionObserver):
 class RequestTelemetry:
     """Access line and HTTP metrics per request; see the module docstring.
 
-    `templates`: returns the app's route templates (called once, when first needed), to
-    name the route of a request answered before routing (a 413, a 503 from admission) or
-    of one no route took. `duration` and `in_progress`: the metrics to keep, or None.
+    `templates`: returns the app's routes as (template, methods) pairs in the router's
+    order (called once, when first needed), to name the route of a request answered
+    before routing (a 401, a 413, a 503 from admission) or of one no route took.
+    `duration` and `in_progress`: the metrics to keep, or None.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        templates: Callable[[], Iterable[str]],
+        templates: Callable[[], Iterable[tuple[str, Collection[str]]]],
         access_log: bool,
         duration: Histogram | None = None,
         in_progress: Gauge | None = None,
     ) -> None:
         self.app = app
         self.templates = templates
-        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
+        self._patterns: list[tuple[re.Pattern[str], str, frozenset[str]]] | None = None
         # The histogram's children by labels: bounded (methods x routes x statuses), and
         # `labels()` costs more than the observation itself.
         self._children: dict[tuple[str, str, int], Any] = {}
@@ -124,21 +125,32 @@ class RequestTelemetry:
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         if isinstance(template, str):
             return template
-        # Answered before routing, or by no route: match the path against the templates
-        # (static ones first, as the router prefers `/items/scroll` to `/items/{item_id}`).
+        # Answered before routing, or by no route: the route the router would pick - the
+        # first whose path and method match, else the first whose path does (a 405) - with
+        # static templates first, as the router prefers `/items/scroll` to `/items/{item_id}`.
         if self._patterns is None:
             try:
-                templates = list(dict.fromkeys(self.templates()))
+                routes = list(self.templates())
             except Exception:  # never let naming a route fail a request
                 access_logger.exception("could not list the route templates")
-                templates = []
-            ordered = sorted(templates, key=lambda template: "{" in template)
-            self._patterns = [(compile_path(t)[0], t) for t in ordered]
+                routes = []
+            ordered = sorted(routes, key=lambda route: "{" in route[0])
+            self._patterns = [
+                (compile_path(template)[0], template, frozenset(m.upper() for m in methods))
+                for template, methods in ordered
+            ]
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        return next((t for pattern, t in self._patterns if pattern.match(path)), UNMATCHED)
+        method = scope["method"]
+        by_path = None
+        for pattern, template, methods in self._patterns:
+            if pattern.match(path):
+                if method in methods or (method == "HEAD" and "GET" in methods):
+                    return template
+                by_path = by_path or template
+        return by_path or UNMATCHED
 
 
 def log_access(scope: Scope, method: str, route: str, status: int, seconds: float) -> None:
@@ -149,14 +161,18 @@ def log_access(scope: Scope, method: str, route: str, status: int, seconds: floa
     client = scope.get("client")
     address = f"{client[0]}:{client[1]}" if client else None
     duration_ms = round(seconds * 1000, 2)
+    path = scope["path"]
     access_logger.info(
         '%s "%s %s" %d %.1f ms (route %s, db %.1f ms, %d %s)',
-        address or "-", scope["method"], scope["path"], status, duration_ms, route, db_ms,
-        statements, "statement" if statements == 1 else "statements",
+        # The decoded path may hold a line break or other control characters: escaped in the
+        # message, so that a text log line cannot be forged (JSON escapes `path` itself).
+        address or "-", scope["method"], path if path.isprintable() else _escaped(path),
+        status, duration_ms, route, db_ms, statements,
+        "statement" if statements == 1 else "statements",
         extra={
             "method": scope["method"],
             "route": route,
-            "path": scope["path"],
+            "path": path,
             "status": status,
             "duration_ms": duration_ms,
             "db_ms": db_ms,
@@ -164,3 +180,8 @@ def log_access(scope: Scope, method: str, route: str, status: int, seconds: floa
             "client": address,
         },
     )
+
+
+def _escaped(text: str) -> str:
+    """`text` with each unprintable character as its Python escape (`\\n`, `\\x1b`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

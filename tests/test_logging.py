@@ -7,6 +7,10 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,14 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.harness import free_port
 from service.config import Settings
 from service.logs import log_format
 from service.main import create_app
-from tests.conftest import AUTH, TEST_TOKEN
+from tests.conftest import AUTH, ROOT, TEST_TOKEN
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 ITEM = {"name": "Lamp", "price": "12.50"}
 
 
@@ -161,14 +165,49 @@ async def test_access_lines_name_the_route_of_early_answers_and_bound_unmatched_
         too_big = await client.post("/items", content=b"x" * 11, headers=AUTH)
         unknown = await client.get("/no/such/path")
         live = await client.get("/health/live")
+        # Answered by authentication, before routing: the route the router would have
+        # picked for the method - a PATCH of /items/scroll is one of /items/{item_id}.
+        no_token = await client.patch("/items/scroll", json={})
+        routed = await client.patch("/items/scroll", json={}, headers=AUTH)
     assert (too_big.status_code, unknown.status_code, live.status_code) == (413, 404, 200)
+    assert (no_token.status_code, routed.status_code) == (401, 422)
     lines = access_lines(json_lines(capsys.readouterr().err))
     assert [(line["route"], line["status"], line["db_statements"]) for line in lines] == [
         ("/items", 413, 0),  # answered by the body limit, before routing and the database
         ("<unmatched>", 404, 0),
         ("/health/live", 200, 0),
+        ("/items/{item_id}", 401, 0),
+        ("/items/{item_id}", 422, 0),
     ]
     assert lines[1]["path"] == "/no/such/path"
+
+
+async def test_a_line_break_in_the_path_cannot_forge_a_text_log_line(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forged = "2026-11-30 17:00:00,000 ERROR service.db [forged] the database is on fire"
+    async with serving(settings, log_format="text") as client:
+        response = await client.get("/items/%0a" + forged.replace(" ", "%20"))
+    assert response.status_code == 422
+    lines = capsys.readouterr().err.splitlines()
+    assert not [line for line in lines if line.startswith(forged[:23])]
+    (access,) = [line for line in lines if " service.access " in line]
+    assert "/items/\\n2026-11-30" in access
+
+
+async def test_a_refused_request_id_is_reported_at_info_with_the_id_given_instead(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json") as client:
+        response = await client.get("/health/live", headers={"X-Request-ID": "bad\tid"})
+    given = response.headers["x-request-id"]
+    assert given != "bad\tid"
+    (line,) = [line for line in json_lines(capsys.readouterr().err)
+               if line["logger"] == "asgi_correlation_id"]
+    assert (line["level"], line["request_id"]) == ("INFO", given)
+    async with serving(settings, log_format="json", log_level="WARNING") as client:
+        await client.get("/health/live", headers={"X-Request-ID": "bad\tid"})
+    assert "asgi_correlation_id" not in capsys.readouterr().err
 
 
 async def test_no_token_password_or_query_string_reaches_the_logs(
@@ -319,3 +358,43 @@ def test_serve_turns_uvicorns_access_log_off_and_no_access_log_turns_ours_off(
     assert seen["access_env"] == "false"
     assert seen["workers"] == 3 and seen["dir_existed"]
     assert not Path(seen["dir"]).exists()  # the temporary directory is gone
+
+
+def test_uvicorn_run_directly_logs_every_line_in_the_service_format_and_no_query_string(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    """`uvicorn service.main:app` (not `python -m service serve`) configures uvicorn's own
+    loggers before it loads the app: the app takes them over - uvicorn's lines in
+    LOG_FORMAT, its access line (which carries the query string) off - and `DB_ECHO`
+    statements go through the same handler, not SQLAlchemy's own plain-text one."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
+           "LOG_FORMAT": "json", "DB_ECHO": "true", "PYTHONPATH": str(ROOT)}
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=stdout, stderr=stderr,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while server.poll() is None and time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{base}/health/live", timeout=1)
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            response = httpx.get(f"{base}/items?size=2&secret=in-the-query-string",
+                                 headers={"X-Request-ID": "direct-1"})
+            assert response.status_code == 200
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=20)
+    lines = json_lines(err.read_text()) + json_lines(out.read_text())  # only JSON lines
+    assert "in-the-query-string" not in err.read_text() + out.read_text()
+    loggers = {line["logger"] for line in lines}
+    assert "uvicorn.error" in loggers and "uvicorn.access" not in loggers
+    statements = [line for line in lines if line["logger"].startswith("sqlalchemy.engine")]
+    assert any(line["request_id"] == "direct-1" and "FROM items" in line["message"]
+               for line in statements)

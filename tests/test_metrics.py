@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -432,6 +433,63 @@ def test_serve_writes_every_line_as_json_and_one_access_line_per_request(
     assert {line["logger"] for line in lines} >= {"uvicorn.error", "service.access"}
     assert "uvicorn.access" not in {line["logger"] for line in lines}
     assert not [line for line in lines if "color_message" in line]
+
+
+IN_PROGRESS = re.compile(r"^http_requests_in_progress (\S+)$", re.MULTILINE)
+
+
+def in_progress_by_worker(metrics_dir: Path, scratch: Path) -> dict[int, float]:
+    """`http_requests_in_progress` of each worker (by pid), read from its own file alone."""
+    counts = {}
+    for gauge in metrics_dir.glob("gauge_livesum_*.db"):
+        alone = scratch / gauge.stem
+        alone.mkdir(exist_ok=True)
+        shutil.copy(gauge, alone / gauge.name)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+        found = IN_PROGRESS.search(generate_latest(registry).decode())
+        counts[int(gauge.stem.rsplit("_", 1)[1])] = float(found[1]) if found else 0.0
+    return counts
+
+
+def test_a_worker_killed_mid_request_leaves_no_gauge_behind(
+    two_workers: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A worker that dies without a clean shutdown (killed, crashed, stopped by uvicorn's
+    supervisor) never runs its exit hook: its live gauges must still drop out of the sums.
+    (Last of this module's tests of the two workers: uvicorn starts a new one after.)"""
+    base, metrics_dir = two_workers
+    port = int(base.rsplit(":", 1)[1])
+    uploads = []  # requests in progress: bodies that never arrive, spread over both workers
+    try:
+        busy: dict[int, float] = {}
+        deadline = time.monotonic() + 30
+        while not busy and time.monotonic() < deadline:
+            upload = socket.create_connection(("127.0.0.1", port))
+            upload.sendall(
+                b"POST /items HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + TEST_TOKEN.encode() + b"\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            uploads.append(upload)
+            time.sleep(0.2)
+            busy = {pid: n for pid, n in in_progress_by_worker(metrics_dir, tmp_path).items()
+                    if n > 0}
+        assert busy, "no upload reached a worker"
+        victim = next(iter(busy))
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        for upload in uploads:
+            upload.close()
+    # The surviving worker's uploads end (client gone); the victim's count must go too.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        if IN_PROGRESS.search(text)[1] == "1.0":  # type: ignore[index]
+            break  # the scrape itself
+        time.sleep(0.2)
+    assert IN_PROGRESS.search(text)[1] == "1.0", text  # type: ignore[index]
+    assert not list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))
 
 
 def test_the_multiprocess_directory_is_prepared_only_for_several_workers(

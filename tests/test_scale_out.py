@@ -5,6 +5,7 @@ own statistics (`pg_stat_user_tables`: each server counts the scans of `items` i
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from bench.harness import ServerProcess, free_port
 from service.config import Settings
@@ -120,6 +121,24 @@ async def test_items_are_read_from_the_replica_and_written_on_the_primary(
     # their statistics late (an idle one up to 10 s after its work), so a few scans of
     # earlier tests can land in this window: allow them, well below the 40.
     assert items_scans(engine) - on_primary < 20
+
+
+async def test_the_replicas_pools_are_in_the_pool_metrics(
+    replicated_client: httpx.AsyncClient, standby: Standby
+) -> None:
+    """`db_pool_connections` shows each replica's pool beside the primary's (the replica's
+    `database` label is `db@host:port/database`): reads open connections there."""
+    assert (await replicated_client.get("/items/scroll?size=5")).status_code == 200
+    metrics = (await replicated_client.get("/metrics")).text
+    replica = make_url(standby.url)
+    label = f"db@{replica.host}:{replica.port}/{replica.database}"
+    idle = re.search(
+        rf'^db_pool_connections{{database="{re.escape(label)}",state="idle"}} (\S+)$',
+        metrics, re.MULTILINE,
+    )
+    assert idle is not None, metrics
+    assert float(idle[1]) >= 1
+    assert re.search(r'^db_pool_connections{database="db",state="idle"}', metrics, re.M)
 
 
 async def test_a_writer_reads_its_write_with_its_token_while_replay_is_paused(

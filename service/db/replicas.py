@@ -32,6 +32,7 @@ import sqlalchemy
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool
 
 logger = logging.getLogger("service.db")
 
@@ -134,6 +135,10 @@ class Replicas:
 
     # -- for the routing session ------------------------------------------------------------
 
+
+    def pools(self) -> dict[str, Pool]:
+        """Each replica's connection pool, by the replica's name (host:port/database)."""
+        return {replica.name: replica.engine.pool for replica in self.replicas}
     def session_args(self) -> dict[str, Any]:
         """Sessionmaker arguments that make sessions route through these replicas:
         `class_=RoutingSession` for a sync `sessionmaker`, `sync_session_class=` for an
