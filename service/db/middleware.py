@@ -131,8 +131,11 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
 
     async def _end_unit(self, request: _Request, commit: bool, abandoned: bool) -> None:
         # A sync statement cannot be cut off by a cancellation: it runs to its end in its
-        # thread, so an abandoned unit is ended like any other.
+        # thread. But the route's thread may still be running, and using the session.
         unit = request.unit
+        if abandoned:
+            await self._in_thread(request, unit.end_abandoned)
+            return
         idle = request.job is None or request.job.done()
         if idle and not unit.has_work() and not unit.has_hooks():
             unit.session.close()  # nothing open: no I/O, no thread needed

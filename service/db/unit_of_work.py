@@ -7,10 +7,12 @@ awaiting the session.
 """
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from service.db.accounting import QueryStats
@@ -20,6 +22,8 @@ logger = logging.getLogger("service.db")
 SessionT = TypeVar("SessionT")
 FactoryT = TypeVar("FactoryT")
 CommitHook = Callable[[], Any]
+# How long an abandoned unit waits for its route's thread to let go of the session.
+ABANDONED_PATIENCE = 60.0
 
 
 class UnitOfWorkBase(Generic[SessionT, FactoryT]):
@@ -182,6 +186,23 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
         finally:
             self._forget_hooks()
             self.session.close()
+
+    def end_abandoned(self) -> None:
+        """Roll back and close the unit of a request cancelled while its sync route may
+        still run: a cancellation cannot stop a thread. A Session refuses to close while
+        another thread is inside one of its calls (IllegalStateChangeError), so this tries
+        until the route's thread is between two calls (at most `ABANDONED_PATIENCE`
+        seconds): the connection always returns, and the closed session refuses the route's
+        later statements instead of checking out another one."""
+        deadline = time.monotonic() + ABANDONED_PATIENCE
+        while True:
+            try:
+                self.end(commit=False)
+                return
+            except IllegalStateChangeError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _run_due_hooks(self) -> None:
         for hook in self._take_due():

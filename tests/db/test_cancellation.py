@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from starlette.responses import PlainTextResponse
 
+from service.db import DBSessionMiddleware, create_engine, db
 from service.items.models import Item
 from tests.db.conftest import Mode, client_for, stored_names
 
@@ -145,3 +147,63 @@ async def cancel_one_at_a_time(app: FastAPI, mode: Mode, rng: random.Random) -> 
                 probe = await asyncio.wait_for(client.post(f"/work/probe-{n}"), timeout=10)
                 probes.append(probe.status_code)
     return probes
+
+
+SLOW_STATEMENT = text(
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000) "
+    "SELECT count(*) FROM c"
+)
+
+
+class CutOffAfter:
+    """A per-request timeout outside the session middleware (the query string is the
+    number of seconds): `asyncio.wait_for` cancels the request when it runs out."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["query_string"]:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(self.app(scope, receive, send),
+                                   float(scope["query_string"].decode()))
+        except TimeoutError:
+            await PlainTextResponse("timed out", 504)(scope, receive, send)
+
+
+async def test_a_sync_route_still_running_after_its_cancellation_gives_its_connection_back(
+    migrated_url: str,
+) -> None:
+    """A cancellation cannot stop a thread: a sync route goes on running statements after
+    its request was cancelled. Ending its unit must wait for it to let go of the session
+    (closing a Session another thread is inside raised, and the connection stayed out
+    until the garbage collector found it), and its slot must stay taken until then (or more
+    requests run than there are connections)."""
+    engine = create_engine(migrated_url, pool_size=2, max_overflow=0, pool_timeout=3)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    app.add_middleware(CutOffAfter)
+
+    @app.get("/work")
+    def work() -> dict[str, int]:  # a sync route: it runs in the threadpool
+        for _ in range(20):
+            db.session.execute(SLOW_STATEMENT)  # a few ms in the database, on both
+        return {"done": 20}
+
+    rng = random.Random(7)
+    try:
+        async with client_for(app) as client:
+            for _ in range(5):
+                await asyncio.gather(*(
+                    client.get(f"/work?{rng.uniform(0.02, 0.2):.3f}") for _ in range(10)
+                ))
+            deadline = time.monotonic() + 10
+            while engine.pool.checkedout() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.05)
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            statuses = await asyncio.gather(*(client.get("/work") for _ in range(4)))
+        assert [response.status_code for response in statuses] == [200] * 4
+    finally:
+        engine.dispose()
