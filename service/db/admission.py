@@ -13,7 +13,7 @@ import asyncio
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine
-from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
+from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
 DEFAULT_WAIT = 30.0  # seconds, where the pool names no timeout of its own
 
@@ -40,6 +40,20 @@ def pool_wait(engine: Engine) -> float:
     """How long a request may wait for a slot: the pool's own checkout timeout."""
     pool = engine.pool
     return pool.timeout() if isinstance(pool, QueuePool) else DEFAULT_WAIT
+
+
+_SHARED: "WeakKeyDictionary[Pool, dict[int | None, ConnectionSlots]]" = WeakKeyDictionary()
+
+
+def slots_of(engine: Engine, limit: int | None) -> "ConnectionSlots":
+    """The slots of `engine`'s connection pool, `limit` of them: one set for every
+    middleware on that pool (two apps, or two mounted sub-apps, given one engine must not
+    let in twice as many requests as it has connections)."""
+    by_limit = _SHARED.setdefault(engine.pool, {})
+    slots = by_limit.get(limit)
+    if slots is None:
+        slots = by_limit[limit] = ConnectionSlots(limit, pool_wait(engine))
+    return slots
 
 
 class NoSlot(Exception):

@@ -40,6 +40,8 @@ This module decides; the sync and async middlewares only say how a unit of work 
 committed, rolled back and ended (`_commit`, `_rollback`, `_end_unit`).
 """
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Collection
 from time import perf_counter
@@ -52,7 +54,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.db.admission import ConnectionSlots, NoSlot, pool_capacity, pool_wait
+from service.db.admission import NoSlot, pool_capacity, slots_of
 from service.db.database import DatabaseBase
 from service.db.failures import BUSY, Failure, failure_of_commit
 from service.db.observer import NO_OBSERVER, Outcome, SessionObserver
@@ -122,6 +124,20 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         error_response: ErrorResponse,
         observer: SessionObserver = NO_OBSERVER,
     ) -> None:
+        if isinstance(sessionless_paths, str):
+            raise TypeError(
+                f"sessionless_paths is a collection of paths, e.g. {{{sessionless_paths!r}}}"
+            )
+        if not callable(commit_policy):
+            raise TypeError("commit_policy must be a function of the status: (int) -> bool")
+        if not (
+            max_concurrent_sessions in (None, "auto")
+            or (isinstance(max_concurrent_sessions, int) and max_concurrent_sessions >= 1)
+        ):
+            raise ValueError(
+                "max_concurrent_sessions must be 'auto', None (no limit) or a positive int, "
+                f"not {max_concurrent_sessions!r}"
+            )
         self.app = app
         self.observer = observer
         self.sessionmaker = sessionmaker
@@ -139,12 +155,14 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             if max_concurrent_sessions == "auto"
             else max_concurrent_sessions
         )
-        self.slots = ConnectionSlots(self.slot_limit, pool_wait(pool_engine))
+        self.slots = slots_of(pool_engine, self.slot_limit)
         database.adopt_default(sessionmaker)
         _warn_of_middleware_inside(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.sessionless_paths:
+        if scope["type"] != "http" or (
+            self.sessionless_paths and route_path(scope) in self.sessionless_paths
+        ):
             await self.app(scope, receive, send)
             return
         asked = perf_counter()
@@ -160,18 +178,42 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             return
         self.observer.admitted(self.database.name, scope, perf_counter() - asked)
         try:
-            await self._serve(scope, receive, send)
-        finally:
+            factory = (
+                self.autocommit_sessionmaker
+                if scope["method"] in self.autocommit_methods
+                else self.sessionmaker
+            )
+            request: RequestState[UnitT, JobT] = RequestState(
+                self.database.open_unit(factory, self.commit_on_exit), scope
+            )
+        except BaseException:
             self.slots.release(slot)
+            raise
+        try:
+            await self._serve(request, receive, send)
+        finally:
+            self._release_after_last_job(request, slot)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        factory = (
-            self.autocommit_sessionmaker
-            if scope["method"] in self.autocommit_methods
-            else self.sessionmaker
-        )
-        unit = self.database.open_unit(factory, self.commit_on_exit)
-        request: RequestState[UnitT, JobT] = RequestState(unit, scope)
+    def _release_after_last_job(self, request: RequestState[UnitT, JobT], slot: Any) -> None:
+        """Give the request's slot back once its last job (the end of its unit) is done: a
+        request cancelled meanwhile returns first, but its connection is not back yet."""
+        job: Any = request.job
+        if job is None or job.done():
+            self.slots.release(slot)
+            return
+        loop = asyncio.get_running_loop()
+
+        def release(_: Any) -> None:  # on the job's thread (sync) or the loop (async)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits
+                loop.call_soon_threadsafe(self.slots.release, slot)
+
+        job.add_done_callback(release)
+
+    async def _serve(
+        self, request: RequestState[UnitT, JobT], receive: Receive, send: Send
+    ) -> None:
+        scope = request.scope
+        unit = request.unit
         tokens = self.database.activate(unit)
 
         async def send_after_commit(message: Message) -> None:
@@ -265,10 +307,10 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 outcome: Outcome = "commit_failed" if commit else "rollback"
                 self.observer.transaction_ended(self.database.name, request.scope, outcome)
             logger.error(
-                "%s: %s of the work done after the response started failed; "
-                "that work was not stored",
+                "%s: %s of the work done %s failed; that work was not stored",
                 describe(request.scope),
                 "commit" if commit else "rollback",
+                "after the response started" if request.started else "by the request",
                 exc_info=True,
             )
         else:
@@ -341,6 +383,14 @@ def _log_cut_off(scope: Scope) -> None:
         "response started was rolled back",
         describe(scope),
     )
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path within the app: without the `root_path` a proxy prefix
+    (`uvicorn --root-path`) or a `Mount` put before it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def describe(scope: Scope) -> str:

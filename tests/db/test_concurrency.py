@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,7 +24,14 @@ from service.db import DBSessionMiddleware, create_engine, db
 from service.db import asyncio as async_mode
 from service.db.admission import pool_capacity
 from service.items.models import Item
-from tests.db.conftest import MakeApp, add_item, async_url, client_for, stored_names
+from tests.db.conftest import (
+    MakeApp,
+    Mode,
+    add_item,
+    async_url,
+    client_for,
+    stored_names,
+)
 
 pytestmark = pytest.mark.anyio
 REQUESTS = 200
@@ -350,3 +357,53 @@ async def test_concurrent_read_then_write_requests_all_succeed(
     responses = await all_within(60, [client.post(f"/items/n{n}") for n in range(20)])
     assert [r.status_code for r in responses] == [200] * 20
     assert len(stored_names(engine)) == 20
+
+
+async def test_two_middlewares_on_one_engine_share_its_connection_slots(
+    migrated_url: str,
+) -> None:
+    """Two mounted apps given the same engine: no more requests run at once than the pool
+    has connections (each middleware counting its own would let in twice as many, and the
+    surplus would block in the pool's checkout)."""
+    engine = create_engine(migrated_url, pool_size=1, max_overflow=0, pool_timeout=10)
+    running = {"now": 0, "most": 0}
+    app = FastAPI()
+    for name in ("a", "b"):
+        sub = FastAPI()
+        sub.add_middleware(DBSessionMiddleware, custom_engine=engine)
+
+        @sub.get("/work")
+        async def work() -> None:
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+            db.session.execute(text("SELECT 1"))
+            await asyncio.sleep(0.05)
+            running["now"] -= 1
+
+        app.mount(f"/{name}", sub)
+    try:
+        async with client_for(app) as client:
+            responses = await asyncio.gather(
+                *(client.get(f"/{name}/work") for name in "ab" * 4)
+            )
+        assert [response.status_code for response in responses] == [200] * 8
+        assert running["most"] == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("argument", "error"),
+    [
+        ({"sessionless_paths": "/health/live"}, TypeError),
+        ({"max_concurrent_sessions": 0}, ValueError),
+        ({"max_concurrent_sessions": -1}, ValueError),
+        ({"commit_policy": None}, TypeError),
+    ],
+    ids=["paths-a-string", "no-sessions", "negative-sessions", "policy-not-callable"],
+)
+async def test_arguments_that_cannot_work_are_refused_when_the_middleware_is_built(
+    mode: Mode, argument: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        mode.middleware(FastAPI(), custom_engine=mode.engine, **argument)

@@ -154,3 +154,39 @@ async def test_a_sessionless_path_has_no_session_but_can_open_one(
     assert "sessionless_paths" in response.json()["refused"]
     assert stored_names(engine) == {"written-by-a-block"}
     assert "server-timing" not in response.headers  # no unit of work, nothing to time
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["root-path", "mounted"])
+async def test_a_sessionless_path_is_matched_behind_a_root_path_or_a_mount(
+    one_slot_engine: Engine, mounted: bool
+) -> None:
+    """Behind a proxy prefix (`uvicorn --root-path /api`) or in an app mounted at /api, the
+    scope's path starts with the prefix: the probe is still `/health/live` to the app."""
+    inner = FastAPI()
+    inner.add_middleware(
+        DBSessionMiddleware, custom_engine=one_slot_engine, sessionless_paths={"/health/live"}
+    )
+    holder = Holder(inner)
+
+    @inner.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if mounted:
+        app = FastAPI()
+        app.mount("/api", inner)
+        client = client_for(app)
+    else:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=inner, root_path="/api"), base_url="http://test"
+        )
+    async with client:
+        held = asyncio.create_task(client.get("/api/hold"))
+        await asyncio.wait_for(holder.holding.wait(), 5)
+        try:
+            response, took = await timed_get(client, "/api/health/live")
+            assert response.status_code == 200
+            assert took < PROMPT
+        finally:
+            holder.release.set()
+            assert (await asyncio.wait_for(held, 5)).status_code == 200
