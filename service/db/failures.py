@@ -7,6 +7,8 @@ decides what the error body looks like (`DBSessionMiddleware(error_response=...)
 | -------------------------------------------- | ----------------- | ------------------ |
 | `IntegrityError`: a constraint refused data  | 409               | 409                |
 | `StaleDataError`: a versioned row changed    | 409               | 409                |
+| a serialization failure or deadlock          | 503 + Retry-After | 503 + Retry-After, |
+| (SQLSTATE 40001, 40P01): rolled back         |                   | nothing stored     |
 | unavailable (`database_unavailable`)         | 503 + Retry-After | 503 + Retry-After, |
 |                                              |                   | outcome unknown    |
 | anything else                                | 500               | 500                |
@@ -74,7 +76,22 @@ def _classify(exc: BaseException, *, unavailable: Failure, other: Failure) -> Fa
         return _CONFLICT
     if isinstance(exc, StaleDataError):
         return _STALE
+    if _sqlstate(exc) in _ROLLED_BACK_BY_THE_SERVER:
+        return _COLLIDED
     return unavailable if database_unavailable(exc) else other
+
+
+# The server rolled the transaction back to resolve a clash with concurrent ones: nothing
+# was stored (not "may have been"), and the same request may well succeed if repeated.
+_ROLLED_BACK_BY_THE_SERVER = frozenset({"40001", "40P01"})  # serialization, deadlock
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a DBAPI error: psycopg2's `pgcode`, SQLAlchemy's asyncpg adapter's
+    `pgcode` (or asyncpg's own `sqlstate`)."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
 
 
 _CONFLICT = Failure(409, "The change conflicts with data already stored; nothing was saved.")
@@ -87,6 +104,11 @@ _LOST_DURING_COMMIT = Failure(
     503,
     "The database became unavailable while saving; the change may not have been stored. "
     "Check before repeating it.",
+    RETRY_AFTER_SECONDS,
+)
+_COLLIDED = Failure(
+    503,
+    "The change collided with concurrent changes and was not stored; try again.",
     RETRY_AFTER_SECONDS,
 )
 _BUG = Failure(500, "Something went wrong on our side; nothing was stored.")

@@ -3,7 +3,7 @@
 and the error body the middleware sends unless the app gives it its own."""
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 
 import pytest
@@ -175,6 +175,61 @@ async def test_commit_on_a_connection_the_server_dropped_answers_503(
     async with client_for(app) as client:  # the pool recovers: the next request is served
         assert (await client.post("/items/next")).status_code == 200
     assert stored_names(engine) == {"next"}
+
+
+@pytest.fixture
+def collides_at_commit(engine: Engine, backend: str) -> Iterator[None]:
+    """PostgreSQL: an item named "collide" makes the COMMIT fail with a serialization
+    failure (SQLSTATE 40001), as SERIALIZABLE transactions do when they clash: a deferred
+    constraint trigger raises it at COMMIT."""
+    if backend != "postgresql":
+        pytest.skip("SQLSTATE 40001 at COMMIT: PostgreSQL")
+    with engine.begin() as connection:
+        connection.execute(text(
+            "CREATE FUNCTION collide() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.name = 'collide' THEN RAISE EXCEPTION 'could not serialize access' "
+            "USING ERRCODE = '40001'; END IF; RETURN NULL; END $$"
+        ))
+        connection.execute(text(
+            "CREATE CONSTRAINT TRIGGER collide AFTER INSERT ON items "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION collide()"
+        ))
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER collide ON items"))
+            connection.execute(text("DROP FUNCTION collide()"))
+
+
+async def test_a_serialization_failure_says_nothing_was_stored_and_asks_for_a_retry(
+    mode: Mode, engine: Engine, collides_at_commit: None
+) -> None:
+    """The server rolled the transaction back: "may not have been stored" (what a
+    connection lost during COMMIT answers) would be wrong; trying again may succeed."""
+    app = mode.make_app()
+
+    @app.post("/items/{name}")
+    async def create(name: str, in_route: bool = False) -> dict[str, str]:
+        if in_route:  # the same failure from a statement of the route
+            await mode.run(lambda session: session.execute(text(
+                "DO $$ BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; "
+                "END $$"
+            )))
+        mode.add_item(name)
+        return {"status": "created"}
+
+    async with client_for(app) as client:
+        at_commit = await client.post("/items/collide")
+        in_route = await client.post("/items/lamp?in_route=true")
+    for response in (at_commit, in_route):
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["detail"] == (
+            "The change collided with concurrent changes and was not stored; try again."
+        )
+    assert stored_names(engine) == set()
+    assert mode.checked_out() == 0
 
 
 # -- an error the route caught --------------------------------------------------------------
