@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.config import Settings
 from service.jwt_check import InvalidToken, JwtCheck
 from service.jwt_keys import FileKeys, RemoteKeys
+from service.logs import printable
 from service.openapi import extend_openapi
 from service.principal import (
     API_TOKEN_PREFIX,
@@ -329,7 +330,9 @@ class Authentication:
 
     @staticmethod
     def _log(scope: Scope, status: int, reason: str) -> None:
-        logger.info("%s %s: %d, %s", scope["method"], scope["path"], status, reason)
+        logger.info(
+            "%s %s: %d, %s", scope["method"], printable(scope["path"]), status, printable(reason)
+        )
 
 
 _MAX_PATHS_REMEMBERED = 4096

@@ -79,6 +79,10 @@ class JwtCheck:
         subject = claims["sub"]
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
             raise InvalidToken(f"`sub` is not a string of 1-{MAX_SUBJECT_LENGTH} characters")
+        # What gets recorded as who changed what, and shown: no control or invisible
+        # characters (NUL and lone surrogates no database column stores), no blank edges.
+        if not subject.isprintable() or subject != subject.strip():
+            raise InvalidToken("`sub` has unprintable characters or blank edges")
         if is_reserved(subject):
             raise InvalidToken("`sub` is a name the service keeps for its own principals")
         return Principal(subject, scopes_of(claims))
@@ -102,7 +106,7 @@ def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
     if "scope" in claims:
         if not isinstance(claims["scope"], str):
             raise InvalidToken("`scope` is not a space-separated string")
-        scopes.update(claims["scope"].split())
+        scopes.update(scope for scope in claims["scope"].split(" ") if scope)  # RFC 6749 3.3
     if "scp" in claims:
         scp = claims["scp"]
         if not isinstance(scp, list) or not all(isinstance(item, str) for item in scp):

@@ -93,6 +93,15 @@ def configure_logging(settings: Settings) -> None:
 _HANDLER_NAME = "service"
 
 
+def printable(text: str) -> str:
+    """`text` for a log message: each unprintable character (a line break, an escape
+    sequence) as its Python escape (`\\n`, `\\x1b`), so that what a client sent cannot
+    forge a line of a text log. (JSON logs escape every field themselves.)"""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def echo_statements(echo: bool) -> None:
     """`DB_ECHO`: SQLAlchemy's statements logged at INFO (`sqlalchemy.engine`) through the
     service's handlers - one format, with the request id - whatever `LOG_LEVEL` says.

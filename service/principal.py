@@ -8,6 +8,7 @@ that needed no token (a public read) and code outside requests have none:
 made-up name. Scripts that write say who they are with `acting_as(...)`.
 """
 
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -25,8 +26,10 @@ RESERVED_PREFIXES = (API_TOKEN_PREFIX, CLI_PREFIX)
 
 
 def is_reserved(name: str) -> bool:
-    """Whether `name` is one the service gives its own principals, never a JWT's `sub`."""
-    return name == UNKNOWN or name.startswith(RESERVED_PREFIXES)
+    """Whether `name` is one the service gives its own principals, never a JWT's `sub` -
+    or reads as one: compared case-blind and in NFKC form ("Token:ci", fullwidth letters)."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return folded == UNKNOWN or folded.startswith(RESERVED_PREFIXES)
 
 
 @dataclass(frozen=True)

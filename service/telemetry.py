@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.accounting import QueryStats
 from service.db.observer import SessionObserver
+from service.logs import printable
 
 access_logger = logging.getLogger("service.access")
 
@@ -166,7 +167,7 @@ def log_access(scope: Scope, method: str, route: str, status: int, seconds: floa
         '%s "%s %s" %d %.1f ms (route %s, db %.1f ms, %d %s)',
         # The decoded path may hold a line break or other control characters: escaped in the
         # message, so that a text log line cannot be forged (JSON escapes `path` itself).
-        address or "-", scope["method"], path if path.isprintable() else _escaped(path),
+        address or "-", scope["method"], printable(path),
         status, duration_ms, route, db_ms, statements,
         "statement" if statements == 1 else "statements",
         extra={
@@ -181,7 +182,3 @@ def log_access(scope: Scope, method: str, route: str, status: int, seconds: floa
         },
     )
 
-
-def _escaped(text: str) -> str:
-    """`text` with each unprintable character as its Python escape (`\\n`, `\\x1b`)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

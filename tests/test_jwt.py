@@ -15,6 +15,8 @@ import hmac
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
@@ -32,7 +34,7 @@ from sqlalchemy import Engine
 from service.config import Settings
 from service.jwt_keys import InvalidKeySet, RemoteKeys, signing_keys
 from service.main import create_app
-from tests.conftest import AUTH
+from tests.conftest import AUTH, ROOT
 from tests.identity_provider import (
     AUDIENCE,
     HS256_SECRET,
@@ -208,6 +210,25 @@ def test_an_unusable_jwks_file_stops_the_app_from_starting(
             create_app(with_jwt(settings, jwt_jwks_file=path))
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_an_unusable_jwks_file_before_any_worker_starts(
+    migrated_url: str, tmp_path: Path, workers: str
+) -> None:
+    """One line naming the file, exit status 2: each worker would fail at start, and uvicorn
+    would start it again, for ever."""
+    missing = tmp_path / "missing.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--workers", workers, "--port", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "DATABASE_URL": migrated_url, "JWT_JWKS_FILE": str(missing),
+             "JWT_ISSUER": ISSUER, "JWT_AUDIENCE": AUDIENCE,
+             "CURSOR_SECRET": "one-secret-for-every-worker"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"JWT_JWKS_FILE {missing}" in result.stderr
+    assert "Traceback" not in result.stderr and "Serving on" not in result.stdout
+
+
 async def test_the_app_serves_with_jwt_alone(
     settings: Settings, jwks_server: JwksServer, provider: IdentityProvider
 ) -> None:
@@ -224,8 +245,12 @@ async def test_the_app_serves_with_jwt_alone(
 
 @pytest.mark.parametrize(
     "claims",
-    [{"scope": "items:read"}, {"scp": ["items:read"]}, {"scope": ""}, {}],
-    ids=["read-scope", "read-scp", "empty-scope", "no-scope-claim"],
+    [
+        {"scope": "items:read"}, {"scp": ["items:read"]}, {"scope": ""}, {},
+        # RFC 6749 3.3: scopes are separated by a space (0x20), nothing else.
+        {"scope": "items:read\u2003items:write"}, {"scope": "items:read\u00a0items:write"},
+    ],
+    ids=["read-scope", "read-scp", "empty-scope", "no-scope-claim", "em-space", "nbsp"],
 )
 async def test_a_valid_token_without_the_write_scope_gets_403(
     client: httpx.AsyncClient, provider: IdentityProvider, engine: Engine,
@@ -334,6 +359,13 @@ HOSTILE: dict[str, Callable[[IdentityProvider], str]] = {
     "scp-as-a-string": lambda p: p.token(without=("scope",), scp="items:write"),
     "scope-as-a-list": lambda p: p.token(scope=["items:write"]),
     "sub-not-a-string": lambda p: p.token(sub=42),
+    # What would be recorded as who changed what: no database stores a NUL or a lone
+    # surrogate (a 500 before), and invisible or blank-edged names pass for others.
+    "sub-with-a-nul": lambda p: p.token(sub="a\u0000b"),
+    "sub-with-a-lone-surrogate": lambda p: p.token(sub="x\ud800y"),
+    "sub-with-a-line-break": lambda p: p.token(sub="alice\n2026-11-30 INFO forged"),
+    "sub-with-a-zero-width-space": lambda p: p.token(sub="\u200btoken:ci"),
+    "sub-with-a-blank-edge": lambda p: p.token(sub=" alice"),
     "garbage": lambda p: "not.a.jwt",
     "api-token-with-a-suffix": lambda p: AUTH["Authorization"].split()[1] + "x",
 }
@@ -384,21 +416,35 @@ async def test_the_log_says_why_a_token_was_refused(
         assert reason not in response.text  # the client learns only that it was refused
 
 
-@pytest.mark.parametrize("subject", ["token:ci", "token:1", "cli:seed", "unknown"])
+@pytest.mark.parametrize(
+    "subject",
+    ["token:ci", "token:1", "cli:seed", "unknown", "Token:ci", "UNKNOWN", "\uff54oken:ci"],
+)
 async def test_a_jwt_claiming_a_name_the_service_keeps_for_itself_is_refused(
     client: httpx.AsyncClient, provider: IdentityProvider, engine: Engine, subject: str
 ) -> None:
     """API tokens write as `token:<label>`, the seed command as `cli:seed`, old rows say
-    `unknown`: a JWT with such a `sub` would write as them."""
+    `unknown`: a JWT with such a `sub` would write as them - or as a name that reads the
+    same (another case, fullwidth letters)."""
     response = await client.post("/items", json=ITEM, headers=bearer(provider.token(sub=subject)))
     assert_refused(response)
     assert stored(engine) == {}
 
 
+async def test_a_path_with_a_line_break_cannot_forge_a_line_of_the_auth_log(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.auth"):
+        response = await client.delete("/items/1%0a2026-11-30 ERROR service.auth forged")
+    assert_refused(response)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "service.auth"]
+    assert "\n" not in line and "/items/1\\n2026-11-30" in line
+
+
 async def test_a_subject_that_only_resembles_a_reserved_name_is_accepted(
     client: httpx.AsyncClient, provider: IdentityProvider
 ) -> None:
-    for subject in ("tokens:1", "Token:1", "unknown-user", "client:seed"):
+    for subject in ("tokens:1", "unknown-user", "client:seed", "Émile Zola"):
         response = await client.post(
             "/items", json={**ITEM, "name": subject}, headers=bearer(provider.token(sub=subject))
         )
@@ -554,6 +600,19 @@ async def test_fetching_the_jwks_does_not_block_other_requests(
     assert time.monotonic() - started < 0.5
     assert not waiting.done()
     assert (await waiting).status_code == 201
+
+
+async def test_a_provider_trickling_its_answer_is_given_up_after_the_fetch_timeout(
+    jwks_server: JwksServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeout bounds the whole fetch, not each read: a byte every 0.2 s never lets a
+    read time out, and would have held the fetch (and the app's start) for minutes."""
+    monkeypatch.setattr("service.jwt_keys.FETCH_TIMEOUT", 1.0)
+    jwks_server.trickle = 0.2
+    keys = RemoteKeys(jwks_server.url)
+    started = time.monotonic()
+    assert await keys.key("rsa-1") is None  # nothing fetched: no keys
+    assert time.monotonic() - started < 3
 
 
 async def test_the_rate_limit_lets_a_refresh_through_after_a_minute(
