@@ -65,6 +65,19 @@ def check_database(settings: Settings) -> None:
         engine.dispose()
 
 
+def check_jwks_file(settings: Settings) -> None:
+    """Read JWT_JWKS_FILE once before any worker starts, or explain why it is unusable
+    (each worker would fail at start, and uvicorn would start it again, for ever)."""
+    if settings.jwt_jwks_file is None:
+        return
+    from service.jwt_keys import FileKeys, InvalidKeySet
+
+    try:
+        FileKeys(settings.jwt_jwks_file)
+    except InvalidKeySet as error:
+        raise CommandError(f"Configuration error: {error}") from None
+
+
 def migrate(args: argparse.Namespace) -> None:
     """Upgrade the database to the newest migration."""
     from alembic import command
@@ -92,6 +105,7 @@ def serve(args: argparse.Namespace) -> None:
             "    CURSOR_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     check_database(settings)
+    check_jwks_file(settings)
     if not settings.api_token_list() and not settings.jwt_enabled():
         token = development_token()
         print(

@@ -18,6 +18,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./service.db"
 SYNC_DRIVERS = {"postgresql": "postgresql+psycopg2", "sqlite": "sqlite+pysqlite"}
 ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
 MIN_TOKEN_LENGTH = 16
+MIN_CURSOR_SECRET_BYTES = 16
 MIN_JWT_SECRET_BYTES = 32
 # `label=token` in API_TOKENS: a label starts with a letter, so it never looks like the
 # `token:<n>` that unlabelled tokens are known by.
@@ -277,6 +278,17 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.lower().startswith(("https://", "http://")):
             raise ValueError("JWT_JWKS_URL must be an http:// or https:// URL")
+        return value
+
+    @field_validator("cursor_secret")
+    @classmethod
+    def _long_enough_cursor_secret(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value().encode()) < MIN_CURSOR_SECRET_BYTES:
+            raise ValueError(
+                f"CURSOR_SECRET must be at least {MIN_CURSOR_SECRET_BYTES} bytes: it signs "
+                "cursors and consistency tokens, and a short key can be guessed (unset it "
+                "to have one made up per process)"
+            )
         return value
 
     @field_validator("jwt_secret")

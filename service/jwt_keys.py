@@ -148,9 +148,12 @@ class RemoteKeys:
                 return
             self._last_attempt = self.clock()
             try:
-                self._keys = signing_keys(await self._fetch())
+                # FETCH_TIMEOUT bounds the whole fetch: httpx's own bounds each step, and
+                # a provider that trickles a byte at a time would hold start-up.
+                async with asyncio.timeout(FETCH_TIMEOUT):
+                    self._keys = signing_keys(await self._fetch())
                 self._last_success = self.clock()
-            except (httpx.HTTPError, ValueError) as error:
+            except (httpx.HTTPError, ValueError, TimeoutError) as error:
                 logger.warning(
                     "JWKS %s could not be fetched (%s: %s); keeping the %d keys cached",
                     self.url, type(error).__name__, error, len(self._keys),

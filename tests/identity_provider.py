@@ -90,13 +90,16 @@ def hs256_token(secret: str | bytes = HS256_SECRET, **overrides: Any) -> str:
 
 class JwksServer:
     """Serves `provider.jwks()` at http://127.0.0.1:<port>/jwks.json. `fetches` counts the
-    requests; `down` makes it answer 503; `delay` seconds before answering."""
+    requests; `down` makes it answer 503; `delay` seconds before answering; `trickle`
+    seconds between the bytes of the body (a provider that is slow without ever going
+    quiet for long)."""
 
     def __init__(self, provider: IdentityProvider) -> None:
         self.provider = provider
         self.fetches = 0
         self.down = False
         self.delay = 0.0
+        self.trickle = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -111,7 +114,13 @@ class JwksServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not server.trickle:
+                    self.wfile.write(body)
+                    return
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(server.trickle)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

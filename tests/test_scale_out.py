@@ -302,6 +302,19 @@ def test_several_workers_without_a_cursor_secret_refuse_to_start(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("secret", ["", "short"], ids=["empty", "short"])
+def test_an_empty_or_short_cursor_secret_is_a_configuration_error(
+    migrated_url: str, secret: str
+) -> None:
+    """An empty key signs cursors and consistency tokens anyone can forge: refused, in one
+    line, as every other setting (with replicas it was a traceback)."""
+    result = serve_cli({"DATABASE_URL": migrated_url, "CURSOR_SECRET": secret},
+                       "--workers", "2")
+    assert result.returncode == 2
+    assert "CURSOR_SECRET must be at least 16 bytes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_malformed_web_concurrency_is_explained(migrated_url: str) -> None:
     result = serve_cli({"DATABASE_URL": migrated_url, "WEB_CONCURRENCY": "many"})
     assert result.returncode == 2
