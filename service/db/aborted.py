@@ -64,15 +64,20 @@ def _failed(context: ExceptionContext) -> None:
 
 
 def _clear(connection: Connection) -> None:
+    if connection.invalidated:  # its DBAPI connection is gone, and its state with it
+        return
     connection.info.pop(_ABORTED, None)
     connection.info.pop(_SAVEPOINTS, None)
 
 
 def _savepoint(connection: Connection, name: str | None) -> None:
-    connection.info[_SAVEPOINTS] = connection.info.get(_SAVEPOINTS, 0) + 1
+    if not connection.invalidated:
+        connection.info[_SAVEPOINTS] = connection.info.get(_SAVEPOINTS, 0) + 1
 
 
 def _rollback_savepoint(connection: Connection, name: str, context: Any) -> None:
+    if connection.invalidated:
+        return
     info = connection.info
     depth = info.get(_SAVEPOINTS, 0)
     if depth and depth <= info.get(_ABORTED, 0):
@@ -81,11 +86,12 @@ def _rollback_savepoint(connection: Connection, name: str, context: Any) -> None
 
 
 def _release_savepoint(connection: Connection, name: str, context: Any) -> None:
-    connection.info[_SAVEPOINTS] = max(connection.info.get(_SAVEPOINTS, 0) - 1, 0)
+    if not connection.invalidated:
+        connection.info[_SAVEPOINTS] = max(connection.info.get(_SAVEPOINTS, 0) - 1, 0)
 
 
 def _commit(connection: Connection) -> None:
-    if _ABORTED in connection.info:
+    if not connection.invalidated and _ABORTED in connection.info:
         _clear(connection)
         raise TransactionAborted(
             "COMMIT of a transaction that an earlier statement's error aborted: PostgreSQL "
