@@ -250,6 +250,14 @@ async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
                 slow_after_the_freeze.append(time.monotonic() - started)
             await anyio.sleep(0.01)
 
+    async def in_flight_at_the_freeze() -> None:  # started as the replica stopped answering
+        started = time.monotonic()
+        response = await replicated_client.get("/items/scroll?size=5")
+        statuses.append(response.status_code)
+        waited_in_flight.append(time.monotonic() - started)
+
+    waited_in_flight: list[float] = []
+    states: list[str] = []
     frozen_at = float("inf")
     async with anyio.create_task_group() as tasks:
         for _ in range(4):
@@ -257,12 +265,23 @@ async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
         await anyio.sleep(0.5)
         with standby.frozen():
             frozen_at = time.monotonic()
+            for _ in range(4):
+                tasks.start_soon(in_flight_at_the_freeze)
             await anyio.sleep(5)
+            states.append(replicated_app.state.replicas.status()["replicas"][0]["state"])
             stop.set()
     assert set(statuses) == {200}
+    # A read the replica never answers is given up after REPLICA_READ_TIMEOUT (2 s), not
+    # after that and asyncpg's graceful close of the connection (another timeout).
+    timeout = replicated_app.state.settings.replica_read_timeout
+    assert len(waited_in_flight) == 4 and max(waited_in_flight) < timeout + 1.0
     # Nothing issued after the replica was given up on waited for it: the primary served.
     assert slow_after_the_freeze and max(slow_after_the_freeze) < 1.0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # Reported as not answering (not "lagging", behind by 0 s), and said so in the log.
+    assert states == ["down"]
+    assert any("is not answering" in r.getMessage() or "failed a read" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
     deadline = time.monotonic() + 5
     while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
         assert time.monotonic() < deadline, "the thawed replica was not used again"
@@ -432,6 +451,9 @@ async def test_replicas_and_tokens_with_the_primary_behind_pgbouncer(
                 read = await client.get(created.headers["Location"],
                                         headers={HEADER: created.headers[HEADER]})
                 assert read.status_code == 200
+                # Served by the primary (the replica has not replayed the write) inside a
+                # transaction, as PgBouncer needs: it wrote nothing, so no new token.
+                assert HEADER not in read.headers
             assert (await client.get(created.headers["Location"])).status_code == 404
     finally:
         await close_engines(app)

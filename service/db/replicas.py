@@ -208,7 +208,14 @@ class Replicas:
         return 0.0  # unreachable: the newest sample is beyond the replica
 
     def _usable(self, replica: ReplicaState, now: float) -> bool:
-        if not replica.up or now - replica.checked_at > self._stale_after:
+        if not replica.up:
+            return False
+        if now - replica.checked_at > self._stale_after:
+            # Its poll has not come back (a server that hangs: connected, silent).
+            replica.up = False
+            replica.error = f"no answer to the poll for {now - replica.checked_at:.1f} s"
+            logger.warning("replica %s is not answering (%s); reads use the primary",
+                           replica.name, replica.error)
             return False
         lag = self.lag(replica, now)
         return lag is not None and lag <= self.max_lag

@@ -8,6 +8,8 @@ The rules, per request (`Route`, set by `ConsistencyMiddleware` for each HTTP re
   request, and everything outside requests (`with db():` in scripts), uses the primary;
 - a statement that writes (INSERT, UPDATE, DELETE, a flush) or locks (`with_for_update`) runs
   on the primary, and so does every later statement of that request: it reads its own writes;
+  so does raw SQL (`text()`) that is not plainly a query (a SELECT naming no write, lock,
+  sequence or `INTO`; see `_plain_query`), unless `replica()` chose otherwise;
 - a request that sent a consistency token reads only from a replica that has replayed that
   position (`Replicas.choose`), else from the primary;
 - a request keeps the replica it was given, so its reads never go back in time;
@@ -21,6 +23,7 @@ A session without `replicas` (no replicas configured) routes nothing: every stat
 to its bind, as before. A session bound to a connection (test isolation) routes nothing.
 """
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,6 +33,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import Select
 
 from service.db.failures import database_unavailable
@@ -192,9 +196,11 @@ def _note_commit_position(session: Session) -> None:
     pool slot that this very request holds)."""
     assert isinstance(session, RoutingSession)
     bind, session._primary_in_transaction = session._primary_in_transaction, None
-    session._written = False
+    written, session._written = session._written, False
     route = _route.get()
-    if bind is None or route is None or session.replicas is None:
+    # Only a transaction that wrote needs a token: a read on the primary (in a
+    # transaction, as behind PgBouncer) would cost a round trip for nothing.
+    if bind is None or not written or route is None or session.replicas is None:
         return
     transaction = session._transaction  # still the committed one, its connections held
     entry = transaction._connections.get(bind) if transaction is not None else None
@@ -213,9 +219,29 @@ def _forget_writes(session: Session) -> None:
 
 
 def _writes_or_locks(clause: Any) -> bool:
+    """Whether `clause` may write or lock: INSERT/UPDATE/DELETE, SELECT ... FOR UPDATE or
+    SHARE - and raw SQL (`text()`) unless it reads as a plain query (`_plain_query`), unless
+    the caller chose a replica for it (`replica()`)."""
     if isinstance(clause, UpdateBase):
         return True
+    if isinstance(clause, TextClause):
+        return _choice.get() != "replica" and not _plain_query(clause.text)
     return isinstance(clause, Select) and clause._for_update_arg is not None
+
+
+# Raw SQL a replica may run: it starts as a query, and names nothing that writes or locks
+# (DML, SELECT ... INTO, row locks, sequences, advisory locks). What it cannot see - a
+# function that writes - needs `primary()`; anything it is unsure of goes to the primary.
+_QUERY_START = re.compile(r"\s*\(*\s*(SELECT|WITH|VALUES|TABLE|SHOW)\b", re.IGNORECASE)
+_WRITES_OR_LOCKS = re.compile(
+    r"\b(INSERT|UPDATE|DELETE|MERGE|INTO|LOCK|COPY|CALL|NEXTVAL|SETVAL|PG_ADVISORY_\w*|"
+    r"FOR\s+(NO\s+KEY\s+)?UPDATE|FOR\s+(KEY\s+)?SHARE)\b",
+    re.IGNORECASE,
+)
+
+
+def _plain_query(sql: str) -> bool:
+    return bool(_QUERY_START.match(sql)) and not _WRITES_OR_LOCKS.search(sql)
 
 
 def _reason(exc: Exception) -> str:

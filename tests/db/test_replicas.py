@@ -61,6 +61,18 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
         await mode.scalar(select(Item.id).limit(1).with_for_update())
         return {"standby": await mode.scalar(ON_STANDBY)}
 
+    @app.get("/raw-sql/{kind}")
+    async def raw_sql(kind: str) -> dict[str, bool]:
+        # Raw SQL the router cannot read as a plain query: on a replica it would fail
+        # ("cannot execute UPDATE in a read-only transaction").
+        statement = {
+            "write": "UPDATE items SET price = price WHERE false",
+            "lock": "SELECT id FROM items LIMIT 1 FOR UPDATE",
+            "sequence": "SELECT nextval('items_id_seq')",
+        }[kind]
+        await mode.run(lambda session: session.execute(text(statement)))
+        return {"standby": await mode.scalar(ON_STANDBY)}
+
     @app.get("/read-explicitly-from-primary")
     async def read_from_primary() -> dict[str, bool]:
         with database.primary():
@@ -126,6 +138,16 @@ async def test_safe_methods_read_from_the_replica_and_writes_go_to_the_primary(
 
 async def test_a_lock_moves_the_rest_of_the_request_to_the_primary(routed: Routed) -> None:
     assert (await routed.client.get("/lock-then-read")).json() == {"standby": False}
+
+
+@pytest.mark.parametrize("kind", ["write", "lock", "sequence"])
+async def test_raw_sql_that_writes_or_locks_in_a_read_request_runs_on_the_primary(
+    routed: Routed, kind: str
+) -> None:
+    """`text()` may hold anything: only SQL that reads as a plain query goes to a replica
+    (the `/server` route's raw SELECT does); the rest of the request stays on the primary."""
+    response = await routed.client.get(f"/raw-sql/{kind}")
+    assert (response.status_code, response.json()) == (200, {"standby": False})
 
 
 async def test_primary_and_replica_can_be_chosen_explicitly(routed: Routed) -> None:

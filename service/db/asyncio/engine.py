@@ -7,6 +7,10 @@ Two more fixes:
 - a failed connect is an `OperationalError`, as with psycopg2. asyncpg lets
   `ConnectionRefusedError`, a connect `TimeoutError` or "the database system is starting
   up" out as they are, which would make an unreachable database a 500 instead of a 503;
+- a statement that timed out (asyncpg's `command_timeout`) aborts its connection at once.
+  SQLAlchemy discards such a connection with asyncpg's graceful close, which waits up to 2 s
+  more for the server to acknowledge the cancelled statement - from a server that hangs,
+  a read replica's read timeout would take twice as long;
 - `pool_pre_ping=True` costs asyncpg three round trips per checkout (SQLAlchemy pings
   inside BEGIN ... ROLLBACK, for PgBouncer), as many as the request's own BEGIN, query and
   COMMIT. For asyncpg it becomes `discard_closed_connections`: no round trip, the same
@@ -37,9 +41,23 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     engine = sqlalchemy_asyncio.create_async_engine(url, **engine_args)
     prepared(engine.sync_engine)
     event.listen(engine.sync_engine, "do_connect", _connect_failures_are_operational)
+    if url.get_driver_name() == "asyncpg":
+        event.listen(engine.sync_engine, "handle_error", _abort_after_a_timeout)
     if cheap_ping:
         discard_closed_connections(engine)
     return engine
+
+
+def _abort_after_a_timeout(context: Any) -> None:
+    connection = context.connection
+    if (
+        isinstance(context.original_exception, TimeoutError)
+        and connection is not None
+        and not connection.invalidated
+    ):
+        driver = connection.connection.driver_connection
+        if driver is not None:
+            driver.terminate()  # asyncpg's abort: no waiting; SQLAlchemy then discards it
 
 
 # A connection idle this long is pinged for real before use: it may be half-open (a
