@@ -157,11 +157,23 @@ async def scroll_items(query: Annotated[ScrollQuery, Query()], request: Request)
     return Response(page.model_dump_json(), media_type="application/json")
 
 
+# The headers of an item response, declared for clients (and their generators).
+_ETAG = {
+    "ETag": {
+        "description": 'The item\'s version, `"<id>-<version>"`: send it back as If-Match.',
+        "schema": {"type": "string"},
+    }
+}
+_LOCATION = {
+    "Location": {"description": "The new item's URL.", "schema": {"type": "string"}}
+}
+
+
 @reads.get(
     "/{item_id}",
     summary="Get an item",
     response_description="The item, with its ETag.",
-    responses=problem_responses(404, 422),
+    responses={200: {"headers": _ETAG}, **problem_responses(404, 422)},
 )
 async def get_item(item_id: ItemId, response: Response) -> ItemOut:
     return _item_response(response, await service.get_item(item_id))
@@ -172,7 +184,7 @@ async def get_item(item_id: ItemId, response: Response) -> ItemOut:
     status_code=201,
     summary="Create an item",
     response_description="The item, with its Location and ETag.",
-    responses=problem_responses(409, 422),
+    responses={201: {"headers": {**_LOCATION, **_ETAG}}, **problem_responses(409, 422)},
 )
 async def create_item(data: ItemCreate, request: Request, response: Response) -> ItemOut:
     item = await service.create_item(data)
@@ -184,7 +196,7 @@ async def create_item(data: ItemCreate, request: Request, response: Response) ->
     "/{item_id}",
     summary="Update some fields of an item",
     response_description="The updated item, with its new ETag.",
-    responses=problem_responses(404, 409, 412, 422, 428),
+    responses={200: {"headers": _ETAG}, **problem_responses(404, 409, 412, 422, 428)},
 )
 async def update_item(
     item_id: ItemId, update: ItemUpdate, response: Response, if_match: IfMatch = None

@@ -74,6 +74,21 @@ async def test_patch_documents_the_if_match_header(openapi: dict[str, Any]) -> N
     assert any(p["name"] == "If-Match" and p["in"] == "header" for p in parameters)
 
 
+async def test_item_responses_declare_their_etag_and_location(
+    openapi: dict[str, Any],
+) -> None:
+    """Clients (and client generators) learn from the document which headers carry the
+    version to send back as If-Match, and the new item's URL."""
+    paths = openapi["paths"]
+    declared = {
+        ("get", 200): paths["/items/{item_id}"]["get"]["responses"]["200"]["headers"],
+        ("patch", 200): paths["/items/{item_id}"]["patch"]["responses"]["200"]["headers"],
+        ("post", 201): paths["/items"]["post"]["responses"]["201"]["headers"],
+    }
+    assert all("ETag" in headers for headers in declared.values())
+    assert "Location" in declared["post", 201]
+
+
 async def test_operation_ids_name_what_each_operation_does(openapi: dict[str, Any]) -> None:
     ids = {
         (path, method): operation["operationId"]
