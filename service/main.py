@@ -1,5 +1,6 @@
 """The application: `create_app(settings)`, and `app` for `uvicorn service.main:app`."""
 
+import asyncio
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -68,6 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.authenticator.start()  # the identity provider's keys, if fetched
+        if app.state.replicas is not None:
+            # Poll from the start (not from the first request), and wait for the first
+            # answers, so that /health/ready does not call fresh replicas down.
+            await asyncio.to_thread(
+                app.state.replicas.wait_until_polled, settings.db_connect_timeout + 1.0
+            )
         yield
         await close_engines(app)
         worker_stopped()

@@ -376,6 +376,9 @@ def two_workers(migrated_url: str, standby: Standby, engine: Engine) -> Iterator
     )
     try:
         server.wait_until_answers("/health/ready", timeout=60)
+        # The workers polled the replica before they took requests: not "down" at first.
+        first = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=10).json()
+        assert [replica["state"] for replica in first["replicas"]] == ["ok"], first
         deadline = time.monotonic() + 30
         while len(worker_pids(server.process.pid)) < 2:
             assert time.monotonic() < deadline, "two workers did not start"
