@@ -369,18 +369,26 @@ ITEMS_COUNT = re.compile(
 )
 
 
-def items_served_by_each_worker(metrics_dir: Path, scratch: Path) -> dict[str, float]:
-    """GET /items requests each worker counted, read from its own files alone."""
-    counts = {}
-    for histogram in metrics_dir.glob("histogram_*.db"):
-        alone = scratch / histogram.stem
+def per_worker(
+    metrics_dir: Path, scratch: Path, files: str, sample: re.Pattern[str]
+) -> dict[str, float]:
+    """The value `sample` finds in each worker's own metric files (`files`, a glob), read
+    alone, by file stem (`histogram_<pid>`, `gauge_livesum_<pid>`)."""
+    values = {}
+    for path in metrics_dir.glob(files):
+        alone = scratch / path.stem
         alone.mkdir(exist_ok=True)
-        shutil.copy(histogram, alone / histogram.name)
+        shutil.copy(path, alone / path.name)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
-        found = ITEMS_COUNT.search(generate_latest(registry).decode())
-        counts[histogram.stem] = float(found[1]) if found else 0.0
-    return counts
+        found = sample.search(generate_latest(registry).decode())
+        values[path.stem] = float(found[1]) if found else 0.0
+    return values
+
+
+def items_served_by_each_worker(metrics_dir: Path, scratch: Path) -> dict[str, float]:
+    """GET /items requests each worker counted, read from its own files alone."""
+    return per_worker(metrics_dir, scratch, "histogram_*.db", ITEMS_COUNT)
 
 
 def test_with_two_workers_every_scrape_counts_the_requests_of_both(
@@ -440,16 +448,8 @@ IN_PROGRESS = re.compile(r"^http_requests_in_progress (\S+)$", re.MULTILINE)
 
 def in_progress_by_worker(metrics_dir: Path, scratch: Path) -> dict[int, float]:
     """`http_requests_in_progress` of each worker (by pid), read from its own file alone."""
-    counts = {}
-    for gauge in metrics_dir.glob("gauge_livesum_*.db"):
-        alone = scratch / gauge.stem
-        alone.mkdir(exist_ok=True)
-        shutil.copy(gauge, alone / gauge.name)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
-        found = IN_PROGRESS.search(generate_latest(registry).decode())
-        counts[int(gauge.stem.rsplit("_", 1)[1])] = float(found[1]) if found else 0.0
-    return counts
+    values = per_worker(metrics_dir, scratch, "gauge_livesum_*.db", IN_PROGRESS)
+    return {int(stem.rsplit("_", 1)[1]): value for stem, value in values.items()}
 
 
 def test_a_worker_killed_mid_request_leaves_no_gauge_behind(
