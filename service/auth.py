@@ -27,6 +27,7 @@ They carry every scope; their principal is `token:<label>` (`API_TOKENS=ci=...` 
 import hashlib
 import hmac
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
 from service.jwt_check import InvalidToken, JwtCheck
-from service.jwt_keys import FileKeys, RemoteKeys
+from service.jwt_keys import FileKeys, KeysUnavailable, RemoteKeys
 from service.logs import printable
 from service.openapi import extend_openapi
 from service.principal import (
@@ -286,6 +287,15 @@ class Authentication:
             self._log(scope, 401, str(refused))
             detail = _MISSING if credentials is None and not oversized else _REFUSED
             await problem_response(401, detail, headers=_INVALID_TOKEN)(scope, receive, send)
+            return
+        except KeysUnavailable as unavailable:
+            # Not the token's fault: a 401 would tell the client to throw a good one away.
+            self._log(scope, 503, str(unavailable))
+            retry_after = str(max(math.ceil(unavailable.retry_after), 1))
+            await problem_response(
+                503, "Tokens cannot be checked right now: the identity provider's keys are "
+                "not available. Try again later.", headers={"Retry-After": retry_after},
+            )(scope, receive, send)
             return
         if not principal.may(requirement.scope):
             self._log(scope, 403, f"{principal.name} lacks scope {requirement.scope}")

@@ -52,6 +52,16 @@ class KeySource(Protocol):
         ...
 
 
+class KeysUnavailable(Exception):
+    """The identity provider's keys were never fetched (it has been down since start):
+    `retry_after` seconds until the next fetch may be tried."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"the identity provider's keys are not available yet "
+                         f"(next fetch in {retry_after:.0f} s)")
+        self.retry_after = retry_after
+
+
 class InvalidKeySet(ValueError):
     """A JWKS that is not a JSON object with a `keys` list holding at least one usable key."""
 
@@ -127,9 +137,20 @@ class RemoteKeys:
         await self._refresh_if_due()
 
     async def key(self, kid: str) -> PyJWK | None:
+        """The key named `kid`, or None if the provider has no such key. Raises
+        `KeysUnavailable` while no fetch has ever succeeded: then nobody can tell a good
+        token from a bad one, and a client must not be told to throw its token away."""
         if (kid not in self._keys or self._stale()) and self._refresh_due():
             await self._refresh_if_due()
+        if self._last_success is None:
+            raise KeysUnavailable(self.seconds_to_next_fetch())
         return self._keys.get(kid)
+
+    def seconds_to_next_fetch(self) -> float:
+        """Seconds until a token may make the app fetch the keys again."""
+        if self._last_attempt is None:
+            return 0.0
+        return max(self._last_attempt + self.min_refresh_interval - self.clock(), 0.0)
 
     def _stale(self) -> bool:
         return self._last_success is None or self.clock() - self._last_success >= self.max_age

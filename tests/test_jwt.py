@@ -32,7 +32,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
 
 from service.config import Settings
-from service.jwt_keys import InvalidKeySet, RemoteKeys, signing_keys
+from service.jwt_keys import InvalidKeySet, KeysUnavailable, RemoteKeys, signing_keys
 from service.main import create_app
 from tests.conftest import AUTH, ROOT
 from tests.identity_provider import (
@@ -582,7 +582,11 @@ async def test_a_provider_down_at_start_leaves_api_tokens_working(
     async with app.router.lifespan_context(app), client_of(app) as client:
         by_jwt = await client.post("/items", json=ITEM, headers=bearer(provider.token()))
         by_api_token = await client.post("/items", json=ITEM, headers=AUTH)
-    assert_refused(by_jwt)
+    # No key was ever fetched: the service cannot tell a good JWT from a bad one. A 401
+    # would tell the client to throw its (good) token away: 503, try again later.
+    assert by_jwt.status_code == 503, by_jwt.text
+    assert by_jwt.headers["content-type"] == "application/problem+json"
+    assert 1 <= int(by_jwt.headers["retry-after"]) <= 60
     assert by_api_token.status_code == 201, by_api_token.text
 
 
@@ -611,7 +615,8 @@ async def test_a_provider_trickling_its_answer_is_given_up_after_the_fetch_timeo
     jwks_server.trickle = 0.2
     keys = RemoteKeys(jwks_server.url)
     started = time.monotonic()
-    assert await keys.key("rsa-1") is None  # nothing fetched: no keys
+    with pytest.raises(KeysUnavailable):  # nothing fetched: no keys
+        await keys.key("rsa-1")
     assert time.monotonic() - started < 3
 
 
@@ -624,9 +629,12 @@ async def test_the_rate_limit_lets_a_refresh_through_after_a_minute(
     await keys.start()  # fails: no keys yet
     jwks_server.down = False
 
-    assert await keys.key("rsa-1") is None  # not retried within the minute
+    with pytest.raises(KeysUnavailable) as unavailable:  # not retried within the minute
+        await keys.key("rsa-1")
+    assert unavailable.value.retry_after == 60
     now[0] += 59.9
-    assert await keys.key("rsa-1") is None
+    with pytest.raises(KeysUnavailable):
+        await keys.key("rsa-1")
     assert jwks_server.fetches == 1
     now[0] += 0.2
     assert await keys.key("rsa-1") is not None
