@@ -32,6 +32,7 @@ from service.db.middleware_base import (
     detail_json,
 )
 from service.db.observer import NO_OBSERVER, SessionObserver
+from service.db.statement_gate import guard_statements
 from service.db.unit_of_work import UnitOfWork
 
 T = TypeVar("T")
@@ -96,6 +97,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
             if custom_engine is not None
             else create_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
         )
+        guard_statements(self.engine)  # see UnitOfWork.end_abandoned
         factory: sessionmaker[Session] = sessionmaker(bind=self.engine, **(session_args or {}))
         super().__init__(
             app,

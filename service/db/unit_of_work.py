@@ -16,6 +16,7 @@ from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from service.db.accounting import QueryStats
+from service.db.statement_gate import close_gate
 
 logger = logging.getLogger("service.db")
 
@@ -188,21 +189,38 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
             self.session.close()
 
     def end_abandoned(self) -> None:
-        """Roll back and close the unit of a request cancelled while its sync route may
-        still run: a cancellation cannot stop a thread. A Session refuses to close while
-        another thread is inside one of its calls (IllegalStateChangeError), so this tries
-        until the route's thread is between two calls (at most `ABANDONED_PATIENCE`
-        seconds): the connection always returns, and the closed session refuses the route's
-        later statements instead of checking out another one."""
+        """End the unit of a request cancelled while its sync route may still run: a
+        cancellation cannot stop a thread, and that thread may be in the middle of a
+        statement on the session's connection right now.
+
+        First the gate of each of the session's connections is closed
+        (`statement_gate`): once its running statement is over, the route's later ones are
+        refused before they reach the driver - so after the rollback the connection goes
+        back to the pool with nothing of the route's still on it. Then the session is
+        rolled back and closed; a Session refuses that while another thread is inside one
+        of its own calls (IllegalStateChangeError: e.g. checking out a connection), so
+        this tries again until the route's thread is out of it (at most
+        `ABANDONED_PATIENCE` s). The closed session refuses the route's later work."""
         deadline = time.monotonic() + ABANDONED_PATIENCE
         while True:
             try:
+                self._close_gates(deadline)
                 self.end(commit=False)
                 return
-            except IllegalStateChangeError:
+            except (IllegalStateChangeError, RuntimeError):  # RuntimeError: see below
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.005)
+
+    def _close_gates(self, deadline: float) -> None:
+        transaction = self.session.get_transaction()
+        if transaction is None:
+            return
+        # The route's thread may add a connection meanwhile: copying the dict then raises
+        # RuntimeError ("changed size during iteration"), and the caller tries again.
+        for connection, *_ in list(transaction._connections.values()):
+            if not close_gate(connection, max(deadline - time.monotonic(), 0.0)):
+                raise RuntimeError("a statement of the cancelled request is still running")
 
     def _run_due_hooks(self) -> None:
         for hook in self._take_due():

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, insert, select, text
 from starlette.responses import PlainTextResponse
 
 from service.db import DBSessionMiddleware, create_engine, db
@@ -207,3 +207,48 @@ async def test_a_sync_route_still_running_after_its_cancellation_gives_its_conne
         assert [response.status_code for response in statuses] == [200] * 4
     finally:
         engine.dispose()
+
+
+async def test_a_cancelled_sync_routes_statements_never_land_in_another_requests_commit(
+    migrated_url: str, engine: Engine
+) -> None:
+    """After its request was cancelled, a sync route's thread runs on: its statement in
+    flight must not end up on the connection once it is back in the pool - where the next
+    request's COMMIT would store it. A cancelled request's rows are stored all or not at
+    all."""
+    pool_engine = create_engine(migrated_url, pool_size=2, max_overflow=0, pool_timeout=30)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=pool_engine)
+    app.add_middleware(CutOffAfter)
+
+    @app.post("/rows/{tag}/{count}")
+    def rows(tag: str, count: int) -> dict[str, int]:
+        for n in range(count):
+            db.session.execute(insert(Item).values(name=f"{tag}-{n}", price=1))
+        return {"rows": count}
+
+    rng = random.Random(11)
+    wanted: dict[str, int] = {}
+    try:
+        async with client_for(app) as client:
+            limit = asyncio.Semaphore(8)
+
+            async def one(n: int) -> None:
+                tag, count = f"c{n}", rng.randint(1, 40)
+                wanted[tag] = count
+                timeout = rng.choice([0.002, 0.005, 0.01, 0.02, 0.05])
+                async with limit:
+                    await client.post(f"/rows/{tag}/{count}?{timeout}")
+
+            await asyncio.gather(*(one(n) for n in range(400)))
+            deadline = time.monotonic() + 10
+            while pool_engine.pool.checkedout() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.05)
+    finally:
+        pool_engine.dispose()
+    stored: dict[str, int] = {}
+    for name in stored_names(engine):
+        tag = name.rsplit("-", 1)[0]
+        stored[tag] = stored.get(tag, 0) + 1
+    partial = {tag: f"{n}/{wanted[tag]}" for tag, n in stored.items() if n != wanted[tag]}
+    assert partial == {}
