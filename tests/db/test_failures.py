@@ -3,13 +3,22 @@
 and the error body the middleware sends unless the app gives it its own."""
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, event, text, update
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    SAWarning,
+    SQLAlchemyError,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse
 
@@ -331,6 +340,116 @@ async def test_a_savepoint_opened_after_the_error_does_not_undo_it(
             await mode.flush()
             await mode.run(fail_then_savepoint)
     assert stored_names(engine) == {"lamp"}
+
+
+BAD = "SELECT 1 / (SELECT count(*) - count(*) FROM items)"  # division by zero, on both
+
+
+def failed_savepoint_then_outer_undone(session: Session) -> None:
+    """A caught error inside savepoint 1, then a SAVEPOINT that itself fails (caught),
+    then savepoint 1 rolled back on purpose: the transaction is healthy again."""
+
+    class Undo(Exception):
+        pass
+
+    with contextlib.suppress(Undo), session.begin_nested():
+        with contextlib.suppress(DBAPIError):
+            session.execute(text(BAD))
+        with contextlib.suppress(DBAPIError), session.begin_nested():
+            session.execute(text("SELECT 1"))
+        raise Undo
+
+
+def outer_savepoint_exit_refused(session: Session) -> None:
+    """A savepoint opened by hand inside a `with` savepoint; the error caught; the outer
+    block's ROLLBACK TO is refused by SQLAlchemy (never sent), and that is caught too: the
+    transaction stays aborted on PostgreSQL."""
+    with contextlib.suppress(SQLAlchemyError), session.begin_nested():
+        session.begin_nested()
+        with contextlib.suppress(DBAPIError):
+            session.execute(text(BAD))
+
+
+def error_while_fetching(session: Session) -> None:
+    """The error comes while rows are fetched (a streamed result), not at the statement."""
+    statement = text(
+        "SELECT 1 / (1000 - n) FROM generate_series(1, 2000) AS n"
+    ).execution_options(yield_per=100)
+    # (Through asyncpg's server-side cursor the driver's own error comes out unwrapped.)
+    with contextlib.suppress(Exception):
+        for _ in session.execute(statement):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("pattern", "aborted_on_postgresql"),
+    [
+        (failed_savepoint_then_outer_undone, False),
+        (outer_savepoint_exit_refused, True),
+        (error_while_fetching, True),
+    ],
+    ids=["failed-savepoint-then-outer-undone", "outer-exit-refused", "error-while-fetching"],
+)
+async def test_the_guard_follows_what_really_ran(
+    mode: Mode, engine: Engine, backend: str,
+    pattern: Callable[[Session], None], aborted_on_postgresql: bool,
+) -> None:
+    """The 2xx stands exactly when the transaction can still commit: savepoints count as
+    they ran on the server (a refused SAVEPOINT, a ROLLBACK TO never sent), and an error
+    while fetching rows aborts the transaction like one of the statement."""
+    if backend != "postgresql" and pattern is error_while_fetching:
+        pytest.skip("generate_series: PostgreSQL")
+    app = mode.make_app()
+
+    def quietly(session: Session) -> None:
+        with warnings.catch_warnings():  # SQLAlchemy warns of these odd uses, rightly
+            warnings.simplefilter("ignore", SAWarning)
+            pattern(session)
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> dict[str, str]:
+        mode.add_item(name)
+        await mode.flush()
+        await mode.run(quietly)
+        return {"status": "created"}
+
+    async with client_for(app) as client:
+        response = await client.post("/items/desk")
+    aborted = backend == "postgresql" and aborted_on_postgresql
+    assert response.status_code == (500 if aborted else 200), response.text
+    assert stored_names(engine) == (set() if aborted else {"desk"})
+
+
+async def test_a_refused_commit_leaves_the_pooled_connection_clean(
+    mode: Mode, engine: Engine, backend: str
+) -> None:
+    """Code of its own on the middleware's engine (a job) that commits an aborted
+    transaction gets TransactionAborted - and the connection it gives back is rolled
+    back, so the next request on it works."""
+    if backend != "postgresql":
+        pytest.skip("an aborted transaction: PostgreSQL")
+    app = mode.make_app()
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> dict[str, str]:
+        mode.add_item(name)
+        return {"status": "created"}
+
+    def job(session: Session) -> None:
+        with contextlib.suppress(DBAPIError):
+            session.execute(text(BAD))
+        session.commit()
+
+    with pytest.raises(TransactionAborted):
+        if mode.name == "async":
+            async with AsyncSession(mode.engine) as session:
+                await session.run_sync(job)
+        else:
+            with Session(mode.engine) as session:
+                job(session)
+    async with client_for(app) as client:
+        assert (await client.post("/items/chair")).status_code == 200
+    assert stored_names(engine) == {"chair"}
 
 
 # -- the error body -----------------------------------------------------------------------
