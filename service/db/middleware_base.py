@@ -124,15 +124,19 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         error_response: ErrorResponse,
         observer: SessionObserver = NO_OBSERVER,
     ) -> None:
-        if isinstance(sessionless_paths, str):
-            raise TypeError(
-                f"sessionless_paths is a collection of paths, e.g. {{{sessionless_paths!r}}}"
-            )
+        for name, paths in (("sessionless_paths", sessionless_paths),
+                            ("autocommit_methods", autocommit_methods)):
+            if isinstance(paths, str | bytes):
+                raise TypeError(f"{name} is a collection of strings, e.g. {{{paths!r}}}")
         if not callable(commit_policy):
             raise TypeError("commit_policy must be a function of the status: (int) -> bool")
         if not (
-            max_concurrent_sessions in (None, "auto")
-            or (isinstance(max_concurrent_sessions, int) and max_concurrent_sessions >= 1)
+            max_concurrent_sessions is None
+            or max_concurrent_sessions == "auto"
+            or (
+                type(max_concurrent_sessions) is int  # not a bool
+                and max_concurrent_sessions >= 1
+            )
         ):
             raise ValueError(
                 "max_concurrent_sessions must be 'auto', None (no limit) or a positive int, "

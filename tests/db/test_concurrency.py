@@ -359,18 +359,25 @@ async def test_concurrent_read_then_write_requests_all_succeed(
     assert len(stored_names(engine)) == 20
 
 
+@pytest.mark.parametrize(
+    ("pool_size", "limits"), [(1, ("auto", "auto")), (2, ("auto", 1)), (2, (2, 1))],
+    ids=["same-limits", "auto-and-1", "2-and-1"],
+)
 async def test_two_middlewares_on_one_engine_share_its_connection_slots(
-    migrated_url: str,
+    migrated_url: str, pool_size: int, limits: tuple[int | str, int | str]
 ) -> None:
     """Two mounted apps given the same engine: no more requests run at once than the pool
     has connections (each middleware counting its own would let in twice as many, and the
-    surplus would block in the pool's checkout)."""
-    engine = create_engine(migrated_url, pool_size=1, max_overflow=0, pool_timeout=10)
+    surplus would block in the pool's checkout) - whatever limits each one names."""
+    engine = create_engine(migrated_url, pool_size=pool_size, max_overflow=0, pool_timeout=10)
+    # The first middleware's limit holds for both ("auto": one on SQLite, else the pool).
+    capacity = limits[0] if isinstance(limits[0], int) else pool_capacity(engine)
     running = {"now": 0, "most": 0}
     app = FastAPI()
-    for name in ("a", "b"):
+    for name, limit in zip(("a", "b"), limits, strict=True):
         sub = FastAPI()
-        sub.add_middleware(DBSessionMiddleware, custom_engine=engine)
+        sub.add_middleware(DBSessionMiddleware, custom_engine=engine,
+                           max_concurrent_sessions=limit)
 
         @sub.get("/work")
         async def work() -> None:
@@ -387,7 +394,7 @@ async def test_two_middlewares_on_one_engine_share_its_connection_slots(
                 *(client.get(f"/{name}/work") for name in "ab" * 4)
             )
         assert [response.status_code for response in responses] == [200] * 8
-        assert running["most"] == 1
+        assert running["most"] <= capacity
     finally:
         engine.dispose()
 
@@ -399,8 +406,12 @@ async def test_two_middlewares_on_one_engine_share_its_connection_slots(
         ({"max_concurrent_sessions": 0}, ValueError),
         ({"max_concurrent_sessions": -1}, ValueError),
         ({"commit_policy": None}, TypeError),
+        ({"autocommit_methods": "GET"}, TypeError),
+        ({"sessionless_paths": b"/health/live"}, TypeError),
+        ({"max_concurrent_sessions": True}, ValueError),
     ],
-    ids=["paths-a-string", "no-sessions", "negative-sessions", "policy-not-callable"],
+    ids=["paths-a-string", "no-sessions", "negative-sessions", "policy-not-callable",
+         "methods-a-string", "paths-bytes", "sessions-a-bool"],
 )
 async def test_arguments_that_cannot_work_are_refused_when_the_middleware_is_built(
     mode: Mode, argument: dict[str, object], error: type[Exception]
