@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import httpx
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import InvalidKeyError, PyJWKError
 
 logger = logging.getLogger("service.auth.jwks")
 
@@ -90,7 +90,7 @@ def signing_keys(jwks: Any) -> dict[str, PyJWK]:
             continue
         try:
             keys[kid] = PyJWK(dict(jwk), algorithm=algorithm)
-        except (PyJWKError, ValueError, TypeError) as error:
+        except (PyJWKError, InvalidKeyError, ValueError, TypeError) as error:
             logger.warning("JWKS: key %r is ignored: %s", kid, type(error).__name__)
     if not keys:
         raise InvalidKeySet("no usable key (RS256, ES256 or EdDSA public key with a kid)")
@@ -104,7 +104,7 @@ class FileKeys:
     def __init__(self, path: Path) -> None:
         try:
             self._keys = signing_keys(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             raise InvalidKeySet(f"JWT_JWKS_FILE {path}: {error}") from None
 
     async def key(self, kid: str) -> PyJWK | None:
@@ -174,7 +174,7 @@ class RemoteKeys:
                 async with asyncio.timeout(FETCH_TIMEOUT):
                     self._keys = signing_keys(await self._fetch())
                 self._last_success = self.clock()
-            except (httpx.HTTPError, ValueError, TimeoutError) as error:
+            except (httpx.HTTPError, ValueError, TimeoutError, RecursionError) as error:
                 logger.warning(
                     "JWKS %s could not be fetched (%s: %s); keeping the %d keys cached",
                     self.url, type(error).__name__, error, len(self._keys),

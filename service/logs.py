@@ -30,6 +30,7 @@ from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 from service.config import Settings
+from service.db.middleware_base import printable as printable  # one escaping for all
 from service.request_ids import current_request_id
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
@@ -92,14 +93,6 @@ def configure_logging(settings: Settings) -> None:
 
 _HANDLER_NAME = "service"
 
-
-def printable(text: str) -> str:
-    """`text` for a log message: each unprintable character (a line break, an escape
-    sequence) as its Python escape (`\\n`, `\\x1b`), so that what a client sent cannot
-    forge a line of a text log. (JSON logs escape every field themselves.)"""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def echo_statements(echo: bool) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
 from service.db.failures import Failure, failure_of_statement
+from service.db.middleware_base import printable
 from service.domain_errors import DomainError
 from service.request_ids import HEADER as REQUEST_ID_HEADER
 from service.request_ids import current_request_id
@@ -138,7 +139,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         orig = getattr(exc, "orig", None)
         reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
         logger.warning("%s %s: database unavailable (%s); answering 503",
-                       request.method, request.url.path, reason)
+                       request.method, printable(request.url.path), reason)
     return failure_problem(failure)
 
 

@@ -366,6 +366,9 @@ HOSTILE: dict[str, Callable[[IdentityProvider], str]] = {
     "sub-with-a-line-break": lambda p: p.token(sub="alice\n2026-11-30 INFO forged"),
     "sub-with-a-zero-width-space": lambda p: p.token(sub="\u200btoken:ci"),
     "sub-with-a-blank-edge": lambda p: p.token(sub=" alice"),
+    "sub-with-a-combining-grapheme-joiner": lambda p: p.token(sub="tok\u034fen:ci"),
+    "sub-with-a-variation-selector": lambda p: p.token(sub="unknown\ufe0f"),
+    "sub-a-hangul-filler": lambda p: p.token(sub="\u3164"),
     "garbage": lambda p: "not.a.jwt",
     "api-token-with-a-suffix": lambda p: AUTH["Authorization"].split()[1] + "x",
 }
@@ -641,6 +644,17 @@ async def test_the_rate_limit_lets_a_refresh_through_after_a_minute(
     assert jwks_server.fetches == 2
     assert await keys.key("ec-1") is not None  # known now: no fetch
     assert jwks_server.fetches == 2
+
+
+def test_a_malformed_key_in_a_jwks_is_skipped_not_fatal(provider: IdentityProvider) -> None:
+    """One broken key (an RSA modulus that is not base64url text) must not take the good
+    ones down with it - at start, or when the provider publishes it later."""
+    jwks = provider.jwks()
+    broken = {**jwks["keys"][0], "kid": "broken", "n": 123}
+    keys = signing_keys({"keys": [*jwks["keys"], broken]})
+    assert "broken" not in keys and "rsa-1" in keys
+    with pytest.raises(InvalidKeySet):
+        signing_keys({"keys": [broken]})
 
 
 def test_only_public_signing_keys_of_the_three_kinds_are_taken(

@@ -174,7 +174,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             slot = await self.slots.acquire()
         except NoSlot:
             logger.warning(
-                "%s: no database connection came free within %.0f s; answering 503",
+                "%s: no database connection came free within %g s; answering 503",
                 describe(scope), self.slots.wait,
             )
             self.observer.rejected(self.database.name, scope)
@@ -398,8 +398,18 @@ def route_path(scope: Scope) -> str:
 
 
 def describe(scope: Scope) -> str:
-    """The request in a log line: method, path and request id if the client sent one."""
+    """The request in a log line: method, path and request id if the client sent one -
+    escaped (`printable`), since the client chose them."""
     headers = dict(scope.get("headers", ()))
     request_id = headers.get(b"x-request-id", b"").decode("latin-1")
     where = f"{scope.get('method', '?')} {scope.get('path', '?')}"
-    return f"{where} (request id {request_id})" if request_id else where
+    return printable(f"{where} (request id {request_id})" if request_id else where)
+
+
+def printable(text: str) -> str:
+    """`text` for a log message: each unprintable character (a line break, an escape
+    sequence) as its Python escape (`\\n`, `\\x1b`), so that what a client sent cannot
+    forge a line of a text log. (JSON logs escape every field themselves.)"""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

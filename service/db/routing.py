@@ -32,9 +32,10 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import Select, TextualSelect
 
 from service.db.failures import database_unavailable
 from service.db.replicas import Replicas, ReplicaState
@@ -224,9 +225,18 @@ def _writes_or_locks(clause: Any) -> bool:
     the caller chose a replica for it (`replica()`)."""
     if isinstance(clause, UpdateBase):
         return True
-    if isinstance(clause, TextClause):
-        return _choice.get() != "replica" and not _plain_query(clause.text)
+    text = _raw_sql(clause)
+    if text is not None:
+        return _choice.get() != "replica" and not _plain_query(text)
     return isinstance(clause, Select) and clause._for_update_arg is not None
+
+
+def _raw_sql(clause: Any) -> str | None:
+    """The SQL text of a raw statement: `text()`, `text().columns()` (a TextualSelect) or
+    `select(Model).from_statement(text(...))`; None for anything else."""
+    while isinstance(clause, TextualSelect | FromStatement):
+        clause = clause.element
+    return clause.text if isinstance(clause, TextClause) else None
 
 
 # Raw SQL a replica may run: it starts as a query, and names nothing that writes or locks
@@ -234,7 +244,7 @@ def _writes_or_locks(clause: Any) -> bool:
 # function that writes - needs `primary()`; anything it is unsure of goes to the primary.
 _QUERY_START = re.compile(r"\s*\(*\s*(SELECT|WITH|VALUES|TABLE|SHOW)\b", re.IGNORECASE)
 _WRITES_OR_LOCKS = re.compile(
-    r"\b(INSERT|UPDATE|DELETE|MERGE|INTO|LOCK|COPY|CALL|NEXTVAL|SETVAL|PG_ADVISORY_\w*|"
+    r"\b(INSERT|UPDATE|DELETE|MERGE|INTO|LOCK|COPY|CALL|NEXTVAL|SETVAL|PG_\w*ADVISORY\w*|"
     r"FOR\s+(NO\s+KEY\s+)?UPDATE|FOR\s+(KEY\s+)?SHARE)\b",
     re.IGNORECASE,
 )

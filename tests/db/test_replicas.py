@@ -65,12 +65,19 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
     async def raw_sql(kind: str) -> dict[str, bool]:
         # Raw SQL the router cannot read as a plain query: on a replica it would fail
         # ("cannot execute UPDATE in a read-only transaction").
-        statement = {
-            "write": "UPDATE items SET price = price WHERE false",
-            "lock": "SELECT id FROM items LIMIT 1 FOR UPDATE",
-            "sequence": "SELECT nextval('items_id_seq')",
+        statement: Any = {
+            "write": text("UPDATE items SET price = price WHERE false"),
+            "lock": text("SELECT id FROM items LIMIT 1 FOR UPDATE"),
+            "sequence": text("SELECT nextval('items_id_seq')"),
+            "try-advisory-lock": text("SELECT pg_try_advisory_xact_lock(7)"),
+            "write-as-columns": text(
+                "UPDATE items SET price = price WHERE false RETURNING id"
+            ).columns(Item.id),
+            "write-from-statement": select(Item).from_statement(
+                text("UPDATE items SET price = price WHERE false RETURNING *")
+            ),
         }[kind]
-        await mode.run(lambda session: session.execute(text(statement)))
+        await mode.run(lambda session: session.execute(statement))
         return {"standby": await mode.scalar(ON_STANDBY)}
 
     @app.get("/read-explicitly-from-primary")
@@ -140,7 +147,11 @@ async def test_a_lock_moves_the_rest_of_the_request_to_the_primary(routed: Route
     assert (await routed.client.get("/lock-then-read")).json() == {"standby": False}
 
 
-@pytest.mark.parametrize("kind", ["write", "lock", "sequence"])
+@pytest.mark.parametrize(
+    "kind",
+    ["write", "lock", "sequence", "try-advisory-lock", "write-as-columns",
+     "write-from-statement"],
+)
 async def test_raw_sql_that_writes_or_locks_in_a_read_request_runs_on_the_primary(
     routed: Routed, kind: str
 ) -> None:

@@ -2,6 +2,7 @@
 probe answers while every slot is held (`sessionless_paths`)."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -190,3 +191,28 @@ async def test_a_sessionless_path_is_matched_behind_a_root_path_or_a_mount(
         finally:
             holder.release.set()
             assert (await asyncio.wait_for(held, 5)).status_code == 200
+
+
+async def test_a_line_break_in_a_path_cannot_forge_a_log_line(
+    migrated_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """service.db's own lines (here: the busy pool's 503) name the request's path as the
+    client sent it: escaped, so that a %0a cannot start a line of its own."""
+    engine = create_engine(migrated_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    holder = Holder(app)
+    try:
+        async with client_for(app) as client:
+            held = asyncio.create_task(client.get("/hold"))
+            await asyncio.wait_for(holder.holding.wait(), 5)
+            with caplog.at_level(logging.WARNING, logger="service.db"):
+                busy = await client.get("/x%0a2026-11-30 ERROR service.db forged")
+            holder.release.set()
+            await asyncio.wait_for(held, 5)
+    finally:
+        engine.dispose()
+    assert busy.status_code == 503
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "service.db"]
+    assert "\n" not in line and "/x\\n2026-11-30" in line
+    assert "within 0.2 s" in line

@@ -93,6 +93,9 @@ def _replace_if_dropped(dbapi_connection: Any, connection_record: Any, proxy: An
         try:
             dbapi_connection.ping()
         except Exception as error:
+            # Replaced now, not after asyncpg's graceful close (up to 2 s more, waiting for
+            # a server that may hang).
+            driver.terminate()
             raise exc.DisconnectionError("a pooled connection failed its ping") from error
 
 
