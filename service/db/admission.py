@@ -10,13 +10,10 @@ blocks on checkout, so threads always come free.
 """
 
 import asyncio
-import logging
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
-
-logger = logging.getLogger("service.db")
 
 DEFAULT_WAIT = 30.0  # seconds, where the pool names no timeout of its own
 
@@ -45,23 +42,18 @@ def pool_wait(engine: Engine) -> float:
     return pool.timeout() if isinstance(pool, QueuePool) else DEFAULT_WAIT
 
 
-_SHARED: "WeakKeyDictionary[Pool, ConnectionSlots]" = WeakKeyDictionary()
+_SHARED: "WeakKeyDictionary[Pool, dict[int | None, ConnectionSlots]]" = WeakKeyDictionary()
 
 
 def slots_of(engine: Engine, limit: int | None) -> "ConnectionSlots":
-    """The slots of `engine`'s connection pool: one set for every middleware on that pool
-    (two apps, or two mounted sub-apps, given one engine must not let in more requests
-    than it has connections). The first middleware's `limit` holds for all; another asking
-    for a different one is told so (WARNING)."""
-    slots = _SHARED.get(engine.pool)
+    """The slots of `engine`'s connection pool, `limit` of them: one set for every
+    middleware on that pool that names the same limit (two apps, or two mounted sub-apps,
+    given one engine must not let in twice as many requests as it has connections). A
+    middleware naming another limit counts its own: that limit was chosen for it."""
+    by_limit = _SHARED.setdefault(engine.pool, {})
+    slots = by_limit.get(limit)
     if slots is None:
-        slots = _SHARED[engine.pool] = ConnectionSlots(limit, pool_wait(engine))
-    elif slots.limit != limit:
-        logger.warning(
-            "a second DBSessionMiddleware on the same connection pool asks for %s "
-            "concurrent sessions; the pool's slots are shared, and stay at %s",
-            limit, slots.limit,
-        )
+        slots = by_limit[limit] = ConnectionSlots(limit, pool_wait(engine))
     return slots
 
 
