@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
@@ -194,11 +194,12 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
         statement on the session's connection right now.
 
         First the gate of each of the session's connections is closed
-        (`statement_gate`): once its running statement is over, the route's later ones are
-        refused before they reach the driver - so after the rollback the connection goes
-        back to the pool with nothing of the route's still on it. Then the session is
-        rolled back and closed; a Session refuses that while another thread is inside one
-        of its own calls (IllegalStateChangeError: e.g. checking out a connection), so
+        (`statement_gate`): the route's later statements and COMMITs are refused before
+        they reach the driver, and the one running is waited for - so after the rollback
+        the connection goes back to the pool with nothing of the route's still on it. Then
+        the session is rolled back and closed; a Session refuses that while another thread
+        is inside one of its own calls (IllegalStateChangeError: e.g. checking out a
+        connection), so
         this tries again until the route's thread is out of it (at most
         `ABANDONED_PATIENCE` s). The closed session refuses the route's later work."""
         deadline = time.monotonic() + ABANDONED_PATIENCE
@@ -214,7 +215,9 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
 
     def _close_gates(self, deadline: float) -> None:
         transaction = self.session.get_transaction()
-        if transaction is None:
+        if transaction is None or isinstance(self.session.bind, Connection):
+            # Bound to a connection of the caller's (test isolation): not a pooled one,
+            # and the rest of the test goes on using it.
             return
         # The route's thread may add a connection meanwhile: copying the dict then raises
         # RuntimeError ("changed size during iteration"), and the caller tries again.

@@ -5,6 +5,7 @@ middle of a statement, and never make a later request fail. In both modes."""
 import asyncio
 import gc
 import random
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, func, insert, select, text
 from starlette.responses import PlainTextResponse
 
 from service.db import DBSessionMiddleware, create_engine, db
+from service.db.testing import isolated
 from service.items.models import Item
 from tests.db.conftest import Mode, client_for, stored_names
 
@@ -252,3 +254,73 @@ async def test_a_cancelled_sync_routes_statements_never_land_in_another_requests
         stored[tag] = stored.get(tag, 0) + 1
     partial = {tag: f"{n}/{wanted[tag]}" for tag, n in stored.items() if n != wanted[tag]}
     assert partial == {}
+
+
+LONG_STATEMENT = text(
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1500000) "
+    "SELECT count(*) FROM c"
+)
+
+
+async def test_a_cancelled_sync_route_cannot_commit_by_hand_what_came_after(
+    migrated_url: str, engine: Engine
+) -> None:
+    """The gate closes at once: the statements the route runs after its request was
+    cancelled - back to back, with no pause to wait for - and its own COMMIT are refused."""
+    pool_engine = create_engine(migrated_url, pool_size=2, max_overflow=0)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=pool_engine)
+    app.add_middleware(CutOffAfter)
+    finished = threading.Event()
+
+    @app.post("/late/{tag}")
+    def late(tag: str) -> None:
+        try:
+            db.session.execute(insert(Item).values(name=f"{tag}-a", price=1))
+            db.session.execute(LONG_STATEMENT)  # the request is cancelled meanwhile
+            for part in "bcd":
+                db.session.execute(insert(Item).values(name=f"{tag}-{part}", price=1))
+            db.session.commit()
+        finally:
+            finished.set()
+
+    try:
+        async with client_for(app) as client:
+            response = await client.post("/late/x?0.05")
+            assert response.status_code == 504
+            assert await asyncio.to_thread(finished.wait, 30)
+            deadline = time.monotonic() + 10
+            while pool_engine.pool.checkedout() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.05)
+            assert (await client.post("/late/y")).status_code == 200
+    finally:
+        pool_engine.dispose()
+    assert stored_names(engine) == {"y-a", "y-b", "y-c", "y-d"}
+
+
+async def test_a_cancelled_request_under_test_isolation_leaves_the_tests_connection_usable(
+    engine: Engine,
+) -> None:
+    """Under `db_isolation` every session shares the test's connection: a cancelled
+    request must not close it for the rest of the test."""
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+    app.add_middleware(CutOffAfter)
+    finished = threading.Event()
+
+    @app.get("/slow")
+    def slow() -> None:
+        try:
+            db.session.execute(LONG_STATEMENT)
+        finally:
+            finished.set()
+
+    @app.get("/count")
+    def count() -> int:
+        return int(db.session.scalar(select(func.count()).select_from(Item)) or 0)
+
+    with isolated(db, engine):
+        async with client_for(app) as client:
+            assert (await client.get("/slow?0.05")).status_code == 504
+            assert await asyncio.to_thread(finished.wait, 30)
+            assert (await client.get("/count")).status_code == 200
