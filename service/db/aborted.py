@@ -21,6 +21,7 @@ savepoints then open; a ROLLBACK TO one of those savepoints, once it has run, cl
 mark; a new transaction starts clean. Connections in autocommit are never marked.
 """
 
+import re
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
@@ -50,11 +51,9 @@ def guard_aborted_transactions(engine: Engine) -> None:
 
 def _failed(context: ExceptionContext) -> None:
     connection = context.connection
-    original = context.original_exception
-    reported = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
     if (
         connection is None
-        or not reported  # not the server's answer: connecting, a client-side error
+        or not _from_the_server(context.original_exception)  # connecting, client-side
         or context.is_disconnect  # the connection is gone: the COMMIT fails by itself
         or connection.invalidated
         or not connection.in_transaction()
@@ -65,21 +64,41 @@ def _failed(context: ExceptionContext) -> None:
     info.setdefault(_ABORTED, info.get(_SAVEPOINTS, 0))
 
 
+def _from_the_server(error: BaseException) -> bool:
+    """Whether the server reported `error` (it then aborted the transaction): an error
+    with a SQLSTATE - but for asyncpg (the cause of what SQLAlchemy's adapter raises),
+    whose client-side errors carry one too (a parameter it could not encode is a
+    `DataError`, 22000), only one with the `severity` the server's messages have."""
+    cause = error.__cause__
+    if type(cause).__module__.startswith("asyncpg"):
+        return bool(getattr(cause, "severity", None))
+    return bool(getattr(error, "pgcode", None) or getattr(error, "sqlstate", None))
+
+
+# Savepoint statements as PostgreSQL takes them: any case, SAVEPOINT optional after
+# RELEASE and ROLLBACK TO.
+_SAVEPOINT_STATEMENT = re.compile(
+    r"\s*(SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.IGNORECASE
+)
+
+
 def _ran(
     connection: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
     many: bool,
 ) -> None:
     # Savepoints as they really ran (a SAVEPOINT the server refused never counts).
-    if statement.startswith("SAVEPOINT "):
-        connection.info[_SAVEPOINTS] = connection.info.get(_SAVEPOINTS, 0) + 1
-    elif statement.startswith("RELEASE SAVEPOINT "):
-        connection.info[_SAVEPOINTS] = max(connection.info.get(_SAVEPOINTS, 0) - 1, 0)
-    elif statement.startswith("ROLLBACK TO SAVEPOINT "):
-        info = connection.info
-        depth = info.get(_SAVEPOINTS, 0)
-        if depth and depth <= info.get(_ABORTED, -1):
-            del info[_ABORTED]  # that savepoint was open when the server refused
-        info[_SAVEPOINTS] = max(depth - 1, 0)
+    found = _SAVEPOINT_STATEMENT.match(statement)
+    if found is None:
+        return
+    info = connection.info
+    depth = info.get(_SAVEPOINTS, 0)
+    kind = found[1].upper()
+    if kind == "SAVEPOINT":
+        info[_SAVEPOINTS] = depth + 1
+        return
+    if kind != "RELEASE" and depth and depth <= info.get(_ABORTED, -1):
+        del info[_ABORTED]  # rolled back to a savepoint open when the server refused
+    info[_SAVEPOINTS] = max(depth - 1, 0)
 
 
 def _clear(connection: Connection) -> None:

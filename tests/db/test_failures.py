@@ -381,18 +381,37 @@ def error_while_fetching(session: Session) -> None:
             pass
 
 
+def savepoints_written_by_hand(session: Session) -> None:
+    """Savepoints in raw SQL, as PostgreSQL takes them: any case, SAVEPOINT optional."""
+    session.execute(text("savepoint s1"))
+    with contextlib.suppress(DBAPIError):
+        session.execute(text(BAD))
+    session.execute(text("rollback to s1"))
+    session.execute(text("release s1"))
+
+
+def a_parameter_the_driver_refuses(session: Session) -> None:
+    """A value that cannot be sent as the parameter's type: asyncpg refuses it before
+    anything reaches the server (psycopg2 sends it, and the server refuses it)."""
+    with contextlib.suppress(DBAPIError):
+        session.execute(text("SELECT CAST(:x AS integer) + 1"), {"x": "abc"})
+
+
 @pytest.mark.parametrize(
     ("pattern", "aborted_on_postgresql"),
     [
         (failed_savepoint_then_outer_undone, False),
         (outer_savepoint_exit_refused, True),
         (error_while_fetching, True),
+        (savepoints_written_by_hand, False),
+        (a_parameter_the_driver_refuses, "sync"),
     ],
-    ids=["failed-savepoint-then-outer-undone", "outer-exit-refused", "error-while-fetching"],
+    ids=["failed-savepoint-then-outer-undone", "outer-exit-refused", "error-while-fetching",
+         "savepoints-by-hand", "parameter-refused"],
 )
 async def test_the_guard_follows_what_really_ran(
     mode: Mode, engine: Engine, backend: str,
-    pattern: Callable[[Session], None], aborted_on_postgresql: bool,
+    pattern: Callable[[Session], None], aborted_on_postgresql: bool | str,
 ) -> None:
     """The 2xx stands exactly when the transaction can still commit: savepoints count as
     they ran on the server (a refused SAVEPOINT, a ROLLBACK TO never sent), and an error
@@ -415,6 +434,8 @@ async def test_the_guard_follows_what_really_ran(
 
     async with client_for(app) as client:
         response = await client.post("/items/desk")
+    if isinstance(aborted_on_postgresql, str):  # only in this mode (this driver)
+        aborted_on_postgresql = mode.name == aborted_on_postgresql
     aborted = backend == "postgresql" and aborted_on_postgresql
     assert response.status_code == (500 if aborted else 200), response.text
     assert stored_names(engine) == (set() if aborted else {"desk"})
