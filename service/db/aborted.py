@@ -42,11 +42,18 @@ def guard_aborted_transactions(engine: Engine) -> None:
     (PostgreSQL only; idempotent)."""
     if engine.dialect.name != "postgresql" or event.contains(engine, "commit", _commit):
         return
+    event.listen(engine, "commit", _commit)
+    if engine.dialect.driver in _REPORT_THEIR_STATUS:
+        return  # nothing to track: the driver knows
     event.listen(engine, "handle_error", _failed)
     event.listen(engine, "after_cursor_execute", _ran)
     event.listen(engine, "begin", _clear)
     event.listen(engine, "rollback", _clear)
-    event.listen(engine, "commit", _commit)
+
+
+# Drivers whose connections tell the server's transaction status
+# (`connection.info.transaction_status`, libpq's PQtransactionStatus).
+_REPORT_THEIR_STATUS = frozenset({"psycopg2", "psycopg"})
 
 
 def _failed(context: ExceptionContext) -> None:

@@ -204,14 +204,14 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
         `ABANDONED_PATIENCE` s). The closed session refuses the route's later work."""
         deadline = time.monotonic() + ABANDONED_PATIENCE
         while True:
+            self._close_gates(deadline)
             try:
-                self._close_gates(deadline)
                 self.end(commit=False)
                 return
-            except (IllegalStateChangeError, RuntimeError):  # RuntimeError: see below
+            except IllegalStateChangeError:
                 if time.monotonic() >= deadline:
                     raise
-                time.sleep(0.005)
+                time.sleep(0.005)  # and close the gate of a connection it took meanwhile
 
     def _close_gates(self, deadline: float) -> None:
         transaction = self.session.get_transaction()
@@ -219,11 +219,17 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
             # Bound to a connection of the caller's (test isolation): not a pooled one,
             # and the rest of the test goes on using it.
             return
-        # The route's thread may add a connection meanwhile: copying the dict then raises
-        # RuntimeError ("changed size during iteration"), and the caller tries again.
-        for connection, *_ in list(transaction._connections.values()):
+        while True:
+            try:
+                connections = [entry[0] for entry in list(transaction._connections.values())]
+                break
+            except RuntimeError:  # the route's thread took a connection while we copied
+                time.sleep(0.001)
+        for connection in connections:
             if not close_gate(connection, max(deadline - time.monotonic(), 0.0)):
-                raise RuntimeError("a statement of the cancelled request is still running")
+                raise TimeoutError(
+                    f"a statement of a cancelled request ran past {ABANDONED_PATIENCE:.0f} s"
+                )
 
     def _run_due_hooks(self) -> None:
         for hook in self._take_due():
