@@ -50,6 +50,34 @@ def lsn_to_int(lsn: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
+# The insert position and the WAL layout it is read in, in one round trip.
+_INSERT_POSITION = (
+    "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int, "
+    "pg_size_bytes(current_setting('wal_segment_size'))"
+)
+# PostgreSQL's WAL page headers on a 64-bit build: the first page of a segment has the long
+# one (SizeOfXLogLongPHD), every other page the short one (SizeOfXLogShortPHD).
+_LONG_PAGE_HEADER = 40
+_SHORT_PAGE_HEADER = 24
+
+
+def record_end(insert_position: int, block_size: int, segment_size: int) -> int:
+    """The end of the last WAL record, given the insert position that follows it.
+
+    Where a record ends exactly at a page boundary, `pg_current_wal_insert_lsn()` points
+    past the next page's header, while a standby that replayed that record reports the
+    boundary itself (`pg_last_wal_replay_lsn()`), and keeps reporting it until more WAL
+    comes: a token holding the insert position would never be served by a replica of a
+    quiet primary. No record can end inside a page header, so an insert position just past
+    one means the boundary; any other position is a record's end as it is.
+    """
+    if insert_position % segment_size == _LONG_PAGE_HEADER:
+        return insert_position - _LONG_PAGE_HEADER
+    if insert_position % block_size == _SHORT_PAGE_HEADER:
+        return insert_position - _SHORT_PAGE_HEADER
+    return insert_position
+
+
 def poll_url(url: URL) -> URL:
     """The URL the poller connects with: `url` with psycopg2 when it names an async driver
     (the poller is a thread, not a task on some event loop)."""
@@ -174,14 +202,14 @@ class Replicas:
         try:
             if not self.transaction_pooled:
                 connection.execution_options(isolation_level="AUTOCOMMIT")
-            lsn = connection.exec_driver_sql("SELECT pg_current_wal_insert_lsn()::text").scalar()
+            lsn, block, segment = connection.exec_driver_sql(_INSERT_POSITION).one()
             if self.transaction_pooled:
                 connection.rollback()
         except Exception as exc:  # the COMMIT stands; only the token is lost
             logger.warning("could not read the primary's WAL position after a commit (%s); "
                            "the response carries no consistency token", _reason(exc))
             return None
-        return lsn_to_int(str(lsn))
+        return record_end(lsn_to_int(str(lsn)), int(block), int(segment))
 
     def mark_down(self, replica: ReplicaState, reason: str) -> None:
         """A request found `replica` broken: skip it until its next successful poll."""

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select, text
 from service.db import create_engine
 from service.db.asyncio import create_async_engine
 from service.db.consistency import HEADER, ConsistencyMiddleware, ConsistencyTokens
-from service.db.replicas import Replicas
+from service.db.replicas import Replicas, record_end
 from service.items.models import Item
 from service.main import SAFE_METHODS
 from service.problems import problem_response
@@ -31,6 +31,22 @@ pytestmark = pytest.mark.anyio
 
 SECRET = b"test-consistency-secret-0123456789"
 ON_STANDBY = text("SELECT pg_is_in_recovery()")
+
+
+def wal_positions(primary: Engine, standby: Standby) -> dict[str, str]:
+    """Where the primary's WAL is inserted, written and flushed, and where the standby has
+    received and replayed it (for a failure's message)."""
+    with primary.connect() as connection:
+        inserted, written, flushed = connection.execute(text(
+            "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_lsn()::text, "
+            "pg_current_wal_flush_lsn()::text"
+        )).one()
+    with standby.engine.connect() as connection:
+        received, replayed = connection.execute(text(
+            "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+        )).one()
+    return {"inserted": inserted, "written": written, "flushed": flushed,
+            "received": received, "replayed": replayed}
 
 
 @dataclass
@@ -210,13 +226,49 @@ async def test_a_token_is_served_by_the_replica_once_it_has_replayed_it(
     # Until the poller has seen the standby replay the commit (with synchronous_commit off
     # the commit record may reach the standby a WAL-writer round later).
     while (routed.replicas.replicas[0].position or 0) < position:
-        assert time.monotonic() < deadline, "the standby did not replay the commit"
+        assert time.monotonic() < deadline, (
+            f"the standby did not replay the commit: token {position:X}, "
+            f"replicas {routed.replicas.status()}, {wal_positions(engine, standby)}"
+        )
         await anyio.sleep(0.05)
     read = await routed.client.get(
         f"/items/{created.json()['id']}", headers={HEADER: created.headers[HEADER]}
     )
     assert read.status_code == 200
     assert read.json()["standby"] is True
+
+
+async def test_a_position_read_at_a_wal_page_boundary_is_one_the_standby_reaches(
+    standby: Standby, engine: Engine
+) -> None:
+    """Right after a WAL segment switch the primary's insert position points past the new
+    page's header, and a standby that replayed everything reports the boundary: a token
+    holding the insert position would wait for WAL a quiet primary never writes."""
+    replicas = Replicas(engine, [standby.engine], poll_interval=0.1)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_switch_wal()"))
+            connection.commit()
+            position = replicas.position_on(connection)
+            segment = connection.scalar(
+                text("SELECT pg_size_bytes(current_setting('wal_segment_size'))")
+            )
+        assert position is not None and position % segment == 0
+        deadline = time.monotonic() + 10
+        while replicas.choose(position) is None:
+            assert time.monotonic() < deadline, "the standby never reached the position"
+            await anyio.sleep(0.05)
+    finally:
+        replicas.close()
+
+
+def test_an_insert_position_just_past_a_page_header_is_the_boundary() -> None:
+    block, segment = 8192, 16 * 1024 * 1024
+    assert record_end(3 * segment + 40, block, segment) == 3 * segment
+    assert record_end(3 * segment + 5 * block + 24, block, segment) == 3 * segment + 5 * block
+    # Anywhere else the insert position is the last record's end as it is.
+    assert record_end(3 * segment + 5 * block + 40, block, segment) == 3 * segment + 5 * block + 40
+    assert record_end(3 * segment + 64, block, segment) == 3 * segment + 64
 
 
 @pytest.mark.parametrize(
