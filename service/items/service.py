@@ -130,7 +130,8 @@ async def list_items(
     - estimated: exact up to `threshold` matching items, counted in the page's statement by
       a count that stops there; above it, on PostgreSQL, the planner's estimate of the same
       filtered query, asked for by that statement (`dao.counted_page`), else the threshold
-      itself as a lower bound (1 statement);
+      itself as a lower bound (1 statement); never less than the rows up to the end of
+      this page;
     - none: no total and no page count (1 statement).
     """
     window = paging.to_raw_params().as_limit_offset()
@@ -149,8 +150,10 @@ async def list_items(
     )
     if not bounded or counted <= threshold:
         return _page(items, paging, total=counted, exact=True)
-    # More than the threshold: never report fewer than the rows known to be there.
-    return _page(items, paging, total=max(estimate or 0, threshold), exact=False)
+    # More than the threshold: never report fewer than the rows known to be there - the
+    # threshold, and every row up to the end of this page (so `pages` reaches this page).
+    known = max(threshold, offset + len(items))
+    return _page(items, paging, total=max(estimate or 0, known), exact=False)
 
 
 def _page(
