@@ -240,6 +240,10 @@ class ItemSort(StrEnum):
         return self.value.startswith("-")
 
 
+# The longest cursor the scroll accepts: one that ends a page on a name of 200 characters
+# of 4 UTF-8 bytes each, sorted by `-name`, at the largest id, is 1,155 characters.
+CURSOR_MAX_LENGTH = 1200
+
 # The sort and page size parameters of both lists.
 SORT_HELP = "`field` or `-field` (descending); ties are ordered by id."
 SIZE_HELP = "Items per page, 1-100."
@@ -252,7 +256,9 @@ class ScrollQuery(ItemFilters):
 
     sort: ItemSort = Field(ItemSort.id_asc, description=SORT_HELP)
     cursor: str | None = Field(
-        None, max_length=1000, description="`next_page` of the previous page; none to start."
+        None,
+        max_length=CURSOR_MAX_LENGTH,
+        description="`next_page` of the previous page; none to start.",
     )
     size: int = Field(20, ge=1, le=100, description=SIZE_HELP)
 

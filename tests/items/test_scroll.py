@@ -13,6 +13,7 @@ from sqlalchemy import Engine, delete
 from service.config import Settings
 from service.cursors import sign_cursor
 from service.items.models import Item
+from service.items.schemas import CURSOR_MAX_LENGTH
 from tests.items.helpers import SORTS, expected_order, insert_items
 
 pytestmark = pytest.mark.anyio
@@ -140,6 +141,27 @@ async def test_deleting_the_row_a_cursor_points_at_does_not_break_it(
     assert [item_id for page in rest for item_id in page] == expected_order(shop, "price")[3:]
 
 
+@pytest.mark.parametrize("sort", ["name", "-name"])
+async def test_a_page_ending_on_the_longest_name_gives_a_cursor_the_scroll_takes(
+    client: httpx.AsyncClient, engine: Engine, sort: str
+) -> None:
+    """200 characters of 4 UTF-8 bytes each (and of a quote, escaped in JSON), then a page
+    boundary right after them: the scroll goes on to the end."""
+    names = ["😀" * 200, '"' * 200, "a", "é" * 200]
+    insert_items(engine, *({"name": name, "price": "1.00"} for name in names))
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"sort": sort, "size": 1, **({"cursor": cursor} if cursor else {})}
+        items, cursor = await scroll(client, **params)
+        seen += [item["name"] for item in items]
+        assert cursor is None or len(cursor) <= CURSOR_MAX_LENGTH
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(names)
+    assert len(seen) == len(names)
+
+
 async def test_a_cursor_made_for_another_sort_returns_400_naming_it(
     client: httpx.AsyncClient, shop: list[dict[str, Any]]
 ) -> None:
@@ -247,7 +269,7 @@ async def test_a_signed_cursor_without_a_valid_position_returns_400_not_500(
         ({"size": 0}, "size"),
         ({"size": 101}, "size"),
         ({"sort": "colour"}, "sort"),
-        ({"cursor": "a" * 1001}, "cursor"),
+        ({"cursor": "a" * (CURSOR_MAX_LENGTH + 1)}, "cursor"),
         ({"min_price": "-5"}, "min_price"),
     ],
 )
