@@ -17,7 +17,6 @@ Every refusal is an `InvalidToken` whose message says why in words safe to log: 
 never quotes the token or a claim's value (at most a header's `alg` or `kid`, shortened).
 """
 
-import re
 from typing import Any
 
 import jwt
@@ -25,6 +24,7 @@ from jwt import InvalidTokenError, PyJWK
 
 from service.jwt_keys import KeySource
 from service.principal import Principal, is_reserved
+from service.text import INVISIBLE
 
 REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 MAX_SUBJECT_LENGTH = 255  # what `created_by` / `updated_by` hold
@@ -82,7 +82,7 @@ class JwtCheck:
             raise InvalidToken(f"`sub` is not a string of 1-{MAX_SUBJECT_LENGTH} characters")
         # What gets recorded as who changed what, and shown: no control or invisible
         # characters (NUL and lone surrogates no database column stores), no blank edges.
-        if not subject.isprintable() or _INVISIBLE.search(subject) or subject != subject.strip():
+        if not subject.isprintable() or INVISIBLE.search(subject) or subject != subject.strip():
             raise InvalidToken("`sub` has unprintable or invisible characters or blank edges")
         if is_reserved(subject):
             raise InvalidToken("`sub` is a name the service keeps for its own principals")
@@ -99,16 +99,6 @@ class JwtCheck:
         if key is None:
             raise InvalidToken(f"unknown kid {_shown(kid)}")
         return key.key, key.algorithm_name
-
-
-# Characters `str.isprintable()` lets through that show nothing (Unicode's default-ignorable
-# code points - joiners, variation selectors, fillers - and the blank braille pattern):
-# "tok\u034fen:ci" would read as "token:ci".
-_INVISIBLE = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
-    "\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
-)
 
 
 def scopes_of(claims: dict[str, Any]) -> frozenset[str]:

@@ -30,6 +30,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from service.text import shows_nothing
+
 CENT = Decimal("0.01")
 
 
@@ -73,6 +75,24 @@ def _one_line(value: str) -> str:
     return value
 
 
+NAME_MAX_LENGTH = 200
+
+
+def _composed(value: str) -> str:
+    return unicodedata.normalize("NFC", value)
+
+
+def _name(value: str) -> str:
+    """A name is stored in Unicode's composed form (NFC), so "Cafe\u0301" and "Café" are one
+    name, and it must show something: a zero-width space alone is no name."""
+    value = _composed(value)
+    if shows_nothing(value):
+        raise ValueError("must contain a visible character")
+    if len(value) > NAME_MAX_LENGTH:  # a few characters compose into two ("\u0958")
+        raise ValueError(f"must have at most {NAME_MAX_LENGTH} characters once composed")
+    return value
+
+
 def _text(value: str) -> str:
     """Free text may break lines and use tabs, but holds no other control character."""
     if any(unicodedata.category(c) in {"Cc", "Cs"} and c not in "\t\n\r" for c in value):
@@ -82,11 +102,13 @@ def _text(value: str) -> str:
 
 Name = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX_LENGTH),
     AfterValidator(_one_line),
+    AfterValidator(_name),
     Field(
         description="1-200 characters, surrounding whitespace removed, no control "
-        "characters. Unique regardless of case.",
+        "characters, at least one visible; stored composed (Unicode NFC). Unique "
+        "regardless of case.",
         examples=["Walnut desk lamp"],
     ),
 ]
@@ -97,8 +119,20 @@ Description = Annotated[
         examples=["Warm light."],
     ),
 ]
+_DECIMAL_TEXT = re.compile(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*")
+
+
+def _decimal_text(value: Any) -> Any:
+    """A price given as text is written the way JSON writes numbers, in ASCII digits:
+    Python's `Decimal` would also read "1_000" and full-width digits."""
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value):
+        raise ValueError('must be a decimal number in ASCII digits, e.g. "12.50"')
+    return value
+
+
 Price = Annotated[
     Decimal,
+    BeforeValidator(_decimal_text),
     Field(
         ge=0,
         max_digits=12,
@@ -138,6 +172,7 @@ class ItemUpdate(BaseModel):
     version: int | None = Field(
         None,
         ge=1,
+        strict=True,  # a JSON integer: not `true`, "3" or 3.0
         description="The version you read. The update applies only if the item is still at "
         "this version (the alternative to the If-Match header).",
     )
@@ -168,7 +203,8 @@ class ItemOut(BaseModel):
     created_at: datetime = Field(description="ISO 8601, UTC.")
     updated_at: datetime = Field(description="ISO 8601, UTC.")
     version: int = Field(
-        description="Bumped by every update; send it back (or the ETag as If-Match) to update."
+        description="Bumped by every update that changes the item; send it back (or the "
+        "ETag as If-Match) to update."
     )
     created_by: str = Field(
         description="Who created the item: the `sub` of their JWT, or `token:<label>` for "
@@ -180,15 +216,15 @@ class ItemOut(BaseModel):
 class ItemFilters(BaseModel):
     """Query filters of the item lists; all optional, combined with AND."""
 
-    q: Annotated[str, AfterValidator(_one_line)] | None = Field(
+    q: Annotated[str, AfterValidator(_one_line), AfterValidator(_composed)] | None = Field(
         None,
         max_length=200,
         description="Part of the name, case-insensitive; % and _ match themselves.",
     )
-    min_price: Decimal | None = Field(
+    min_price: Annotated[Decimal, BeforeValidator(_decimal_text)] | None = Field(
         None, ge=0, max_digits=12, decimal_places=2, description="Price at least this."
     )
-    max_price: Decimal | None = Field(
+    max_price: Annotated[Decimal, BeforeValidator(_decimal_text)] | None = Field(
         None, ge=0, max_digits=12, decimal_places=2, description="Price at most this."
     )
     created_after: UTCDateTimeIn | None = Field(

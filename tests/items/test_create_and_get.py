@@ -67,6 +67,9 @@ async def test_timestamps_are_iso_8601_in_utc(client: httpx.AsyncClient) -> None
         ("Ça va", "ÇA VA"),
         ("Ωmega", "ωMEGA"),
         ("Straße", "STRAẞE"),
+        # Composed or decomposed, the same letters are the same name.
+        ("Café", "Cafe\u0301"),
+        ("cafe\u0301 noir", "CAFÉ NOIR"),
     ],
 )
 async def test_post_with_a_taken_name_in_any_case_returns_409_and_stores_nothing(
@@ -91,6 +94,14 @@ async def test_post_with_a_taken_name_in_any_case_returns_409_and_stores_nothing
         ({"name": "", "price": "1.00"}, "name"),
         ({"name": "   ", "price": "1.00"}, "name"),
         ({"name": "x" * 201, "price": "1.00"}, "name"),
+        # Nothing visible; more than 200 characters once composed (U+0958 is two).
+        ({"name": "\u200b", "price": "1.00"}, "name"),
+        ({"name": " \u2060\ufeff\u2800 ", "price": "1.00"}, "name"),
+        ({"name": "\u0958" * 200, "price": "1.00"}, "name"),
+        # Text prices in ASCII digits, as JSON writes numbers.
+        ({"name": "Lamp", "price": "1_000"}, "price"),
+        ({"name": "Lamp", "price": "\uff11\uff12"}, "price"),
+        ({"name": "Lamp", "price": "\u0663"}, "price"),
         ({"name": None, "price": "1.00"}, "name"),
         ({"name": "Lamp"}, "price"),
         ({"name": "Lamp", "price": "-0.01"}, "price"),
@@ -154,6 +165,18 @@ async def test_post_accepts_every_price_from_zero_to_the_column_maximum(
     assert response.status_code == 201
     assert Decimal(response.json()["price"]) == Decimal(str(price))
     assert response.json()["price"] in ("0.00", "9999999999.99", "100.00")
+
+
+async def test_a_name_is_stored_composed_and_found_either_way(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    created = await client.post("/items", json={"name": "Cafe\u0301 au lait", "price": "3"})
+    assert created.status_code == 201
+    assert created.json()["name"] == "Café au lait"
+    assert [row["name"] for row in stored(engine).values()] == ["Café au lait"]
+    for q in ("café", "cafe\u0301"):
+        found = (await client.get("/items", params={"q": q})).json()["items"]
+        assert [item["name"] for item in found] == ["Café au lait"]
 
 
 async def test_a_200_character_name_is_accepted(client: httpx.AsyncClient) -> None:
