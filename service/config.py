@@ -158,6 +158,14 @@ class Settings(BaseSettings):
         description="Seconds to wait for a new PostgreSQL connection (libpq's connect_timeout, "
         "which counts anything below 2 as 2), so an unreachable database fails fast.",
     )
+    db_statement_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a statement of the app may wait for PostgreSQL (asyncpg's "
+        "command_timeout; 0: no limit): one that has not answered by then - a lock held "
+        "elsewhere, a server that hangs - is abandoned, its connection closed, and the "
+        "request answered 503 with Retry-After instead of holding its connection for ever.",
+    )
     cursor_secret: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="Key that signs the scroll cursors handed to clients, so a cursor that "
@@ -405,6 +413,8 @@ class Settings(BaseSettings):
         driver = make_url(url).drivername
         if driver == "postgresql+asyncpg":
             args: dict[str, Any] = {"timeout": self.db_connect_timeout}
+            if self.db_statement_timeout:
+                args["command_timeout"] = self.db_statement_timeout
             if self.database_pgbouncer:
                 args.update(
                     statement_cache_size=0,

@@ -136,8 +136,9 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if failure.status == 503:
         # The driver's first line says why (refused, timed out, terminated); it names host
         # and port, never the password, and stays in the log.
-        orig = getattr(exc, "orig", None)
-        reason = str(orig).strip().splitlines()[0] if orig else type(exc).__name__
+        cause = getattr(exc, "orig", None) or exc
+        lines = str(cause).strip().splitlines()
+        reason = lines[0] if lines else type(cause).__name__  # a timeout says nothing else
         logger.warning("%s %s: database unavailable (%s); answering 503",
                        request.method, printable(request.url.path), reason)
     return failure_problem(failure)

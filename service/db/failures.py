@@ -9,6 +9,8 @@ decides what the error body looks like (`DBSessionMiddleware(error_response=...)
 | `StaleDataError`: a versioned row changed    | 409               | 409                |
 | a serialization failure or deadlock          | 503 + Retry-After | 503 + Retry-After, |
 | (SQLSTATE 40001, 40P01): rolled back         |                   | nothing stored     |
+| `statement_timeout`, `lock_timeout` (57014,  | 503 + Retry-After | 503 + Retry-After, |
+| 55P03): the server gave up on the statement  |                   | nothing stored     |
 | unavailable (`database_unavailable`)         | 503 + Retry-After | 503 + Retry-After, |
 |                                              |                   | outcome unknown    |
 | anything else                                | 500               | 500                |
@@ -76,14 +78,21 @@ def _classify(exc: BaseException, *, unavailable: Failure, other: Failure) -> Fa
         return _CONFLICT
     if isinstance(exc, StaleDataError):
         return _STALE
-    if _sqlstate(exc) in _ROLLED_BACK_BY_THE_SERVER:
+    sqlstate = _sqlstate(exc)
+    if sqlstate in _ROLLED_BACK_BY_THE_SERVER:
         return _COLLIDED
+    if sqlstate in _GAVE_UP_WAITING:
+        return _TIMED_OUT
     return unavailable if database_unavailable(exc) else other
 
 
 # The server rolled the transaction back to resolve a clash with concurrent ones: nothing
 # was stored (not "may have been"), and the same request may well succeed if repeated.
 _ROLLED_BACK_BY_THE_SERVER = frozenset({"40001", "40P01"})  # serialization, deadlock
+# The server gave up on the statement: `statement_timeout` (query_canceled) or
+# `lock_timeout` (lock_not_available). psycopg2 raises these as OperationalError, asyncpg's
+# adapter as a plain DBAPIError: one status for both.
+_GAVE_UP_WAITING = frozenset({"57014", "55P03"})
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -109,6 +118,11 @@ _LOST_DURING_COMMIT = Failure(
 _COLLIDED = Failure(
     503,
     "The change collided with concurrent changes and was not stored; try again.",
+    RETRY_AFTER_SECONDS,
+)
+_TIMED_OUT = Failure(
+    503,
+    "The database did not answer in time; nothing was stored. Try again shortly.",
     RETRY_AFTER_SECONDS,
 )
 _BUG = Failure(500, "Something went wrong on our side; nothing was stored.")

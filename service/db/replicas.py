@@ -359,8 +359,9 @@ class Replicas:
 
 def _reason(exc: BaseException) -> str:
     """The first line of what the driver said (names host and port, never a password)."""
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__  # a timeout says nothing else
 
 
 def _sync(engine: Engine | AsyncEngine) -> Engine:

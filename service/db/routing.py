@@ -255,5 +255,6 @@ def _plain_query(sql: str) -> bool:
 
 
 def _reason(exc: Exception) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__  # a timeout says nothing else

@@ -7,7 +7,8 @@ Two more fixes:
 - a failed connect is an `OperationalError`, as with psycopg2. asyncpg lets
   `ConnectionRefusedError`, a connect `TimeoutError` or "the database system is starting
   up" out as they are, which would make an unreachable database a 500 instead of a 503;
-- a statement that timed out (asyncpg's `command_timeout`) aborts its connection at once.
+- a statement that timed out (asyncpg's `command_timeout`) aborts its connection at once,
+  and raises an `OperationalError` (a 503), not asyncpg's bare `TimeoutError` (a 500).
   SQLAlchemy discards such a connection with asyncpg's graceful close, which waits up to 2 s
   more for the server to acknowledge the cancelled statement - from a server that hangs,
   a read replica's read timeout would take twice as long;
@@ -48,16 +49,19 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     return engine
 
 
-def _abort_after_a_timeout(context: Any) -> None:
+def _abort_after_a_timeout(context: Any) -> exc.OperationalError | None:
+    """A statement that outlived `command_timeout`: abort its connection, and raise the
+    timeout as the `OperationalError` psycopg2 raises for one (asyncpg lets its
+    `TimeoutError` out unwrapped: an unexplained 500 instead of a 503)."""
+    timeout = context.original_exception
+    if not isinstance(timeout, TimeoutError):
+        return None
     connection = context.connection
-    if (
-        isinstance(context.original_exception, TimeoutError)
-        and connection is not None
-        and not connection.invalidated
-    ):
+    if connection is not None and not connection.invalidated:
         driver = connection.connection.driver_connection
         if driver is not None:
             driver.terminate()  # asyncpg's abort: no waiting; SQLAlchemy then discards it
+    return exc.OperationalError(context.statement, context.parameters, timeout)
 
 
 # A connection idle this long is pinged for real before use: it may be half-open (a
