@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
-from service.db import db
 from tests.items.helpers import insert_items, stored
 
 pytestmark = pytest.mark.anyio
@@ -112,7 +112,8 @@ def commit_failure(
 
 
 async def test_no_write_is_acknowledged_or_stored_when_its_commit_fails(
-    client: httpx.AsyncClient, engine: Engine, items: list[int], commit_failure: int
+    app: FastAPI, client: httpx.AsyncClient, engine: Engine, items: list[int],
+    commit_failure: int,
 ) -> None:
     before = stored(engine)
     requests: list[tuple[str, str, dict[str, Any]]] = [
@@ -135,4 +136,4 @@ async def test_no_write_is_acknowledged_or_stored_when_its_commit_fails(
     assert stored(engine) == before
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM items")).scalar_one() == N
-    assert db.engine.pool.checkedout() == 0
+    assert app.state.engine.sync_engine.pool.checkedout() == 0
