@@ -8,9 +8,11 @@ import argparse
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -39,8 +41,13 @@ def load_settings() -> Settings:
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password masked, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL with its password masked, for messages: the one in its user part, and one
+    given as a libpq parameter (`?password=...`, `?sslpassword=...`)."""
+    parsed = make_url(url)
+    hidden = {
+        name: "***" for name in parsed.query if name.lower() in ("password", "sslpassword")
+    }
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
 
 
 def check_database(settings: Settings) -> None:
@@ -91,6 +98,18 @@ def migrate(args: argparse.Namespace) -> None:
     print(f"Database {safe_url(settings.database_url)} is at the newest migration.")
 
 
+@contextmanager
+def exit_cleanly_after_sigterm() -> Iterator[None]:
+    """uvicorn answers SIGTERM with a graceful shutdown, then raises the signal again for
+    the handler it found: the default one ends the process with status 143 after a clean
+    shutdown. A handler that does nothing, for the while, lets `serve` return and exit 0."""
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(args: argparse.Namespace) -> None:
     """Serve the app with uvicorn: --workers N (default WEB_CONCURRENCY, else 1) processes."""
     import uvicorn
@@ -130,17 +149,18 @@ def serve(args: argparse.Namespace) -> None:
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     metrics_dir = prepare_multiprocess_dir(workers)
     try:
-        uvicorn.run(
-            "service.main:app",
-            host=args.host,
-            port=args.port,
-            workers=workers,
-            # The app logs one access line per request itself, and its logging setup
-            # (service.logs) formats uvicorn's lines too.
-            access_log=False,
-            log_config=None,
-            log_level=settings.log_level.lower(),
-        )
+        with exit_cleanly_after_sigterm():
+            uvicorn.run(
+                "service.main:app",
+                host=args.host,
+                port=args.port,
+                workers=workers,
+                # The app logs one access line per request itself, and its logging setup
+                # (service.logs) formats uvicorn's lines too.
+                access_log=False,
+                log_config=None,
+                log_level=settings.log_level.lower(),
+            )
     finally:
         if metrics_dir is not None and own_metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,9 +1,13 @@
 """`python -m service` explains set-up mistakes in a line, without a traceback."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 from bench.harness import free_port
 
@@ -26,13 +30,46 @@ def test_unparsable_database_url_is_explained() -> None:
 
 
 def test_unreachable_database_is_explained_without_the_password() -> None:
-    url = f"postgresql+psycopg2://app:s3cret@127.0.0.1:{free_port()}/service"  # nothing there
-    for command in ("migrate", "serve"):
-        result = run_cli(command, database_url=url)
-        assert result.returncode == 2
-        assert "Cannot reach the database" in result.stderr
-        assert "s3cret" not in result.stderr
-        assert "Traceback" not in result.stderr
+    port = free_port()  # nothing there
+    for url in (
+        f"postgresql+psycopg2://app:s3cret@127.0.0.1:{port}/service",
+        f"postgresql+psycopg2://app@127.0.0.1:{port}/service?password=s3cret",
+        f"postgresql+psycopg2://app@127.0.0.1:{port}/service?sslmode=disable&PASSWORD=s3cret",
+    ):
+        for command in ("migrate", "serve"):
+            result = run_cli(command, database_url=url)
+            assert result.returncode == 2
+            assert "Cannot reach the database" in result.stderr
+            assert "s3cret" not in result.stderr
+            assert "Traceback" not in result.stderr
+
+
+def test_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
+    """SIGTERM: uvicorn shuts down gracefully; the process then exits 0, not 143."""
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    assert run_cli("migrate", database_url=url).returncode == 0
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": url, "API_TOKENS": "cli-test-token-0123456789"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_migrate_brings_a_new_sqlite_database_to_the_newest_revision(tmp_path: Path) -> None:
