@@ -78,7 +78,11 @@ class Item(Base):
     created_by: Mapped[str] = mapped_column(String(255), server_default=UNKNOWN)
     updated_by: Mapped[str] = mapped_column(String(255), server_default=UNKNOWN)
 
-    __table_args__ = (CheckConstraint("price >= 0", name="price_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("price >= 0", name="price_not_negative"),
+        # SQLite: never hand a deleted item's id (and so its ETag) to a new one.
+        {"sqlite_autoincrement": True},
+    )
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 (read by SQLAlchemy)
 
 

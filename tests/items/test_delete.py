@@ -1,5 +1,7 @@
 """DELETE /items/{id}: 204, 404; If-Match is honoured when sent, not required."""
 
+from decimal import Decimal
+
 import httpx
 import pytest
 from sqlalchemy import Engine
@@ -22,6 +24,26 @@ async def test_delete_returns_204_and_the_item_is_gone(
     assert response.content == b""
     assert list(stored(engine)) == [other["id"]]
     assert (await client.get(f"/items/{item['id']}")).status_code == 404
+
+
+async def test_a_deleted_items_id_and_etag_never_come_back_on_a_new_item(
+    client: httpx.AsyncClient, engine: Engine, create_item: CreateItem
+) -> None:
+    """The newest item deleted, the next one gets a new id: a stale ETag of the deleted
+    item is no precondition for someone else's (SQLite would reuse max(id) + 1)."""
+    alice = await create_item("Alice chair")
+    etag = (await client.get(f"/items/{alice['id']}")).headers["etag"]
+    assert (await client.delete(f"/items/{alice['id']}")).status_code == 204
+
+    bob = await create_item("Bob table", price="99.00")
+
+    assert bob["id"] > alice["id"]
+    assert (await client.get(f"/items/{alice['id']}")).status_code == 404
+    stale = await client.patch(
+        f"/items/{alice['id']}", json={"price": "0.01"}, headers={"If-Match": etag}
+    )
+    assert stale.status_code == 404
+    assert [row["price"] for row in stored(engine).values()] == [Decimal("99.00")]
 
 
 async def test_delete_of_an_unknown_item_returns_404(client: httpx.AsyncClient) -> None:

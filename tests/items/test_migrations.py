@@ -93,6 +93,28 @@ def test_created_by_and_updated_by_come_and_go_with_the_rows_kept(
         insert_items(engine, {"name": "LAMP", "price": 1})
 
 
+def test_revision_0005_keeps_every_row_and_id_and_never_reuses_one_after(
+    engine: Engine, migrated_url: str
+) -> None:
+    config = alembic_config(migrated_url)
+    try:
+        command.downgrade(config, "0004")
+        ids = insert_items(engine, *({"name": f"Lamp {n}", "price": n} for n in range(3)))
+        before = stored(engine)
+        command.upgrade(config, "0005")
+        assert stored(engine) == before
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM items WHERE id = :id"), {"id": ids[-1]})
+        [new_id] = insert_items(engine, {"name": "Rug", "price": 5})
+        assert new_id > ids[-1]
+        command.downgrade(config, "0004")  # and back, rows kept
+        assert set(stored(engine)) == {*ids[:-1], new_id}
+    finally:
+        command.upgrade(config, "head")
+    with pytest.raises(IntegrityError):  # the unique name index came back each way
+        insert_items(engine, {"name": "RUG", "price": 1})
+
+
 @pytest.mark.filterwarnings(
     # SQLite cannot reflect the lower(name) index, so it is left out of the comparison
     # there; the PostgreSQL pass compares it.
