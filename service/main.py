@@ -25,6 +25,7 @@ from service.db.consistency import ConsistencyMiddleware, ConsistencyTokens
 from service.db.replicas import Replicas
 from service.health import LIVENESS_PATH
 from service.health import router as health_router
+from service.http_methods import HeadAsGet
 from service.items.router import router as items_router
 from service.logs import configure_logging
 from service.metrics import (
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # database session - so a request is authenticated before its body is read, and takes a
     # connection slot only once its whole body is in (and not too large) and its token
     # checked.
+    app.add_middleware(HeadAsGet)  # innermost: routing sees a GET, everything else HEAD
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         in_progress=IN_PROGRESS if settings.metrics_enabled else None,
     )
     add_request_ids(app)
+    app.state.route_templates = lambda: route_templates(app)  # for 405's Allow
     install_problem_handlers(app)
     app.include_router(health_router)
     app.include_router(items_router)

@@ -21,8 +21,9 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
 from service.db.failures import Failure, failure_of_statement
-from service.db.middleware_base import printable
+from service.db.middleware_base import printable, route_path
 from service.domain_errors import DomainError
+from service.http_methods import allowed_methods
 from service.request_ids import HEADER as REQUEST_ID_HEADER
 from service.request_ids import current_request_id
 
@@ -109,7 +110,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                  "not UTF-8", "type": "json_invalid"}
         return problem_response(422, "The request is not valid; see errors.", errors=[error])
     detail = exc.detail if isinstance(exc.detail, str) else None
-    return problem_response(exc.status_code, detail, headers=exc.headers)
+    headers = exc.headers
+    templates = getattr(request.app.state, "route_templates", None)
+    if exc.status_code == 405 and templates is not None:
+        # Every method of the path, not only those of the first route that matched it.
+        allowed = allowed_methods(templates(), route_path(request.scope))
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+    return problem_response(exc.status_code, detail, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
