@@ -102,12 +102,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    undecodable = exc.__cause__
-    if exc.status_code == 400 and isinstance(undecodable, UnicodeDecodeError):
-        # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is malformed
-        # JSON like any other, so it gets the same 422 as a syntax error.
-        error = {"loc": ["body", undecodable.start], "msg": "JSON decode error: the body is "
-                 "not UTF-8", "type": "json_invalid"}
+    unparsable = exc.__cause__
+    if exc.detail == _UNPARSABLE_BODY and unparsable is not None:
+        # FastAPI answers JSON that Python's parser gives up on - not UTF-8, nested deeper
+        # than its recursion limit, an integer of more digits than it converts - with a
+        # bare 400; it is malformed JSON like any other: the same 422 as a syntax error.
+        where: list[str | int] = ["body"]
+        if isinstance(unparsable, UnicodeDecodeError):
+            where.append(unparsable.start)
+        error = {"loc": where, "msg": f"JSON decode error: {_why(unparsable)}",
+                 "type": "json_invalid"}
         return problem_response(422, "The request is not valid; see errors.", errors=[error])
     detail = exc.detail if isinstance(exc.detail, str) else None
     headers = exc.headers
@@ -117,6 +121,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         allowed = allowed_methods(templates(), route_path(request.scope))
         headers = {**(headers or {}), "Allow": ", ".join(allowed)}
     return problem_response(exc.status_code, detail, headers=headers)
+
+
+_UNPARSABLE_BODY = "There was an error parsing the body"  # FastAPI's 400
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return "the body is not UTF-8"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if isinstance(error, ValueError) and "digits" in str(error):
+        return "a number has too many digits"
+    return "the body could not be parsed"
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -172,6 +172,10 @@ MALFORMED = [
     b"{'name': 'Lamp', 'price': 1}",
     b'{"name": "Lamp", "price": 1,}',
     b"\xff\xfe{}",  # not UTF-8
+    # What Python's own parser gives up on: nesting past its recursion limit, an integer
+    # of more digits than it converts.
+    b'{"name": "Lamp", "price": 1, "description": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"name": "Lamp", "price": ' + b"9" * 5000 + b"}",
 ]
 
 
