@@ -115,6 +115,8 @@ async def list_items(
     """Numbered pages with a total. For reading far into a large list, `GET /items/scroll`
     stays fast at any depth."""
     mode = count
+    # The body depends on the Prefer header: caches must key on it (RFC 7240 2).
+    response.headers["Vary"] = "Prefer"
     # `prefer` documents the header; RFC 7240 lets a client send it several times, and a
     # header parameter holds the first only.
     prefer = ", ".join(request.headers.getlist("prefer")) if prefer is not None else None
@@ -131,7 +133,9 @@ def preferred_count(prefer: str | None) -> CountMode | None:
     """The `count=` preference of a `Prefer` header; an unknown value is ignored, as RFC 7240
     asks of preferences a server does not understand."""
     for preference in (prefer or "").split(","):
-        name, _, value = preference.strip().partition("=")
+        # `count=exact; foo=bar`: a preference may carry parameters (RFC 7240 2), ignored.
+        token = preference.split(";", 1)[0]
+        name, _, value = token.strip().partition("=")
         if name.strip().lower() == "count":
             try:
                 return CountMode(value.strip().strip('"').lower())

@@ -285,13 +285,23 @@ async def test_the_estimate_is_asked_for_only_above_the_threshold(
 
 
 @pytest.mark.parametrize("mode", ["exact", "none"])
+@pytest.mark.parametrize("parameters", ["", "; strict", ' ; x="a;b"'])
 async def test_prefer_header_chooses_the_mode_and_is_acknowledged(
-    reader: httpx.AsyncClient, engine: Engine, backend: str, mode: str
+    reader: httpx.AsyncClient, engine: Engine, backend: str, mode: str, parameters: str
 ) -> None:
+    """Parameters of the preference (RFC 7240 2) are ignored, not the preference."""
     add(engine, [f"lamp {n}" for n in range(12)], backend)
-    response = await reader.get("/items", headers={"Prefer": f"return=minimal, count={mode}"})
+    response = await reader.get(
+        "/items", headers={"Prefer": f"return=minimal, count={mode}{parameters}"}
+    )
     assert response.headers["preference-applied"] == f"count={mode}"
     assert response.json()["total"] == (12 if mode == "exact" else None)
+
+
+async def test_lists_say_their_body_varies_with_prefer(reader: httpx.AsyncClient) -> None:
+    for headers in ({}, {"Prefer": "count=none"}):
+        response = await reader.get("/items", headers=headers)
+        assert "Prefer" in response.headers["vary"]
 
 
 async def test_a_count_preference_in_a_second_prefer_header_is_honoured(
