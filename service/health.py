@@ -3,9 +3,12 @@
 The liveness probe is one of the app's `sessionless_paths`: it gets no database session and
 never waits for a connection slot, so it answers while the database work is saturated.
 
-The readiness probe asks the primary (`SELECT 1`); with read replicas it also reports each
-replica as the background poller last saw it. A replica down or lagging makes the service
-`degraded` (reads fall back to the primary), still ready: 200. The primary down is 503."""
+The readiness probe asks the primary (`SELECT 1`) on a connection of its own, opened for
+the probe (a sessionless path too): a pool busy with requests is no reason to answer 503 and
+be taken out of the load balancer, and the probe never waits for a slot. With read replicas
+it also reports each replica as the background poller last saw it. A replica down or
+lagging makes the service `degraded` (reads fall back to the primary), still ready: 200.
+The primary down is 503, with Retry-After."""
 
 from typing import Any
 
@@ -14,13 +17,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db.asyncio import db
+from service.db.failures import RETRY_AFTER_SECONDS
 from service.db.replicas import Replicas
 from service.problems import problem_response, problem_responses
 
 router = APIRouter(prefix="/health", tags=["health"])
 LIVENESS_PATH = "/health/live"
+READINESS_PATH = "/health/ready"
 
 
 class Liveness(BaseModel):
@@ -45,11 +50,14 @@ async def live() -> Liveness:
     responses=problem_responses(503),
 )
 async def ready(request: Request) -> JSONResponse:
+    probe: AsyncEngine = request.app.state.probe_engine
     try:
-        with db.primary():
-            await db.session.execute(text("SELECT 1"))
+        async with probe.connect() as connection:
+            await connection.execute(text("SELECT 1"))
     except SQLAlchemyError:
-        return problem_response(503, "The database is not reachable.")
+        return problem_response(
+            503, "The database is not reachable.", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
     replicas: Replicas | None = request.app.state.replicas
     if replicas is None:
         return JSONResponse({"status": "ok"})

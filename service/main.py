@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import NullPool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
@@ -23,7 +24,7 @@ from service.db.asyncio import db as async_db
 from service.db.consistency import HEADER as CONSISTENCY_HEADER
 from service.db.consistency import ConsistencyMiddleware, ConsistencyTokens
 from service.db.replicas import Replicas
-from service.health import LIVENESS_PATH
+from service.health import LIVENESS_PATH, READINESS_PATH
 from service.health import router as health_router
 from service.http_methods import HeadAsGet
 from service.items.router import router as items_router
@@ -93,6 +94,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True},
     )
     app.state.engine = engine
+    # The readiness probe's own connection, outside the pool: a busy pool is no reason to
+    # take the instance out of the load balancer, and the probe never waits for a slot.
+    app.state.probe_engine = create_async_engine(
+        settings.async_database_url(),
+        poolclass=NullPool,
+        connect_args=settings.async_engine_args().get("connect_args", {}),
+    )
     app.state.replicas = replicas
     app.state.settings = settings
     app.state.cursor_key = settings.cursor_key()  # once, not per scroll page
@@ -232,13 +240,16 @@ async def close_engines(app: FastAPI) -> None:
             assert isinstance(replica_engine, AsyncEngine)
             await replica_engine.dispose()
     await app.state.engine.dispose()
+    await app.state.probe_engine.dispose()
 
 
 def sessionless_paths(app: FastAPI) -> set[str]:
-    """Paths that never touch the database, so they never wait for a connection slot: the
-    liveness probe, the metrics, the API docs and the static files they load."""
+    """Paths that never use the request's session, so they never wait for a connection
+    slot: the liveness probe, the readiness probe (it has a connection of its own), the
+    metrics, the API docs and the static files they load."""
     docs = (app.openapi_url, DOCS_URL, app.swagger_ui_oauth2_redirect_url, REDOC_URL)
-    return {LIVENESS_PATH, METRICS_PATH, *(path for path in docs if path), *static_file_paths(app)}
+    return {LIVENESS_PATH, READINESS_PATH, METRICS_PATH, *(path for path in docs if path),
+            *static_file_paths(app)}
 
 
 def static_file_paths(app: FastAPI) -> set[str]:
