@@ -34,7 +34,10 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])).upper() or 'settings'}: {e['msg']}"
+            for e in exc.errors()
+        ]
         raise CommandError(
             "Configuration error (environment or .env):\n" + "\n".join(lines)
         ) from None

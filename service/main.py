@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from service.auth import add_authentication
+from service.auth import NoApiTokens, add_authentication
 from service.body_limit import BodySizeLimit
 from service.config import Settings, get_settings
 from service.db import db
@@ -287,6 +287,13 @@ def __getattr__(name: str) -> FastAPI:
     # `app` is built on first access (uvicorn's `service.main:app`), not at import, so
     # importing this module never reads the environment or touches a database.
     if name == "app":
-        app = globals()["app"] = create_app()
+        # Run as `uvicorn service.main:app`: a configuration mistake is one line, as from
+        # `python -m service serve`, not a traceback through uvicorn's importer.
+        from service.cli import CommandError, load_settings
+
+        try:
+            app = globals()["app"] = create_app(load_settings())
+        except (CommandError, NoApiTokens) as exc:
+            raise SystemExit(f"error: {exc}") from None
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

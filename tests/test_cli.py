@@ -76,3 +76,18 @@ def test_migrate_brings_a_new_sqlite_database_to_the_newest_revision(tmp_path: P
     result = run_cli("migrate", database_url=f"sqlite:///{tmp_path / 'new.db'}")
     assert result.returncode == 0, result.stderr
     assert "newest migration" in result.stdout
+
+
+def test_uvicorn_run_directly_explains_a_missing_token_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "API_TOKENS": ""}
+    for name in ("JWT_JWKS_URL", "JWT_JWKS_FILE", "JWT_SECRET"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "error: No API token" in result.stderr
+    assert "Traceback" not in result.stderr
