@@ -68,7 +68,7 @@ bench: venv
 	  else echo "bench needs $$tool: sudo apt-get install -y $$tool"; exit 1; fi; }; done
 	# A dozen servers, each with its own pool, share the database: room for all of them.
 	PATH="$(abspath $(BIN)):$$PATH" PG_MAX_CONNECTIONS=500 scripts/with-postgres.sh --replica \
-	  sh -c 'python -m bench.run $(if $(FULL),--full) && python -m bench.scale'
+	  sh -c 'python -m bench.run $(if $(FULL),--full) $(if $(FULL),&& python -m bench.scale)'
 
 # Only the cost of request ids + access line + metrics (issue #15), printed: ~1 minute.
 bench-telemetry: venv
