@@ -77,6 +77,12 @@ class JwtCheck:
             )
         except (InvalidTokenError, jwt.InvalidKeyError) as error:
             raise InvalidToken(_reason(error)) from None
+        for name in ("exp", "nbf", "iat"):
+            # RFC 7519 4.1.4: a NumericDate is a JSON number; PyJWT also takes "1796...".
+            value = claims.get(name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):
+                raise InvalidToken(f"`{name}` is not a number (RFC 7519 NumericDate)")
         subject = claims["sub"]
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
             raise InvalidToken(f"`sub` is not a string of 1-{MAX_SUBJECT_LENGTH} characters")

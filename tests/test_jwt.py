@@ -346,6 +346,10 @@ HOSTILE: dict[str, Callable[[IdentityProvider], str]] = {
     "wrong-issuer": lambda p: p.token(iss="https://evil.example.test/"),
     "wrong-audience": lambda p: p.token(aud="another-api"),
     "no-exp": lambda p: p.token(without=("exp",)),
+    # RFC 7519: NumericDates are JSON numbers, not strings of digits or booleans.
+    "exp-as-a-string": lambda p: p.token(exp=str(int(time.time()) + 300)),
+    "iat-as-a-string": lambda p: p.token(iat=str(int(time.time()))),
+    "nbf-as-true": lambda p: p.token(nbf=True),
     "no-sub": lambda p: p.token(without=("sub",)),
     "no-iss": lambda p: p.token(without=("iss",)),
     "bad-signature": _bad_signature,
