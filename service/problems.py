@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException
 
-from service.db.failures import Failure, failure_of_statement
+from service.db.failures import Failure, driver_reason, failure_of_statement
 from service.db.middleware_base import printable, route_path
 from service.domain_errors import DomainError
 from service.http_methods import allowed_methods
@@ -160,11 +160,8 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if failure.status == 503:
         # The driver's first line says why (refused, timed out, terminated); it names host
         # and port, never the password, and stays in the log.
-        cause = getattr(exc, "orig", None) or exc
-        lines = str(cause).strip().splitlines()
-        reason = lines[0] if lines else type(cause).__name__  # a timeout says nothing else
         logger.warning("%s %s: database unavailable (%s); answering 503",
-                       request.method, printable(request.url.path), reason)
+                       request.method, printable(request.url.path), driver_reason(exc))
     return failure_problem(failure)
 
 

@@ -63,6 +63,14 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError | InterfaceError)
 
 
+def driver_reason(exc: BaseException) -> str:
+    """The first line of what the driver said about `exc` (it names host and port, never a
+    password), for logs; the error's type when it says nothing (a timeout)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
 def failure_of_statement(exc: BaseException) -> Failure:
     """What `exc`, raised by a statement of the route (and not handled there), answers."""
     return _classify(exc, unavailable=_UNAVAILABLE, other=_BUG)

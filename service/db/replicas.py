@@ -34,6 +34,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
 
+from service.db.failures import driver_reason
+
 logger = logging.getLogger("service.db")
 
 DEFAULT_MAX_LAG = 5.0
@@ -207,7 +209,7 @@ class Replicas:
                 connection.rollback()
         except Exception as exc:  # the COMMIT stands; only the token is lost
             logger.warning("could not read the primary's WAL position after a commit (%s); "
-                           "the response carries no consistency token", _reason(exc))
+                           "the response carries no consistency token", driver_reason(exc))
             return None
         return record_end(lsn_to_int(str(lsn)), int(block), int(segment))
 
@@ -339,7 +341,7 @@ class Replicas:
             engine.dispose()
 
     def _note_failure(self, state: Any, engine: Engine, exc: Exception, role: str) -> None:
-        reason_text = _reason(exc)
+        reason_text = driver_reason(exc)
         if state.up or state.error is None:
             logger.warning("%s %s is not answering (%s); %s", role, state.name, reason_text,
                            "reads use the primary" if role == "replica" else "polling on")
@@ -355,13 +357,6 @@ class Replicas:
             isolation_level="AUTOCOMMIT",
             connect_args={"connect_timeout": self.connect_timeout},
         )
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of what the driver said (names host and port, never a password)."""
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines()
-    return lines[0] if lines else type(cause).__name__  # a timeout says nothing else
 
 
 def _sync(engine: Engine | AsyncEngine) -> Engine:

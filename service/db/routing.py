@@ -37,7 +37,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import Select, TextualSelect
 
-from service.db.failures import database_unavailable
+from service.db.failures import database_unavailable, driver_reason
 from service.db.replicas import Replicas, ReplicaState
 
 Choice = Literal["primary", "replica"]
@@ -172,7 +172,7 @@ class RoutingSession(Session):
                 or not (isinstance(exc, TimeoutError) or database_unavailable(exc))
             ):
                 raise
-            self.replicas.mark_down(failed, _reason(exc))
+            self.replicas.mark_down(failed, driver_reason(exc))
             route = _route.get()
             if route is not None:
                 route.on_primary = True
@@ -252,9 +252,3 @@ _WRITES_OR_LOCKS = re.compile(
 
 def _plain_query(sql: str) -> bool:
     return bool(_QUERY_START.match(sql)) and not _WRITES_OR_LOCKS.search(sql)
-
-
-def _reason(exc: Exception) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines()
-    return lines[0] if lines else type(cause).__name__  # a timeout says nothing else
