@@ -148,7 +148,7 @@ def render(series: dict[str, Series], results: dict[str, list[Measured]]) -> str
     lines = [
         "# Scale: workers and a read replica",
         "",
-        f"`make bench` (bench/scale.py): GET {SCROLL} (first cursor page of a "
+        f"`make bench FULL=1` (bench/scale.py): GET {SCROLL} (first cursor page of a "
         f"{THROUGHPUT_ROWS:,}-row table), wrk -c{CONNECTIONS}, {SECONDS} s per run, medians "
         f"of {ROUNDS} interleaved rounds, `python -m service serve --workers N` with "
         "DB_POOL_SIZE=10 per worker. CPU per request from /proc: the service's process tree, "
