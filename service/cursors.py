@@ -31,11 +31,14 @@ def sign_cursor(payload: dict[str, Any], secret: bytes) -> str:
     return f"{encoded}.{_b64encode(_signature(encoded, secret))}"
 
 
-def read_cursor(cursor: str, secret: bytes) -> dict[str, Any]:
+def read_cursor(cursor: str, secret: bytes, max_length: int | None = None) -> dict[str, Any]:
     """The payload of a cursor made by `sign_cursor` with the same `secret`.
 
-    Raises `InvalidCursor` if the cursor is malformed or its signature does not match.
+    Raises `InvalidCursor` if the cursor is malformed - longer than `max_length`, the
+    longest one the caller ever issues, included - or its signature does not match.
     """
+    if max_length is not None and len(cursor) > max_length:
+        raise InvalidCursor(_MALFORMED)
     encoded, dot, signature = cursor.partition(".")
     if not dot or not encoded or not signature:
         raise InvalidCursor(_MALFORMED)

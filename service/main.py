@@ -119,7 +119,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # database session - so a request is authenticated before its body is read, and takes a
     # connection slot only once its whole body is in (and not too large) and its token
     # checked.
-    app.add_middleware(HeadAsGet)  # innermost: routing sees a GET, everything else HEAD
     app.add_middleware(
         DBSessionMiddleware,
         custom_engine=engine,
@@ -145,16 +144,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         document_consistency_token(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.authenticator = add_authentication(app, settings)
+    # Authentication and everything after it see a HEAD as the GET it asks about (a HEAD
+    # needs the token a GET needs); CORS, the access line and the metrics see a HEAD.
+    app.add_middleware(HeadAsGet)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", REQUEST_ID_HEADER,
-                           CONSISTENCY_HEADER],
-            expose_headers=["ETag", "Location", "Retry-After", REQUEST_ID_HEADER,
-                            CONSISTENCY_HEADER],
+            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "Prefer",
+                           REQUEST_ID_HEADER, CONSISTENCY_HEADER],
+            expose_headers=["ETag", "Location", "Retry-After", "Preference-Applied",
+                            REQUEST_ID_HEADER, CONSISTENCY_HEADER],
         )
     app.add_middleware(
         RequestTelemetry,
@@ -278,9 +280,16 @@ def route_templates(app: FastAPI) -> list[tuple[str, Collection[str]]]:
     others = [
         (path, getattr(route, "methods", None) or METHODS)
         for route in app.router.routes
-        if isinstance(path := getattr(route, "path", None), str)
+        if isinstance(path := getattr(route, "path", None), str) and not isinstance(route, Mount)
     ]
-    return [*documented, *others]
+    # A mount serves the paths under it: static files answer GET and HEAD only.
+    mounted = [
+        (f"{route.path}/{{path:path}}",
+         ("GET", "HEAD") if isinstance(route.app, StaticFiles) else METHODS)
+        for route in app.router.routes
+        if isinstance(route, Mount)
+    ]
+    return [*documented, *others, *mounted]
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -118,7 +118,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     templates = getattr(request.app.state, "route_templates", None)
     if exc.status_code == 405 and templates is not None:
         # Every method of the path, not only those of the first route that matched it.
-        allowed = allowed_methods(templates(), route_path(request.scope))
+        # Within a mount (the docs' static files) `root_path` ends with the mount's path;
+        # Starlette keeps the app's own as `app_root_path`.
+        scope = request.scope
+        app_scope = {**scope, "root_path": scope.get("app_root_path", scope.get("root_path", ""))}
+        allowed = allowed_methods(templates(), route_path(app_scope))
         headers = {**(headers or {}), "Allow": ", ".join(allowed)}
     return problem_response(exc.status_code, detail, headers=headers)
 

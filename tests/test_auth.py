@@ -121,6 +121,12 @@ async def test_reads_need_a_token_when_read_requires_token(
             assert_unauthorized(wrong)
             allowed = await client.get(path, headers={"Authorization": f"Bearer {TEST_TOKEN}"})
             assert allowed.status_code == 200, allowed.text
+            # HEAD asks what GET would answer: the same token, the same status.
+            refused = await client.head(path)
+            assert (refused.status_code, refused.content) == (401, b"")
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            head = await client.head(path, headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+            assert head.status_code == 200
         # Probes stay open: an orchestrator has no token.
         assert (await client.get("/health/live")).status_code == 200
 

@@ -91,3 +91,22 @@ def test_wildcard_with_credentials_is_refused_at_start(monkeypatch: pytest.Monke
 def test_origins_are_read_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CORS_ORIGINS", f" {SHOP} , https://admin.example.com,")
     assert Settings().cors_origins == [SHOP, "https://admin.example.com"]
+
+
+async def test_a_browser_may_send_prefer_and_head_and_read_preference_applied(
+    settings: Settings,
+) -> None:
+    app = app_with(settings, cors_origins=[SHOP])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        for method in ("GET", "HEAD"):
+            allowed = await client.options("/items", headers={
+                "Origin": SHOP, "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": "prefer",
+            })
+            assert allowed.status_code == 200, (method, allowed.text)
+        listed = await client.get("/items", headers={"Origin": SHOP, "Prefer": "count=none"})
+    assert listed.headers["preference-applied"] == "count=none"
+    exposed = listed.headers["access-control-expose-headers"].lower()
+    assert "preference-applied" in exposed

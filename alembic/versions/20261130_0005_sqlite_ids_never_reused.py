@@ -9,7 +9,8 @@ id, as PostgreSQL's sequence never does.
 SQLite cannot change a column's key in place: the table is built anew with AUTOINCREMENT,
 the rows copied (ids and all; SQLite's counter starts after the largest), the old table
 dropped and the indexes made again. PostgreSQL: nothing to do. The downgrade rebuilds the
-table without AUTOINCREMENT.
+table without AUTOINCREMENT, which forgets the largest id ever handed out: upgraded again,
+SQLite starts after the largest id present.
 
 Revision ID: 0005
 Revises: 0004

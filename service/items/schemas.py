@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from service.text import shows_nothing
 
@@ -88,8 +88,12 @@ def _name(value: str) -> str:
     value = _composed(value)
     if shows_nothing(value):
         raise ValueError("must contain a visible character")
-    if len(value) > NAME_MAX_LENGTH:  # a few characters compose into two ("\u0958")
-        raise ValueError(f"must have at most {NAME_MAX_LENGTH} characters once composed")
+    if len(value) > NAME_MAX_LENGTH:  # counted once composed: "e\u0301" is one character
+        raise PydanticCustomError(
+            "string_too_long",
+            "String should have at most {max_length} characters (composed, Unicode NFC)",
+            {"max_length": NAME_MAX_LENGTH},
+        )
     return value
 
 
@@ -102,10 +106,12 @@ def _text(value: str) -> str:
 
 Name = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX_LENGTH),
+    # The length is checked once composed (`_name`): "e\u0301" is one character.
+    StringConstraints(strip_whitespace=True, min_length=1),
     AfterValidator(_one_line),
     AfterValidator(_name),
     Field(
+        json_schema_extra={"maxLength": NAME_MAX_LENGTH},
         description="1-200 characters, surrounding whitespace removed, no control "
         "characters, at least one visible; stored composed (Unicode NFC). Unique "
         "regardless of case.",
@@ -119,7 +125,7 @@ Description = Annotated[
         examples=["Warm light."],
     ),
 ]
-_DECIMAL_TEXT = re.compile(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*")
+_DECIMAL_TEXT = re.compile(r"[ \t\r\n]*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?[ \t\r\n]*")
 
 
 def _decimal_text(value: Any) -> Any:
@@ -293,7 +299,8 @@ class ScrollQuery(ItemFilters):
     sort: ItemSort = Field(ItemSort.id_asc, description=SORT_HELP)
     cursor: str | None = Field(
         None,
-        max_length=CURSOR_MAX_LENGTH,
+        # Longer is malformed: a 400 like any other cursor not made here (`_position`).
+        json_schema_extra={"maxLength": CURSOR_MAX_LENGTH},
         description="`next_page` of the previous page; none to start.",
     )
     size: int = Field(20, ge=1, le=100, description=SIZE_HELP)

@@ -21,6 +21,7 @@ from service.items import dao
 from service.items.dao import ItemRow
 from service.items.models import Item
 from service.items.schemas import (
+    CURSOR_MAX_LENGTH,
     CountMode,
     ItemCreate,
     ItemFilters,
@@ -152,7 +153,8 @@ async def list_items(
         return _page(items, paging, total=counted, exact=True)
     # More than the threshold: never report fewer than the rows known to be there - the
     # threshold, and every row up to the end of this page (so `pages` reaches this page).
-    known = max(threshold, offset + len(items))
+    # (An empty page, past the end, knows nothing of where the rows end.)
+    known = max(threshold, offset + len(items)) if items else threshold
     return _page(items, paging, total=max(estimate or 0, known), exact=False)
 
 
@@ -192,7 +194,7 @@ def _cursor_after(item: ItemRow, sort: ItemSort, secret: bytes) -> str:
 
 
 def _position(cursor: str, sort: ItemSort, secret: bytes) -> tuple[Any, int]:
-    payload = read_cursor(cursor, secret)
+    payload = read_cursor(cursor, secret, max_length=CURSOR_MAX_LENGTH)
     if payload.get("sort") != sort.value:
         made_for = payload.get("sort")
         raise InvalidCursor(

@@ -94,6 +94,10 @@ async def test_an_estimate_never_says_there_are_fewer_rows_than_the_page_shows(
         assert body["total"] >= seen
         assert body["pages"] >= page
     assert seen == 23
+    # Past the end the page shows nothing: no row is known beyond the threshold.
+    beyond = (await reader.get("/items", params={"size": 5, "page": 1000})).json()
+    assert beyond["items"] == []
+    assert beyond["total"] < 1000 * 5
 
 
 async def test_the_estimate_is_served_again_and_again_on_one_app(

@@ -102,6 +102,8 @@ async def test_post_with_a_taken_name_in_any_case_returns_409_and_stores_nothing
         ({"name": "Lamp", "price": "1_000"}, "price"),
         ({"name": "Lamp", "price": "\uff11\uff12"}, "price"),
         ({"name": "Lamp", "price": "\u0663"}, "price"),
+        ({"name": "Lamp", "price": "\u00a012"}, "price"),
+        ({"name": "Lamp", "price": "12\u2009"}, "price"),
         ({"name": None, "price": "1.00"}, "name"),
         ({"name": "Lamp"}, "price"),
         ({"name": "Lamp", "price": "-0.01"}, "price"),
@@ -165,6 +167,15 @@ async def test_post_accepts_every_price_from_zero_to_the_column_maximum(
     assert response.status_code == 201
     assert Decimal(response.json()["price"]) == Decimal(str(price))
     assert response.json()["price"] in ("0.00", "9999999999.99", "100.00")
+
+
+async def test_a_decomposed_name_counts_its_characters_once_composed(
+    client: httpx.AsyncClient,
+) -> None:
+    # 300 code points, 150 characters: "e" + a combining acute accent is one "é".
+    created = await client.post("/items", json={"name": "e\u0301" * 150, "price": "1"})
+    assert created.status_code == 201, created.text
+    assert created.json()["name"] == "é" * 150
 
 
 async def test_a_name_is_stored_composed_and_found_either_way(

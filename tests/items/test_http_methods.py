@@ -34,6 +34,7 @@ async def test_head_of_a_missing_item_is_404_without_a_body(client: httpx.AsyncC
         ("/items", "GET, HEAD, POST"),
         ("/items/scroll", "GET, HEAD"),
         ("/health/live", "GET, HEAD"),
+        ("/static-offline-docs/swagger-ui.css", "GET, HEAD"),
     ],
 )
 async def test_a_method_the_path_does_not_answer_is_405_naming_every_one_it_does(

@@ -115,6 +115,40 @@ def test_revision_0005_keeps_every_row_and_id_and_never_reuses_one_after(
         insert_items(engine, {"name": "RUG", "price": 1})
 
 
+def test_revision_0006_composes_the_names_stored_before(
+    engine: Engine, migrated_url: str) -> None:
+    config = alembic_config(migrated_url)
+    try:
+        command.downgrade(config, "0005")
+        insert_items(engine, {"name": "Cafe\u0301 au lait", "price": 1},
+                     {"name": "Lamp", "price": 2})
+        command.upgrade(config, "0006")
+        assert sorted(row["name"] for row in stored(engine).values()) == [
+            "Café au lait", "Lamp"
+        ]
+        with pytest.raises(IntegrityError):  # now one name with its composed twin
+            insert_items(engine, {"name": "CAFÉ AU LAIT", "price": 3})
+    finally:
+        command.upgrade(config, "head")
+
+
+def test_names_equal_once_composed_stop_revision_0006_listed(
+    engine: Engine, migrated_url: str
+) -> None:
+    config = alembic_config(migrated_url)
+    try:
+        command.downgrade(config, "0005")
+        insert_items(engine, {"name": "Café", "price": 1}, {"name": "CAFE\u0301", "price": 2})
+        with pytest.raises(RuntimeError, match="equal once composed") as refused:
+            command.upgrade(config, "0006")
+        assert "Caf\\xe9" in str(refused.value) and "CAFE\\u0301" in str(refused.value)
+        assert sorted(row["name"] for row in stored(engine).values()) == ["CAFE\u0301", "Café"]
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM items"))
+    finally:
+        command.upgrade(config, "head")
+
+
 @pytest.mark.filterwarnings(
     # SQLite cannot reflect the lower(name) index, so it is left out of the comparison
     # there; the PostgreSQL pass compares it.

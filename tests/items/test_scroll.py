@@ -176,8 +176,10 @@ async def test_a_cursor_made_for_another_sort_returns_400_naming_it(
 
 @pytest.mark.parametrize(
     "cursor",
-    ["", "abc", ".", "a.b", "not base64!.x", "eyJ9.eyJ9", "é.é", "a" * 1000],
-    ids=["empty", "no dot", "dot only", "short", "bad alphabet", "fake", "non-ascii", "long"],
+    ["", "abc", ".", "a.b", "not base64!.x", "eyJ9.eyJ9", "é.é", "a" * 1000,
+     "A" * CURSOR_MAX_LENGTH + ".AA"],
+    ids=["empty", "no dot", "dot only", "short", "bad alphabet", "fake", "non-ascii", "long",
+         "longer than any cursor issued"],
 )
 async def test_a_malformed_cursor_returns_400(client: httpx.AsyncClient, cursor: str) -> None:
     response = await client.get("/items/scroll", params={"cursor": cursor})
@@ -269,7 +271,6 @@ async def test_a_signed_cursor_without_a_valid_position_returns_400_not_500(
         ({"size": 0}, "size"),
         ({"size": 101}, "size"),
         ({"sort": "colour"}, "sort"),
-        ({"cursor": "a" * (CURSOR_MAX_LENGTH + 1)}, "cursor"),
         ({"min_price": "-5"}, "min_price"),
     ],
 )
