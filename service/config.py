@@ -25,6 +25,10 @@ MIN_JWT_SECRET_BYTES = 32
 _TOKEN_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 
 
+# Seconds past DB_STATEMENT_TIMEOUT that the client waits before it gives up on a server
+# that does not answer at all (the server's own timeout answers first otherwise).
+STATEMENT_TIMEOUT_MARGIN = 2.0
+
 class Settings(BaseSettings):
     """Configuration; each field is read from the upper-case environment variable of its name."""
 
@@ -161,10 +165,13 @@ class Settings(BaseSettings):
     db_statement_timeout: float = Field(
         10.0,
         ge=0,
-        description="Seconds a statement of the app may wait for PostgreSQL (asyncpg's "
-        "command_timeout; 0: no limit): one that has not answered by then - a lock held "
-        "elsewhere, a server that hangs - is abandoned, its connection closed, and the "
-        "request answered 503 with Retry-After instead of holding its connection for ever.",
+        description="Seconds a statement of the app may run on PostgreSQL (0: no limit): "
+        "the server's statement_timeout for the app's connections, so one that waits "
+        "longer - behind a lock held elsewhere - is cancelled and the request answered 503 "
+        "with Retry-After; a server that does not answer at all is given up on "
+        f"{STATEMENT_TIMEOUT_MARGIN:g} s later, its connection aborted. Not applied behind "
+        "PgBouncer (DATABASE_PGBOUNCER), which refuses the setting at connect: set "
+        "statement_timeout on the database role there.",
     )
     cursor_secret: SecretStr = Field(
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
@@ -413,8 +420,15 @@ class Settings(BaseSettings):
         driver = make_url(url).drivername
         if driver == "postgresql+asyncpg":
             args: dict[str, Any] = {"timeout": self.db_connect_timeout}
-            if self.db_statement_timeout:
-                args["command_timeout"] = self.db_statement_timeout
+            if self.db_statement_timeout and not self.database_pgbouncer:
+                # The server ends a statement that waits too long (a lock held elsewhere)
+                # and keeps its connection; a client that gave up instead would leave the
+                # backend waiting behind the lock, and open another for the next request.
+                milliseconds = max(1, round(self.db_statement_timeout * 1000))
+                args["server_settings"] = {"statement_timeout": str(milliseconds)}
+                # A server that does not answer at all: the client gives up a little later
+                # and aborts the connection (service.db.asyncio.create_async_engine).
+                args["command_timeout"] = self.db_statement_timeout + STATEMENT_TIMEOUT_MARGIN
             if self.database_pgbouncer:
                 args.update(
                     statement_cache_size=0,

@@ -10,6 +10,7 @@ it also reports each replica as the background poller last saw it. A replica dow
 lagging makes the service `degraded` (reads fall back to the primary), still ready: 200.
 The primary down is 503, with Retry-After."""
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,10 +20,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db.failures import RETRY_AFTER_SECONDS
+from service.db.failures import RETRY_AFTER_SECONDS, driver_reason
 from service.db.replicas import Replicas
 from service.problems import problem_response, problem_responses
 
+logger = logging.getLogger("service.health")
 router = APIRouter(prefix="/health", tags=["health"])
 LIVENESS_PATH = "/health/live"
 READINESS_PATH = "/health/ready"
@@ -54,7 +56,9 @@ async def ready(request: Request) -> JSONResponse:
     try:
         async with probe.connect() as connection:
             await connection.execute(text("SELECT 1"))
-    except SQLAlchemyError:
+    except SQLAlchemyError as exc:
+        logger.warning("readiness: the primary did not answer (%s); answering 503",
+                       driver_reason(exc))
         return problem_response(
             503, "The database is not reachable.", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
         )

@@ -57,7 +57,8 @@ def requests_for(item_id: int) -> list[tuple[str, str, dict[str, object]]]:
 
 
 async def test_database_stopped_answers_503_fast_and_recovers_without_a_restart(
-    client: httpx.AsyncClient, engine: Engine, postgres_server: PostgresServer
+    client: httpx.AsyncClient, engine: Engine, postgres_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     [lamp] = insert_items(engine, {"name": "Lamp", "price": Decimal("9.90")})
     assert (await client.get("/items")).status_code == 200  # the pool holds connections now
@@ -66,9 +67,13 @@ async def test_database_stopped_answers_503_fast_and_recovers_without_a_restart(
     for method, path, kwargs in requests_for(lamp) * 2:
         response, elapsed = await timed(client, method, path, **kwargs)
         assert_unavailable(response, elapsed)
-    ready, elapsed = await timed(client, "GET", "/health/ready")
+    with caplog.at_level(logging.WARNING, logger="service.health"):
+        ready, elapsed = await timed(client, "GET", "/health/ready")
     assert ready.status_code == 503 and elapsed < FAIL_WITHIN
     assert ready.headers["content-type"] == "application/problem+json"
+    assert ready.headers["retry-after"] == "1"
+    # The on-call engineer reads why, once per failed probe.
+    assert any("readiness: the primary did not answer" in r.getMessage() for r in caplog.records)
     assert (await client.get("/health/live")).status_code == 200
 
     postgres_server.start()

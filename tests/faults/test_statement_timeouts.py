@@ -1,6 +1,7 @@
 """A statement that waits on PostgreSQL - a lock held elsewhere - is bounded: after
-`DB_STATEMENT_TIMEOUT` the request answers 503 with Retry-After and gives its connection
-back, and the server's own `statement_timeout` / `lock_timeout` answer the same 503."""
+`DB_STATEMENT_TIMEOUT` the server cancels it, the request answers 503 with Retry-After and
+gives its connection back, and no backend stays behind waiting for the lock; the server's
+own `statement_timeout` / `lock_timeout` set elsewhere answer the same 503."""
 
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,14 @@ def items_locked(engine: Engine) -> Iterator[Connection]:
         connection.rollback()
 
 
+def waiting_for_a_lock(holder: Connection) -> int:
+    """Backends of the server, other than `holder`, waiting for a lock."""
+    return int(holder.scalar(text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    )))
+
+
 async def client_of(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=AUTH) as c:
@@ -66,7 +75,7 @@ async def test_a_statement_that_waits_past_the_timeout_answers_503_and_frees_its
         ("PATCH", f"/items/{item_id}", {"json": {"price": "3"}, "headers": {"If-Match": "*"}}),
         ("DELETE", f"/items/{item_id}", {}),
     ]
-    with items_locked(engine):
+    with items_locked(engine) as holder:
         for method, path, kwargs in requests:
             started = time.monotonic()
             with anyio.fail_after(10):  # unbounded, it would wait for the lock for ever
@@ -75,7 +84,11 @@ async def test_a_statement_that_waits_past_the_timeout_answers_503_and_frees_its
             assert response.status_code == 503, (method, path, response.text)
             assert response.headers["content-type"] == "application/problem+json"
             assert response.headers["retry-after"] == "1"
+            assert "did not answer in time" in response.json()["detail"]
             assert took < 3, f"{method} {path} took {took:.1f} s"
+        # The server cancelled each statement: no backend is left waiting behind the lock
+        # (a client that only gave up left one per request, until max_connections).
+        assert waiting_for_a_lock(holder) == 0
     assert timed_app.state.engine.sync_engine.pool.checkedout() == 0
     assert stored(engine) == before
     # The lock gone, the same app serves again: no broken connection is handed out.
