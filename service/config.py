@@ -25,6 +25,14 @@ MIN_JWT_SECRET_BYTES = 32
 _TOKEN_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 
 
+# Query parameters of a postgresql+asyncpg URL that asyncpg (or SQLAlchemy's dialect for
+# it) takes as they are.
+_ASYNCPG_TAKES = frozenset({
+    "host", "port", "user", "password", "database", "ssl", "direct_tls", "target_session_attrs", "krbsrvname", "gsslib", "passfile",
+    "statement_cache_size", "max_cached_statement_lifetime", "max_cacheable_statement_size",
+    "command_timeout", "prepared_statement_cache_size", "timeout",
+})
+
 # Seconds past DB_STATEMENT_TIMEOUT that the client waits before it gives up on a server
 # that does not answer at all (the server's own timeout answers first otherwise).
 STATEMENT_TIMEOUT_MARGIN = 2.0
@@ -224,12 +232,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _both_modes_reachable(self) -> "Settings":
-        backend = make_url(self.database_url).get_backend_name()
+        url = make_url(self.database_url)
+        backend = url.get_backend_name()
         if self.database_async_url is None and backend not in ASYNC_DRIVERS:
             raise ValueError(
                 f"no async driver is known for {backend!r}: set DATABASE_ASYNC_URL "
                 "(the requests are served on an async driver)"
             )
+        if self.database_async_url is None and backend == "postgresql":
+            # Parameters only libpq knows would make every request's connect fail (a 503
+            # for ever) while the CLI, on psycopg2, connects fine.
+            unknown = sorted(set(url.query) - _ASYNCPG_TAKES - {"sslmode", "connect_timeout"})
+            if unknown:
+                raise ValueError(
+                    f"DATABASE_URL has {', '.join(unknown)}, which asyncpg (the requests' "
+                    "driver) does not take: set DATABASE_ASYNC_URL too, with asyncpg's "
+                    "parameters (sslmode is translated to asyncpg's ssl by itself)"
+                )
         return self
 
     def sync_database_url(self) -> str:
@@ -242,11 +261,18 @@ class Settings(BaseSettings):
 
     def async_database_url(self) -> str:
         """The URL the requests use: DATABASE_ASYNC_URL, else DATABASE_URL with its
-        backend's async driver."""
+        backend's async driver (and, for PostgreSQL, libpq's `sslmode` as asyncpg's `ssl`;
+        `connect_timeout` is DB_CONNECT_TIMEOUT's business)."""
         if self.database_async_url is not None:
             return self.database_async_url
         url = make_url(self.database_url)
         url = url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()])
+        if url.get_backend_name() == "postgresql":
+            query = {name: value for name, value in url.query.items()
+                     if name not in ("sslmode", "connect_timeout")}
+            if "sslmode" in url.query:
+                query["ssl"] = url.query["sslmode"]
+            url = url.set(query=query)
         return url.render_as_string(hide_password=False)
 
     @field_validator("log_level")

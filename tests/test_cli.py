@@ -34,7 +34,7 @@ def test_unreachable_database_is_explained_without_the_password() -> None:
     for url in (
         f"postgresql+psycopg2://app:s3cret@127.0.0.1:{port}/service",
         f"postgresql+psycopg2://app@127.0.0.1:{port}/service?password=s3cret",
-        f"postgresql+psycopg2://app@127.0.0.1:{port}/service?sslmode=disable&PASSWORD=s3cret",
+        f"postgresql+psycopg2://app@127.0.0.1:{port}/service?sslmode=disable&password=s3cret",
     ):
         for command in ("migrate", "serve"):
             result = run_cli(command, database_url=url)
