@@ -469,12 +469,19 @@ class Settings(BaseSettings):
 
 def _check_url(value: str) -> None:
     try:
-        make_url(value)
+        url = make_url(value)
     except ArgumentError:
         raise ValueError(
             "not a valid SQLAlchemy URL; expected e.g. 'sqlite:///./service.db' or "
             "'postgresql+psycopg2://user:password@localhost:5432/service'"
         ) from None
+    if url.host and "@" in url.host:
+        # "user:p@ss@host": the URL ends the password at the first "@", and the rest of it
+        # would be shown as a host name in every message about the connection.
+        raise ValueError(
+            "has an '@' after the user part: write an '@' in the password as %40 "
+            "(the URL is not shown here, since it holds the password)"
+        )
 
 
 def _unique_statement_name() -> str:

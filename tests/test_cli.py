@@ -44,6 +44,15 @@ def test_unreachable_database_is_explained_without_the_password() -> None:
             assert "Traceback" not in result.stderr
 
 
+def test_an_unencoded_at_sign_in_the_password_is_refused_without_showing_it() -> None:
+    url = f"postgresql+psycopg2://app:Right@Pass_77xyz@127.0.0.1:{free_port()}/service"
+    for command in ("migrate", "serve"):
+        result = run_cli(command, database_url=url)
+        assert result.returncode == 2
+        assert "%40" in result.stderr
+        assert "Right" not in result.stderr and "Pass_77xyz" not in result.stderr
+
+
 def test_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
     """SIGTERM: uvicorn shuts down gracefully; the process then exits 0, not 143."""
     url = f"sqlite:///{tmp_path / 'served.db'}"
