@@ -28,7 +28,8 @@ _TOKEN_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 # Query parameters of a postgresql+asyncpg URL that asyncpg (or SQLAlchemy's dialect for
 # it) takes as they are.
 _ASYNCPG_TAKES = frozenset({
-    "host", "port", "user", "password", "database", "ssl", "direct_tls", "target_session_attrs", "krbsrvname", "gsslib", "passfile",
+    "host", "port", "user", "password", "database", "ssl", "direct_tls",
+    "target_session_attrs", "krbsrvname", "gsslib", "passfile",
     "statement_cache_size", "max_cached_statement_lifetime", "max_cacheable_statement_size",
     "command_timeout", "prepared_statement_cache_size", "timeout",
 })
