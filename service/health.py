@@ -20,14 +20,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db.failures import RETRY_AFTER_SECONDS, driver_reason
+from service.db.failures import RETRY_AFTER_SECONDS, Failure, driver_reason
 from service.db.replicas import Replicas
-from service.problems import problem_response, problem_responses
+from service.problems import failure_problem, problem_responses
 
 logger = logging.getLogger("service.health")
 router = APIRouter(prefix="/health", tags=["health"])
 LIVENESS_PATH = "/health/live"
 READINESS_PATH = "/health/ready"
+# What the readiness probe answers when the primary does not: retry, as for any outage.
+UNREACHABLE = Failure(503, "The database is not reachable.", RETRY_AFTER_SECONDS)
 
 
 class Liveness(BaseModel):
@@ -59,9 +61,7 @@ async def ready(request: Request) -> JSONResponse:
     except SQLAlchemyError as exc:
         logger.warning("readiness: the primary did not answer (%s); answering 503",
                        driver_reason(exc))
-        return problem_response(
-            503, "The database is not reachable.", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
-        )
+        return failure_problem(UNREACHABLE)
     replicas: Replicas | None = request.app.state.replicas
     if replicas is None:
         return JSONResponse({"status": "ok"})
