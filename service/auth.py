@@ -227,6 +227,7 @@ _MISSING = (
 )
 _REFUSED = "The bearer token was not accepted (not valid, expired or not issued for this API)."
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+_INVALID_REQUEST = {"WWW-Authenticate": 'Bearer error="invalid_request"'}
 
 
 def _insufficient(scope: str) -> str:
@@ -272,11 +273,19 @@ class Authentication:
                 400,
                 "Send the token in the `Authorization: Bearer <token>` header, never in the "
                 "URL (`access_token`): URLs end up in logs and browser histories.",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_request"'},
+                headers=_INVALID_REQUEST,
             )(scope, receive, send)
             return
         if not requirement.applies(self.settings):
             await self.app(scope, receive, send)
+            return
+        if _authorization_headers(scope) > 1:
+            # Authorization is a singleton field (RFC 9110 11.6.2): which one would count
+            # depends on who reads the request - a proxy may pick the other one.
+            self._log(scope, 400, "more than one Authorization header")
+            await problem_response(
+                400, "Send one `Authorization` header, not several.", headers=_INVALID_REQUEST
+            )(scope, receive, send)
             return
         credentials, oversized = _bearer_credentials(scope)
         try:
@@ -348,9 +357,13 @@ class Authentication:
 _MAX_PATHS_REMEMBERED = 4096
 
 
+def _authorization_headers(scope: Scope) -> int:
+    return sum(1 for name, _ in scope["headers"] if name == b"authorization")
+
+
 def _bearer_credentials(scope: Scope) -> tuple[str | None, bool]:
-    """The token of the first `Authorization: Bearer <token>` header (None without one),
-    and whether the header was over `MAX_TOKEN_BYTES` (then it is not parsed at all)."""
+    """The token of the `Authorization: Bearer <token>` header (None without one), and
+    whether the header was over `MAX_TOKEN_BYTES` (then it is not parsed at all)."""
     for name, value in scope["headers"]:
         if name == b"authorization":
             if len(value) > MAX_TOKEN_BYTES:

@@ -476,6 +476,26 @@ async def test_a_token_in_the_query_string_is_refused(
     assert stored(engine) == {}
 
 
+@pytest.mark.parametrize("order", ["valid first", "valid last"])
+async def test_two_authorization_headers_are_refused(
+    client: httpx.AsyncClient, provider: IdentityProvider, engine: Engine, order: str
+) -> None:
+    # Which of the two counts would depend on who reads the request (a proxy in front may
+    # pick the other one): neither does.
+    headers = [("Authorization", f"Bearer {provider.token()}"), ("Authorization", "Bearer nope")]
+    if order == "valid last":
+        headers.reverse()
+    response = await client.post("/items", json=ITEM, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.headers["www-authenticate"] == 'Bearer error="invalid_request"'
+    assert response.headers["content-type"] == "application/problem+json"
+    assert stored(engine) == {}
+    # One header is fine; and a read open to all does not look at them.
+    assert (await client.get("/items", headers=headers)).status_code == 200
+    response = await client.post("/items", json=ITEM, headers=bearer(provider.token()))
+    assert response.status_code == 201, response.text
+
+
 # -- the JWKS over HTTP ----------------------------------------------------------------------
 
 
