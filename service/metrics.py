@@ -28,6 +28,7 @@ import hmac
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from sqlalchemy import event
 from sqlalchemy.pool import Pool, QueuePool
 from starlette.types import Scope
 
@@ -127,6 +129,12 @@ class DatabaseMetrics(RequestDatabaseStats):
         # Every series exists from the start, at 0 (a rate over a counter that appears only
         # at its first increment misses that increment); `labels()` is looked up once.
         self._children: dict[tuple[str, ...], Any] = {}
+        self._open = {
+            id(pool): OpenConnections(pool)
+            for pairs in self.pools.values()
+            for _, pool in pairs
+            if isinstance(pool, QueuePool)
+        }
         for database in self.pools:
             self._child(ADMISSION_WAIT, database)
             self._child(ADMISSION_REJECTED, database)
@@ -162,13 +170,37 @@ class DatabaseMetrics(RequestDatabaseStats):
         for label, pool in self.pools.get(database, ()):
             if not isinstance(pool, QueuePool):
                 continue  # no pool to speak of (SQLite's in-memory StaticPool, NullPool)
-            self._child(POOL_CONNECTIONS, label, "checked_out").set(pool.checkedout())
-            self._child(POOL_CONNECTIONS, label, "idle").set(pool.checkedin())
+            checked_out = pool.checkedout()
+            self._child(POOL_CONNECTIONS, label, "checked_out").set(checked_out)
+            # Not `checkedin()`: it counts the pool's slots, and a slot whose connection was
+            # invalidated (a lost connection, a database restart) keeps none open.
+            idle = self._open[id(pool)].count - checked_out
+            self._child(POOL_CONNECTIONS, label, "idle").set(max(idle, 0))
             self._child(POOL_CONNECTIONS, label, "overflow").set(max(pool.overflow(), 0))
 
     def refresh_pools(self) -> None:
         for database in self.pools:
             self.refresh_pool(database)
+
+
+class OpenConnections:
+    """How many database connections `pool` holds open right now, from its `connect`,
+    `close` and `detach` events."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.count = 0
+        self._lock = threading.Lock()  # sync mode connects and closes on several threads
+        event.listen(pool, "connect", self._opened)
+        event.listen(pool, "close", self._closed)
+        event.listen(pool, "detach", self._closed)  # no longer the pool's to count
+
+    def _opened(self, *_: Any) -> None:
+        with self._lock:
+            self.count += 1
+
+    def _closed(self, *_: Any) -> None:
+        with self._lock:
+            self.count -= 1
 
 
 def multiprocess_mode() -> bool:

@@ -306,11 +306,27 @@ async def test_admission_rejections_are_counted(settings: Settings) -> None:
 
 async def test_pool_connections_are_reported(client: httpx.AsyncClient) -> None:
     await client.post("/items", json=ITEM)
-    text = (await client.get("/metrics")).text
-    pool = {state: float(re.search(  # type: ignore[index]
-        rf'^db_pool_connections\{{database="db",state="{state}"\}} (\S+)$', text, re.M)[1])
-        for state in ("checked_out", "idle", "overflow")}
+    pool = pool_gauges((await client.get("/metrics")).text)
     assert pool == {"checked_out": 0.0, "idle": 1.0, "overflow": 0.0}
+
+
+def pool_gauges(exposition: str) -> dict[str, float]:
+    return {state: float(re.search(  # type: ignore[index]
+        rf'^db_pool_connections\{{database="db",state="{state}"\}} (\S+)$', exposition, re.M)[1])
+        for state in ("checked_out", "idle", "overflow")}
+
+
+async def test_an_invalidated_connection_is_not_counted_as_idle(settings: Settings) -> None:
+    # What a lost connection or a database restart leaves: a pool slot without a connection.
+    async with serving(settings) as client:
+        assert (await client.post("/items", json=ITEM)).status_code == 201
+        assert pool_gauges((await client.get("/metrics")).text)["idle"] == 1
+        async with client.app.state.engine.connect() as connection:  # type: ignore[attr-defined]
+            await connection.invalidate()
+        assert pool_gauges((await client.get("/metrics")).text) == {
+            "checked_out": 0.0, "idle": 0.0, "overflow": 0.0}
+        assert (await client.get("/items")).status_code == 200  # opens one again
+        assert pool_gauges((await client.get("/metrics")).text)["idle"] == 1
 
 
 # -- several worker processes ----------------------------------------------------------------
