@@ -53,6 +53,7 @@ from service.principal import (
     set_principal,
 )
 from service.problems import problem_response, problem_responses
+from service.telemetry import request_notes
 
 logger = logging.getLogger("service.auth")
 
@@ -306,6 +307,8 @@ class Authentication:
                 "not available. Try again later.", headers={"Retry-After": retry_after},
             )(scope, receive, send)
             return
+        if (notes := request_notes(scope)) is not None:
+            notes.principal = principal.name  # the access line says who made the request
         if not principal.may(requirement.scope):
             self._log(scope, 403, f"{principal.name} lacks scope {requirement.scope}")
             await problem_response(

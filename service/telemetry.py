@@ -19,6 +19,7 @@ A request the database middleware never saw (a 413, a sessionless path) has none
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -32,17 +33,34 @@ from service.logs import printable
 
 access_logger = logging.getLogger("service.access")
 
-DB_STATS = "service.db_stats"  # the scope key of the request's QueryStats
+NOTES = "service.request_notes"  # the scope key of the request's `RequestNotes`
 UNMATCHED = "<unmatched>"  # the route label of a path no route matches
 CLIENT_CLOSED_REQUEST = 499  # the status of a request whose client left before any answer
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+@dataclass(slots=True)
+class RequestNotes:
+    """What the layers inside `RequestTelemetry` tell its access line: the request's
+    database numbers, and who made it. Kept in the scope as one object, so that a layer
+    that passes a copy of the scope on (`HeadAsGet`) still writes to the same notes."""
+
+    db_stats: QueryStats | None = None
+    principal: str | None = None  # the authenticated caller's name; None: nobody was asked
+
+
+def request_notes(scope: Scope) -> RequestNotes | None:
+    """The notes of the request, or None outside `RequestTelemetry`."""
+    notes: RequestNotes | None = scope.get(NOTES)
+    return notes
+
+
 class RequestDatabaseStats(SessionObserver):
-    """Leaves each request's `QueryStats` in its scope, for the access line."""
+    """Leaves each request's `QueryStats` in its notes, for the access line."""
 
     def request_ended(self, database: str, scope: Scope, stats: QueryStats) -> None:
-        scope[DB_STATS] = stats
+        if (notes := request_notes(scope)) is not None:
+            notes.db_stats = stats
 
 
 class RequestTelemetry:
@@ -97,6 +115,7 @@ class RequestTelemetry:
                 gone = True
             return message
 
+        scope[NOTES] = notes = RequestNotes()
         if self.in_progress is not None:
             self.in_progress.inc()
         try:
@@ -118,7 +137,7 @@ class RequestTelemetry:
                     child = self._children[key] = self.duration.labels(method, route, status)
                 child.observe(seconds)
             if self.access_log:
-                log_access(scope, method, route, status, seconds)
+                log_access(scope, notes, route, status, seconds)
 
     def route_of(self, scope: Scope) -> str:
         """The template of the route that served (or would serve) the request."""
@@ -154,22 +173,26 @@ class RequestTelemetry:
         return by_path or UNMATCHED
 
 
-def log_access(scope: Scope, method: str, route: str, status: int, seconds: float) -> None:
+def log_access(
+    scope: Scope, notes: RequestNotes, route: str, status: int, seconds: float
+) -> None:
     """The access line of one request (the method as the client sent it)."""
-    stats: QueryStats | None = scope.get(DB_STATS)
+    stats = notes.db_stats
     db_ms = round(stats.seconds * 1000, 2) if stats else 0.0
     statements = stats.count if stats else 0
     client = scope.get("client")
     address = f"{client[0]}:{client[1]}" if client else None
     duration_ms = round(seconds * 1000, 2)
     path = scope["path"]
+    principal = notes.principal
     access_logger.info(
-        '%s "%s %s" %d %.1f ms (route %s, db %.1f ms, %d %s)',
+        '%s "%s %s" %d %.1f ms (route %s, db %.1f ms, %d %s%s)',
         # The decoded path may hold a line break or other control characters: escaped in the
         # message, so that a text log line cannot be forged (JSON escapes `path` itself).
         address or "-", scope["method"], printable(path),
         status, duration_ms, route, db_ms, statements,
         "statement" if statements == 1 else "statements",
+        "" if principal is None else f", by {printable(principal)}",
         extra={
             "method": scope["method"],
             "route": route,
@@ -179,6 +202,7 @@ def log_access(scope: Scope, method: str, route: str, status: int, seconds: floa
             "db_ms": db_ms,
             "db_statements": statements,
             "client": address,
+            "principal": principal,
         },
     )
 

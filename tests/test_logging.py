@@ -182,6 +182,40 @@ async def test_access_lines_name_the_route_of_early_answers_and_bound_unmatched_
     assert lines[1]["path"] == "/no/such/path"
 
 
+async def test_the_access_line_says_who_made_the_request(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json") as client:
+        created = await client.post("/items", json=ITEM, headers=AUTH)
+        item = created.json()
+        deleted = await client.delete(f"/items/{item['id']}", headers=AUTH)
+        refused = await client.delete(f"/items/{item['id']}", headers={
+            "Authorization": "Bearer not-a-token-of-this-app"})
+        public = await client.get("/items")
+    assert [r.status_code for r in (created, deleted, refused, public)] == [201, 204, 401, 200]
+    lines = access_lines(json_lines(capsys.readouterr().err))
+    # The name a write records as created_by: a delete, which leaves no row, is attributed
+    # in its access line.
+    assert [line["principal"] for line in lines] == [
+        item["created_by"], item["created_by"], None, None]
+    async with serving(settings, log_format="text") as client:
+        await client.post("/items", json={**ITEM, "name": "Other"}, headers=AUTH)
+    (access,) = [line for line in capsys.readouterr().err.splitlines()
+                 if " service.access " in line]
+    assert access.endswith(f"1 statement, by {item['created_by']})")
+
+
+async def test_a_head_request_s_line_has_its_database_numbers(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serving(settings, log_format="json") as client:
+        response = await client.head("/items/scroll")
+    assert response.status_code == 200
+    (line,) = access_lines(json_lines(capsys.readouterr().err))
+    assert (line["method"], line["route"]) == ("HEAD", "/items/scroll")
+    assert line["db_statements"] >= 1
+
+
 async def test_a_line_break_in_the_path_cannot_forge_a_text_log_line(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
