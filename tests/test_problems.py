@@ -4,9 +4,14 @@
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
+from service.config import Settings
+from service.db.asyncio import db
+from service.main import create_app
 from service.problems import install_problem_handlers
+from tests.conftest import AUTH
 
 pytestmark = pytest.mark.anyio
 
@@ -56,3 +61,26 @@ async def test_other_errors_in_a_route_answer_500_as_a_problem(exc: Exception) -
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["status"] == 500
     assert "value too long" not in response.text and "bug" not in response.text
+
+
+async def test_a_second_connection_the_pool_cannot_spare_answers_503(settings: Settings) -> None:
+    # A request holds the only connection and asks for another (an independent block, for
+    # an audit row): the pool gives up after its timeout - the database is busy, not broken.
+    app = create_app(settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout": 0.3}))
+
+    @app.post("/audited")
+    async def audited() -> None:
+        await db.session.execute(text("SELECT 1"))
+        async with db(independent=True):
+            await db.session.execute(text("SELECT 2"))
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                 headers=AUTH) as client:
+        response = await client.post("/audited")
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert (await client.get("/items")).status_code == 200  # and the pool is fine
+    await app.state.engine.dispose()

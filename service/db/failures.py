@@ -15,7 +15,9 @@ decides what the error body looks like (`DBSessionMiddleware(error_response=...)
 |                                              |                   | outcome unknown    |
 | anything else                                | 500               | 500                |
 
-No connection slot within the pool's timeout is `BUSY`: 503 + Retry-After. A domain may give
+No connection slot within the pool's timeout is `BUSY`: 503 + Retry-After - at admission,
+and when a request needs a second connection and the pool has none to spare within its
+timeout (`sqlalchemy.exc.TimeoutError`: an `independent=True` block). A domain may give
 a failure a more precise meaning before it gets here (the items service answers a stale
 version 412, since its updates carry a precondition); what reaches `service.db` gets the
 statuses above.
@@ -23,7 +25,13 @@ statuses above.
 
 from dataclasses import dataclass
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
 # Seconds a client is asked to wait before retrying when the database is away or busy.
@@ -86,6 +94,8 @@ def _classify(exc: BaseException, *, unavailable: Failure, other: Failure) -> Fa
         return _CONFLICT
     if isinstance(exc, StaleDataError):
         return _STALE
+    if isinstance(exc, PoolTimeout):
+        return BUSY
     sqlstate = _sqlstate(exc)
     if sqlstate in _ROLLED_BACK_BY_THE_SERVER:
         return _COLLIDED
