@@ -253,6 +253,14 @@ class BlockBase(Generic[DatabaseT]):
                     "session_args cannot change the session of the unit of work already "
                     "open here; pass independent=True for a separate session"
                 )
+            if not self.commit_on_exit:
+                # Joined, the block's work is committed with the open unit's: refused
+                # rather than committed behind the back of code that meant to decide.
+                raise ValueError(
+                    "commit_on_exit=False cannot hold back the work of the unit of work "
+                    "already open here, which commits it; pass independent=True for a "
+                    "separate session you commit yourself"
+                )
             return database
         factory = outer.factory if outer is not None else database._default_factory()
         self._unit = database.open_unit(factory, self.commit_on_exit, self._session_args)

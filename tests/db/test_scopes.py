@@ -156,6 +156,28 @@ async def test_nested_with_db_cannot_change_session_args(mode: Mode) -> None:
                 pass
 
 
+async def test_nested_with_db_cannot_hold_back_the_commit(mode: Mode, engine: Engine) -> None:
+    # Joined, the block's work would be committed with the outer unit's: refused, not
+    # committed behind the back of code that meant to commit (or not) itself.
+    scripts_db = scripts_database(mode)
+    async with mode.block(scripts_db):
+        mode.add_item("outer", scripts_db)
+        with pytest.raises(ValueError, match="independent=True"):
+            async with mode.block(scripts_db, commit_on_exit=False):
+                pass
+    assert stored_names(engine) == {"outer"}
+    app = mode.make_app()
+
+    @app.post("/dry-run/{name}")
+    async def dry_run(name: str) -> None:
+        async with mode.block(commit_on_exit=False):
+            mode.add_item(name)
+
+    async with client_for(app, raise_app_exceptions=False) as client:
+        assert (await client.post("/dry-run/lamp")).status_code == 500
+    assert stored_names(engine) == {"outer"}
+
+
 async def test_independent_scope_has_its_own_transaction(mode: Mode, engine: Engine) -> None:
     scripts_db = scripts_database(mode)
     with pytest.raises(RuntimeError):
