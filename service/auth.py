@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -380,7 +380,8 @@ def _bearer_credentials(scope: Scope) -> tuple[str | None, bool]:
 
 def _token_in_query(scope: Scope) -> bool:
     query = scope.get("query_string", b"").decode("latin-1")
-    return "access_token" in query and any(
+    # The name may come percent-encoded (`access%5Ftoken`): parse_qsl decodes it.
+    return "access_token" in unquote_plus(query) and any(
         name == "access_token" for name, _ in parse_qsl(query, keep_blank_values=True)
     )
 

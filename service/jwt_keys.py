@@ -140,8 +140,14 @@ class RemoteKeys:
         """The key named `kid`, or None if the provider has no such key. Raises
         `KeysUnavailable` while no fetch has ever succeeded: then nobody can tell a good
         token from a bad one, and a client must not be told to throw its token away."""
-        if (kid not in self._keys or self._stale()) and self._refresh_due():
-            await self._refresh_if_due()
+        if kid not in self._keys or self._stale():
+            if self._refresh_due():
+                await self._refresh_if_due()
+            elif self._lock is not None and self._lock.locked():
+                # Another request's fetch is under way (it made the refresh no longer due):
+                # its keys may hold this one, so wait for them rather than refuse.
+                async with self._lock:
+                    pass
         if self._last_success is None:
             raise KeysUnavailable(self.seconds_to_next_fetch())
         return self._keys.get(kid)

@@ -464,9 +464,11 @@ async def test_a_token_in_the_query_string_is_refused(
     client: httpx.AsyncClient, provider: IdentityProvider, engine: Engine, method: str
 ) -> None:
     token = provider.token()
-    for headers in ({}, bearer(token)):  # even beside a valid header
+    cases = [(name, headers) for name in ("access_token", "access%5Ftoken", "%61ccess_token")
+             for headers in ({}, bearer(token))]  # even beside a valid header
+    for name, headers in cases:
         response = await client.request(
-            method, "/items", params={"access_token": token},
+            method, f"/items?{name}={token}",
             json=ITEM if method == "POST" else None, headers=headers,
         )
         assert response.status_code == 400, response.text
@@ -536,6 +538,26 @@ async def test_an_unknown_kid_refreshes_the_jwks_once_a_minute_at_most(
     clock[0] += 30
     assert await statuses_of_unknown_kids(client, provider, 20) == {401}
     assert jwks_server.fetches == 2
+
+
+async def test_requests_with_a_new_kid_wait_for_the_fetch_another_one_started(
+    client: httpx.AsyncClient, jwks_server: JwksServer, provider: IdentityProvider,
+    clock: list[float],
+) -> None:
+    assert (await client.post("/items", json=ITEM, headers=bearer(provider.token()))).is_success
+    provider.add_rsa_key("rsa-2")  # the provider rotates in a new key
+    clock[0] += 60
+    jwks_server.delay = 0.3  # the first request's fetch is still under way when the rest come
+
+    async def create(n: int) -> int:
+        token = bearer(provider.token("rsa-2"))
+        response = await client.post("/items", json={**ITEM, "name": f"Rug {n}"}, headers=token)
+        return response.status_code
+
+    first = asyncio.create_task(create(0))
+    await asyncio.sleep(0.1)
+    assert await asyncio.gather(first, *(create(n) for n in range(1, 6))) == [201] * 6
+    assert jwks_server.fetches == 2  # one fetch, shared
 
 
 async def test_a_key_the_provider_withdrew_stops_working_within_15_minutes(
