@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite:///./service.db"
@@ -37,6 +37,26 @@ _ASYNCPG_TAKES = frozenset({
 # Seconds past DB_STATEMENT_TIMEOUT that the client waits before it gives up on a server
 # that does not answer at all (the server's own timeout answers first otherwise).
 STATEMENT_TIMEOUT_MARGIN = 2.0
+
+def _not_for_asyncpg(url: URL) -> list[str]:
+    """The parameters of a PostgreSQL `url` that asyncpg takes neither as they are nor
+    translated (`_async_url`)."""
+    return sorted(set(url.query) - _ASYNCPG_TAKES - {"sslmode", "connect_timeout"})
+
+
+def _async_url(database_url: str) -> str:
+    """`database_url` with its backend's async driver; for PostgreSQL, libpq's `sslmode` as
+    asyncpg's `ssl`, and no `connect_timeout` (DB_CONNECT_TIMEOUT's business)."""
+    url = make_url(database_url)
+    url = url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()])
+    if url.get_backend_name() == "postgresql":
+        query = {name: value for name, value in url.query.items()
+                 if name not in ("sslmode", "connect_timeout")}
+        if "sslmode" in url.query:
+            query["ssl"] = url.query["sslmode"]
+        url = url.set(query=query)
+    return url.render_as_string(hide_password=False)
+
 
 class Settings(BaseSettings):
     """Configuration; each field is read from the upper-case environment variable of its name."""
@@ -220,16 +240,19 @@ class Settings(BaseSettings):
             "postgresql"
         ):
             raise ValueError("DATABASE_REPLICA_URLS needs a PostgreSQL DATABASE_URL")
+        if self.database_replica_urls and "cursor_secret" not in self.model_fields_set:
+            # Clients send their consistency token back: signed by a key made up per
+            # process, it would be a 400 after every restart, and on every other worker.
+            raise ValueError(
+                "DATABASE_REPLICA_URLS needs CURSOR_SECRET: it signs the consistency tokens "
+                "clients send back, which must stay good across restarts and workers"
+            )
         return self
 
     def async_replica_urls(self) -> list[str]:
-        """DATABASE_REPLICA_URLS with the async driver the requests use (asyncpg)."""
-        return [
-            make_url(url).set(drivername=ASYNC_DRIVERS["postgresql"]).render_as_string(
-                hide_password=False
-            )
-            for url in self.database_replica_urls
-        ]
+        """DATABASE_REPLICA_URLS with the async driver the requests use (asyncpg), their
+        parameters translated as DATABASE_URL's are (`async_database_url`)."""
+        return [_async_url(url) for url in self.database_replica_urls]
 
     @model_validator(mode="after")
     def _both_modes_reachable(self) -> "Settings":
@@ -240,15 +263,24 @@ class Settings(BaseSettings):
                 f"no async driver is known for {backend!r}: set DATABASE_ASYNC_URL "
                 "(the requests are served on an async driver)"
             )
-        if self.database_async_url is None and backend == "postgresql":
-            # Parameters only libpq knows would make every request's connect fail (a 503
-            # for ever) while the CLI, on psycopg2, connects fine.
-            unknown = sorted(set(url.query) - _ASYNCPG_TAKES - {"sslmode", "connect_timeout"})
-            if unknown:
+        # Parameters only libpq knows would make every request's connect fail (a 503 for
+        # ever) while the CLI, on psycopg2, connects fine.
+        if (self.database_async_url is None and backend == "postgresql"
+                and (unknown := _not_for_asyncpg(url))):
+            raise ValueError(
+                f"DATABASE_URL has {', '.join(unknown)}, which asyncpg (the requests' "
+                "driver) does not take: set DATABASE_ASYNC_URL too, with asyncpg's "
+                "parameters (sslmode is translated to asyncpg's ssl by itself)"
+            )
+        for replica in map(make_url, self.database_replica_urls):
+            # A replica whose every connect fails would be passed over for ever, while its
+            # health poller (psycopg2) says it is fine.
+            if unknown := _not_for_asyncpg(replica):
                 raise ValueError(
-                    f"DATABASE_URL has {', '.join(unknown)}, which asyncpg (the requests' "
-                    "driver) does not take: set DATABASE_ASYNC_URL too, with asyncpg's "
-                    "parameters (sslmode is translated to asyncpg's ssl by itself)"
+                    f"DATABASE_REPLICA_URLS: the replica at {replica.host}:{replica.port} has "
+                    f"{', '.join(unknown)}, "
+                    "which asyncpg (the requests' driver) does not take (sslmode is "
+                    "translated to asyncpg's ssl, connect_timeout left to DB_CONNECT_TIMEOUT)"
                 )
         return self
 
@@ -266,15 +298,7 @@ class Settings(BaseSettings):
         `connect_timeout` is DB_CONNECT_TIMEOUT's business)."""
         if self.database_async_url is not None:
             return self.database_async_url
-        url = make_url(self.database_url)
-        url = url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()])
-        if url.get_backend_name() == "postgresql":
-            query = {name: value for name, value in url.query.items()
-                     if name not in ("sslmode", "connect_timeout")}
-            if "sslmode" in url.query:
-                query["ssl"] = url.query["sslmode"]
-            url = url.set(query=query)
-        return url.render_as_string(hide_password=False)
+        return _async_url(self.database_url)
 
     @field_validator("log_level")
     @classmethod

@@ -430,10 +430,38 @@ def test_replicas_need_postgresql_urls(tmp_path: Path) -> None:
         Settings(database_url="postgresql://primary/service",
                  database_replica_urls="sqlite:///replica.db")  # type: ignore[arg-type]
     settings = Settings(database_url="postgresql://primary/service",
-                        database_replica_urls=" postgresql://r1/service, postgresql://r2/service")  # type: ignore[arg-type]
+                        database_replica_urls=" postgresql://r1/service, postgresql://r2/service",  # type: ignore[arg-type]
+                        cursor_secret=CURSOR_SECRET)  # type: ignore[arg-type]
     assert settings.async_replica_urls() == [
         "postgresql+asyncpg://r1/service", "postgresql+asyncpg://r2/service"
     ]
+
+
+def test_replica_urls_take_what_database_url_takes() -> None:
+    # libpq's sslmode becomes asyncpg's ssl, connect_timeout is DB_CONNECT_TIMEOUT's: a
+    # replica whose every connect failed was passed over for ever, while its poller
+    # (psycopg2) found it fine.
+    settings = Settings(
+        database_url="postgresql://primary/service", cursor_secret=CURSOR_SECRET,  # type: ignore[arg-type]
+        database_replica_urls="postgresql://u:pw@r1/service?sslmode=require&connect_timeout=3",  # type: ignore[arg-type]
+    )
+    assert settings.async_replica_urls() == ["postgresql+asyncpg://u:pw@r1/service?ssl=require"]
+    with pytest.raises(ValueError, match="r1:None has application_name") as refused:
+        Settings(database_url="postgresql://primary/service", cursor_secret=CURSOR_SECRET,  # type: ignore[arg-type]
+                 database_replica_urls="postgresql://u:pw@r1/service?application_name=x")  # type: ignore[arg-type]
+    assert "pw" not in str(refused.value)
+
+
+def test_replicas_need_a_cursor_secret(migrated_url: str, standby: Standby) -> None:
+    # The consistency tokens clients send back would be refused (400) after a restart, and
+    # by every other worker, if each process made up its own key.
+    with pytest.raises(ValueError, match="needs CURSOR_SECRET"):
+        Settings(database_url=migrated_url, database_replica_urls=standby.url)  # type: ignore[arg-type]
+    result = serve_cli({"DATABASE_URL": migrated_url, "DATABASE_REPLICA_URLS": standby.url,
+                        "API_TOKENS": TEST_TOKEN})
+    assert result.returncode == 2
+    assert "CURSOR_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 async def test_replicas_and_tokens_with_the_primary_behind_pgbouncer(
