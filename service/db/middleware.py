@@ -8,7 +8,9 @@ event loop for one of the engine's connection slots before they enter the app (s
 """
 
 import asyncio
+import contextlib
 import contextvars
+import logging
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar
@@ -16,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from service.db.accounting import instrument
 from service.db.database import Database
@@ -29,11 +31,17 @@ from service.db.middleware_base import (
     SessionMiddlewareBase,
     autocommit_engine,
     commit_below_400,
+    describe,
     detail_json,
 )
 from service.db.observer import NO_OBSERVER, SessionObserver
 from service.db.statement_gate import guard_statements
 from service.db.unit_of_work import UnitOfWork
+
+logger = logging.getLogger("service.db")
+# Seconds a cancelled request waits for its unit to end before it lets the cancellation
+# through (the unit still ends, later).
+ABANDONED_WAIT = 1.0
 
 T = TypeVar("T")
 _Request = RequestState[UnitOfWork, Future[Any]]
@@ -136,7 +144,13 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
         # thread. But the route's thread may still be running, and using the session.
         unit = request.unit
         if abandoned:
-            await self._in_thread(request, unit.end_abandoned)
+            # The route's thread may be inside a statement: `end_abandoned` interrupts it,
+            # which takes a round trip, and that is waited for. One that will not stop does
+            # not hold the cancellation up any longer: the unit ends when it does, and the
+            # slot comes free then (`_release_after_last_job`).
+            ended = asyncio.wrap_future(self._submit(request, _end_abandoned, unit, request.scope))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ended), ABANDONED_WAIT)
             return
         idle = request.job is None or request.job.done()
         if idle and not unit.has_work() and not unit.has_hooks():
@@ -150,6 +164,10 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
         The job runs to its end even if the request is cancelled meanwhile (shield), so a
         session is never abandoned half-closed and its connection always returns.
         """
+        return await asyncio.shield(asyncio.wrap_future(self._submit(request, fn, *args)))
+
+    def _submit(self, request: _Request, fn: Callable[..., T], *args: Any) -> "Future[T]":
+        """Start `fn(*args)` on the lifecycle threads, after the request's previous job."""
         previous = request.job
         context = contextvars.copy_context()
 
@@ -160,4 +178,15 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
 
         future = self._executor.submit(job)
         request.job = future
-        return await asyncio.shield(asyncio.wrap_future(future))
+        return future
+
+
+def _end_abandoned(unit: UnitOfWork, scope: Scope) -> None:
+    """`unit.end_abandoned()`, on a lifecycle thread nobody awaits: a failure is logged."""
+    try:
+        unit.end_abandoned()
+    except Exception:
+        logger.error(
+            "%s: rolling back the work of the cancelled request failed; that work was not "
+            "stored", describe(scope), exc_info=True,
+        )

@@ -23,7 +23,8 @@ logger = logging.getLogger("service.db")
 SessionT = TypeVar("SessionT")
 FactoryT = TypeVar("FactoryT")
 CommitHook = Callable[[], Any]
-# How long an abandoned unit waits for its route's thread to let go of the session.
+# After how long an abandoned unit still waiting for its route's thread to let go of the
+# session says so (it goes on waiting: the connection must come back clean).
 ABANDONED_PATIENCE = 60.0
 
 
@@ -114,6 +115,37 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
         self._hooks.clear()
 
 
+# How long a running statement of an abandoned unit may take to end by itself before the
+# driver is asked to interrupt it.
+_GRACE = 0.05
+
+
+def _interrupt(connection: Connection) -> None:
+    """Ask the driver to stop the statement running on `connection` (from another thread):
+    psycopg's and psycopg2's `cancel()`, sqlite3's `interrupt()`. The statement then fails
+    in the route's thread; a driver without either is waited for."""
+    try:
+        # Not `connection.connection`: on a connection invalidated meanwhile, that would
+        # connect again, from this thread.
+        pooled = connection._dbapi_connection
+        driver = pooled.driver_connection if pooled is not None else None
+        stop = getattr(driver, "cancel", None) or getattr(driver, "interrupt", None)
+        if stop is not None:
+            stop()
+    except Exception:  # the statement may have ended, and the connection with it
+        logger.debug("could not interrupt a statement of a cancelled request", exc_info=True)
+
+
+def _complain_once(started: float, complained: bool) -> bool:
+    if not complained and time.monotonic() - started >= ABANDONED_PATIENCE:
+        logger.error(
+            "a statement of a cancelled request has run for more than %.0f s; its "
+            "connection and slot stay taken until it ends", ABANDONED_PATIENCE,
+        )
+        return True
+    return complained
+
+
 def _enclosing_savepoint(transaction: SessionTransaction) -> SessionTransaction | None:
     outer = transaction.parent
     while outer is not None and not outer.nested:
@@ -195,30 +227,33 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
 
         First the gate of each of the session's connections is closed
         (`statement_gate`): the route's later statements and COMMITs are refused before
-        they reach the driver, and the one running is waited for - so after the rollback
-        the connection goes back to the pool with nothing of the route's still on it. Then
-        the session is rolled back and closed; a Session refuses that while another thread
-        is inside one of its own calls (IllegalStateChangeError: e.g. checking out a
-        connection), so
-        this tries again until the route's thread is out of it (at most
-        `ABANDONED_PATIENCE` s). The closed session refuses the route's later work."""
-        deadline = time.monotonic() + ABANDONED_PATIENCE
+        they reach the driver. A statement running meanwhile is interrupted - its work is
+        rolled back anyway - through the driver (psycopg2's `cancel()`, sqlite3's
+        `interrupt()`), and waited for: so after the rollback the connection goes back to
+        the pool with nothing of the route's still on it. Then the session is rolled back
+        and closed; a Session refuses that while another thread is inside one of its own
+        calls (IllegalStateChangeError: e.g. checking out a connection), so this tries
+        again until the route's thread is out of it. However long that takes, the
+        connection comes back: a statement that ignores the interruption is waited for
+        (an ERROR is logged after `ABANDONED_PATIENCE` s), as the request's slot is.
+        The closed session refuses the route's later work."""
+        started = time.monotonic()
+        complained = False
         while True:
-            self._close_gates(deadline)
+            complained = self._close_gates(started, complained)
             try:
                 self.end(commit=False)
                 return
             except IllegalStateChangeError:
-                if time.monotonic() >= deadline:
-                    raise
+                complained = _complain_once(started, complained)
                 time.sleep(0.005)  # and close the gate of a connection it took meanwhile
 
-    def _close_gates(self, deadline: float) -> None:
+    def _close_gates(self, started: float, complained: bool) -> bool:
         transaction = self.session.get_transaction()
         if transaction is None or isinstance(self.session.bind, Connection):
             # Bound to a connection of the caller's (test isolation): not a pooled one,
             # and the rest of the test goes on using it.
-            return
+            return complained
         while True:
             try:
                 connections = [entry[0] for entry in list(transaction._connections.values())]
@@ -226,10 +261,14 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
             except RuntimeError:  # the route's thread took a connection while we copied
                 time.sleep(0.001)
         for connection in connections:
-            if not close_gate(connection, max(deadline - time.monotonic(), 0.0)):
-                raise TimeoutError(
-                    f"a statement of a cancelled request ran past {ABANDONED_PATIENCE:.0f} s"
-                )
+            # Asked again each second: a cancel that reached the server before the
+            # statement did is lost.
+            while not close_gate(connection, patience=_GRACE):
+                _interrupt(connection)
+                complained = _complain_once(started, complained)
+                if close_gate(connection, patience=1.0):
+                    break
+        return complained
 
     def _run_due_hooks(self) -> None:
         for hook in self._take_due():
