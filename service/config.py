@@ -37,6 +37,9 @@ _ASYNCPG_TAKES = frozenset({
 # Seconds past DB_STATEMENT_TIMEOUT that the client waits before it gives up on a server
 # that does not answer at all (the server's own timeout answers first otherwise).
 STATEMENT_TIMEOUT_MARGIN = 2.0
+# The same for a replica read, short: a replica that hangs should cost little more than
+# REPLICA_READ_TIMEOUT.
+REPLICA_TIMEOUT_MARGIN = 0.25
 
 def _not_for_asyncpg(url: URL) -> list[str]:
     """The parameters of a PostgreSQL `url` that asyncpg takes neither as they are nor
@@ -97,9 +100,10 @@ class Settings(BaseSettings):
     replica_read_timeout: float = Field(
         2.0,
         gt=0,
-        description="Seconds a statement may take on a replica: one that has not answered "
-        "by then (a replica that hangs) is cancelled and run on the primary, and the replica "
-        "skipped until its next successful poll.",
+        description="Seconds a statement may take on a replica: a slower one is cancelled "
+        "by the replica (its statement_timeout) and run on the primary; a replica that does "
+        f"not answer at all is given up on {REPLICA_TIMEOUT_MARGIN:g} s later, and skipped "
+        "until its next successful poll.",
     )
     database_pgbouncer: bool = Field(
         False,
@@ -449,7 +453,13 @@ class Settings(BaseSettings):
             **self._pool_args(),
             "connect_args": {
                 "timeout": self.db_connect_timeout,
-                "command_timeout": self.replica_read_timeout,
+                # The replica cancels a read slower than the timeout itself, and stays in
+                # use (the read runs on the primary); the client gives up a little later,
+                # on a replica that does not answer at all.
+                "server_settings": {
+                    "statement_timeout": str(max(round(self.replica_read_timeout * 1000), 1))
+                },
+                "command_timeout": self.replica_read_timeout + REPLICA_TIMEOUT_MARGIN,
             },
         }
 

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, make_url, text
 
 from bench.harness import ServerProcess, free_port
 from service.config import Settings
+from service.db.asyncio import db
 from service.db.consistency import HEADER
 from service.main import close_engines, create_app
 from tests.conftest import AUTH, ROOT, TEST_TOKEN
@@ -286,6 +287,42 @@ async def test_a_replica_that_hangs_is_left_for_the_primary_without_errors(
     while replicated_app.state.replicas.status()["replicas"][0]["state"] != "ok":
         assert time.monotonic() < deadline, "the thawed replica was not used again"
         await anyio.sleep(0.1)
+
+
+async def test_a_read_slower_than_the_replica_timeout_runs_on_the_primary_and_keeps_the_replica(
+    migrated_url: str, standby: Standby, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replica cancels it itself (its statement_timeout): nothing of it keeps running
+    there, and the replica - which answered - stays in use."""
+    app = create_app(replicated_settings(migrated_url, standby, replica_read_timeout=0.5))
+
+    @app.get("/report")
+    async def report() -> dict[str, bool]:
+        in_recovery = await db.session.scalar(text("SELECT pg_is_in_recovery() FROM pg_sleep(1)"))
+        return {"on_a_replica": bool(in_recovery)}
+
+    @app.get("/quick")
+    async def quick() -> dict[str, bool]:
+        return {"on_a_replica": bool(await db.session.scalar(text("SELECT pg_is_in_recovery()")))}
+
+    assert app.state.replicas.wait_until_polled()
+    caplog.set_level(logging.INFO, logger="service.db")
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/quick")).json() == {"on_a_replica": True}
+            slow = await client.get("/report")
+            assert (slow.status_code, slow.json()) == (200, {"on_a_replica": False})
+            assert app.state.replicas.status()["replicas"][0]["state"] == "ok"
+            assert (await client.get("/quick")).json() == {"on_a_replica": True}
+    finally:
+        await close_engines(app)
+    with standby.engine.connect() as connection:
+        assert connection.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%FROM pg_sleep(1)%' "
+            "AND state = 'active' AND pid <> pg_backend_pid()")) == 0
+    assert any("cancelled a read" in r.getMessage() for r in caplog.records)
+    assert not any("failed a read" in r.getMessage() for r in caplog.records)
 
 
 async def test_without_replicas_there_is_no_token(client: httpx.AsyncClient) -> None:

@@ -96,10 +96,10 @@ def _classify(exc: BaseException, *, unavailable: Failure, other: Failure) -> Fa
         return _STALE
     if isinstance(exc, PoolTimeout):
         return BUSY
-    sqlstate = _sqlstate(exc)
-    if sqlstate in _ROLLED_BACK_BY_THE_SERVER:
+    code = sqlstate(exc)
+    if code in _ROLLED_BACK_BY_THE_SERVER:
         return _COLLIDED
-    if sqlstate in _GAVE_UP_WAITING:
+    if code in _GAVE_UP_WAITING:
         return _TIMED_OUT
     return unavailable if database_unavailable(exc) else other
 
@@ -113,7 +113,7 @@ _ROLLED_BACK_BY_THE_SERVER = frozenset({"40001", "40P01"})  # serialization, dea
 _GAVE_UP_WAITING = frozenset({"57014", "55P03"})
 
 
-def _sqlstate(exc: BaseException) -> str | None:
+def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a DBAPI error: psycopg2's `pgcode`, SQLAlchemy's asyncpg adapter's
     `pgcode` (or asyncpg's own `sqlstate`)."""
     orig = getattr(exc, "orig", None)

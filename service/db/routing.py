@@ -23,6 +23,7 @@ A session without `replicas` (no replicas configured) routes nothing: every stat
 to its bind, as before. A session bound to a connection (test isolation) routes nothing.
 """
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,8 +38,10 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import Select, TextualSelect
 
-from service.db.failures import database_unavailable, driver_reason
+from service.db.failures import database_unavailable, driver_reason, sqlstate
 from service.db.replicas import Replicas, ReplicaState
+
+logger = logging.getLogger("service.db")
 
 Choice = Literal["primary", "replica"]
 
@@ -169,10 +172,19 @@ class RoutingSession(Session):
                 failed is None
                 or self.replicas is None
                 or self._primary_in_transaction is not None  # work a rollback would lose
-                or not (isinstance(exc, TimeoutError) or database_unavailable(exc))
             ):
                 raise
-            self.replicas.mark_down(failed, driver_reason(exc))
+            # The replica answered, but cancelled the read: its statement_timeout (a read
+            # slower than REPLICA_READ_TIMEOUT), or a conflict with the WAL it replays
+            # (40001 on a hot standby). It stays in use; this read runs on the primary.
+            gave_up = sqlstate(exc) in _REPLICA_CANCELLED
+            if not gave_up and not (isinstance(exc, TimeoutError) or database_unavailable(exc)):
+                raise
+            if gave_up:
+                logger.info("replica %s cancelled a read (%s); running it on the primary",
+                            failed.name, driver_reason(exc))
+            else:
+                self.replicas.mark_down(failed, driver_reason(exc))
             route = _route.get()
             if route is not None:
                 route.on_primary = True
@@ -182,11 +194,16 @@ class RoutingSession(Session):
             # before are expired, as by any rollback).
             transaction = self._transaction
             entry = transaction._connections.get(failed.engine) if transaction else None
-            if entry is not None:
+            if entry is not None and not gave_up:
                 entry[0].invalidate()
             self.rollback()
             with primary():
                 return super()._execute_internal(*args, **kwargs)
+
+
+# A replica cancelled the statement: statement_timeout (57014), or a recovery conflict
+# ("canceling statement due to conflict with recovery", 40001).
+_REPLICA_CANCELLED = frozenset({"57014", "40001"})
 
 
 @event.listens_for(RoutingSession, "after_commit")
