@@ -169,6 +169,9 @@ async def test_a_forged_token_is_a_400_problem(replicated_client: httpx.AsyncCli
         assert response.status_code == 400
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["status"] == 400
+    # An empty header is no token, not a malformed one.
+    for empty in ("", " "):
+        assert (await replicated_client.get("/items", headers={HEADER: empty})).status_code == 200
 
 
 async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unready(

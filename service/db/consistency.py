@@ -122,7 +122,9 @@ class ConsistencyMiddleware:
             await self.app(scope, receive, send_with_token)
 
     def _min_position(self, scope: Scope) -> int:
-        values = [value for key, value in scope.get("headers", ()) if key == _HEADER_KEY]
+        # An empty header is no token (a client that has none yet may send its template).
+        values = [value for key, value in scope.get("headers", ())
+                  if key == _HEADER_KEY and value.strip()]
         if not values:
             return 0
         if len(values) > 1:
