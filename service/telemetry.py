@@ -96,6 +96,9 @@ class RequestTelemetry:
             await self.app(scope, receive, send)
             return
         started = perf_counter()
+        # A mount (the docs' static files) moves its path into the scope's root_path as the
+        # request goes through it: the app's own root path is the one from now.
+        root = scope.get("root_path", "")
         status = 0  # no response yet
         finished = 0.0
         gone = False
@@ -128,7 +131,7 @@ class RequestTelemetry:
                 # it), or the app failed and the server answers 500.
                 status = CLIENT_CLOSED_REQUEST if gone else 500
             seconds = (finished or perf_counter()) - started
-            route = self.route_of(scope)
+            route = self.route_of(scope, root)
             method = scope["method"] if scope["method"] in METHODS else "other"
             if self.duration is not None:
                 key = (method, route, status)
@@ -139,8 +142,9 @@ class RequestTelemetry:
             if self.access_log:
                 log_access(scope, notes, route, status, seconds)
 
-    def route_of(self, scope: Scope) -> str:
-        """The template of the route that served (or would serve) the request."""
+    def route_of(self, scope: Scope, root: str = "") -> str:
+        """The template of the route that served (or would serve) the request; `root`: the
+        app's root path (the scope's, unless a mount has changed it since)."""
         route = scope.get("route")
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         if isinstance(template, str):
@@ -160,7 +164,6 @@ class RequestTelemetry:
                 for template, methods in ordered
             ]
         path = scope["path"]
-        root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
         method = scope["method"]

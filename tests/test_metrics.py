@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 
 from bench.harness import free_port
 from service.config import Settings
-from service.main import create_app
+from service.main import create_app, static_file_paths
 from service.metrics import prepare_multiprocess_dir
 from tests.conftest import AUTH, TEST_TOKEN, http_scope
 from tests.faults.test_commit_failures import DEFERRED_FOREIGN_KEY, injected
@@ -308,6 +308,15 @@ async def test_pool_connections_are_reported(client: httpx.AsyncClient) -> None:
     await client.post("/items", json=ITEM)
     pool = pool_gauges((await client.get("/metrics")).text)
     assert pool == {"checked_out": 0.0, "idle": 1.0, "overflow": 0.0}
+
+
+async def test_a_docs_asset_is_labelled_with_its_mount_not_unmatched(settings: Settings) -> None:
+    async with serving(settings) as client:
+        asset = sorted(static_file_paths(client.app))[0]  # type: ignore[attr-defined]
+        route = asset.rsplit("/", 1)[0] + "/{path:path}"
+        before = requests_of(route, "200")
+        assert (await client.get(asset)).status_code == 200
+    assert requests_of(route, "200") - before == 1
 
 
 def pool_gauges(exposition: str) -> dict[str, float]:
