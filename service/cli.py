@@ -142,12 +142,15 @@ def serve(args: argparse.Namespace) -> None:
         f"{'s' if workers > 1 else ''} - API docs at http://{args.host}:{args.port}/docs",
         flush=True,
     )
-    from service.logs import configure_logging
+    from service.logs import LoggingConfigError, configure_logging
     from service.metrics import prepare_multiprocess_dir
 
     if args.no_access_log:
         os.environ["ACCESS_LOG"] = "false"  # the app's access line (service.telemetry)
-    configure_logging(settings)
+    try:
+        configure_logging(settings)
+    except LoggingConfigError as exc:
+        raise CommandError(str(exc)) from None
     # Before the workers start: they inherit PROMETHEUS_MULTIPROC_DIR.
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     metrics_dir = prepare_multiprocess_dir(workers)

@@ -140,8 +140,9 @@ class Settings(BaseSettings):
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
     metrics_token: SecretStr = Field(
         SecretStr(""),
-        description="If set, GET /metrics needs `Authorization: Bearer <this token>`; "
-        "empty = open (keep /metrics off the public network instead).",
+        description="If set, GET /metrics needs `Authorization: Bearer <this token>` (at "
+        f"least {MIN_TOKEN_LENGTH} characters); empty = open (keep /metrics off the public "
+        "network instead).",
     )
     # -- who may call, and what a request may carry (service.auth, service.body_limit) --
     api_tokens: SecretStr = Field(
@@ -326,6 +327,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"every API token must be at least {MIN_TOKEN_LENGTH} characters; generate one "
                 "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_enough_metrics_token(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"METRICS_TOKEN must be at least {MIN_TOKEN_LENGTH} characters (or empty: "
+                "/metrics open); generate one with: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'"
             )
         return value
 

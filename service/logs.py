@@ -67,6 +67,12 @@ class TextFormatter(logging.Formatter):
     def __init__(self, fmt: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(fmt or TEXT_FORMAT, *args, **kwargs)
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if getattr(record, "request_id", None) is None:  # outside requests: `[-]`, not `[None]`
+            # A copy: other handlers (JSON: null) see the record as it is.
+            record = logging.makeLogRecord({**record.__dict__, "request_id": "-"})
+        return super().formatMessage(record)
+
 
 def configure_logging(settings: Settings) -> None:
     """Set up logging as `settings` say (`LOG_CONFIG`, else `LOG_FORMAT` and `LOG_LEVEL`).
@@ -134,21 +140,35 @@ def log_format(settings: Settings) -> str:
     return "text" if sys.stderr.isatty() else "json"
 
 
-def load_config_file(path: Path) -> None:
-    """Configure logging from `path`: dictConfig from YAML or JSON, else fileConfig."""
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json":
-            config = json.loads(text)
-        else:
-            import yaml
+class LoggingConfigError(RuntimeError):
+    """`LOG_CONFIG` names a file logging cannot be configured from; says why in one line."""
 
-            config = yaml.safe_load(text)
-        config.setdefault("disable_existing_loggers", False)
-        logging.config.dictConfig(config)
-    else:
-        logging.config.fileConfig(path, disable_existing_loggers=False)
+
+def load_config_file(path: Path) -> None:
+    """Configure logging from `path`: dictConfig from YAML or JSON, else fileConfig.
+    Raises `LoggingConfigError` if the file cannot be read or used."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml", ".json"):
+            text = path.read_text(encoding="utf-8")
+            if suffix == ".json":
+                config = json.loads(text)
+            else:
+                import yaml
+
+                config = yaml.safe_load(text)
+            if not isinstance(config, dict):
+                raise ValueError("not a dictConfig mapping")
+            config.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(config)
+        else:
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+    except Exception as exc:  # syntax, a handler that cannot be made (a missing directory)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LoggingConfigError(
+            f"LOG_CONFIG {path} cannot configure logging: {type(exc).__name__}"
+            + (f": {reason}" if reason else "")
+        ) from None
 
 
 def add_request_id_to_records() -> None:

@@ -28,7 +28,7 @@ from service.health import LIVENESS_PATH, READINESS_PATH
 from service.health import router as health_router
 from service.http_methods import HeadAsGet
 from service.items.router import router as items_router
-from service.logs import configure_logging
+from service.logs import LoggingConfigError, configure_logging
 from service.metrics import (
     IN_PROGRESS,
     METRICS_PATH,
@@ -302,7 +302,7 @@ def __getattr__(name: str) -> FastAPI:
 
         try:
             app = globals()["app"] = create_app(load_settings())
-        except (CommandError, NoApiTokens) as exc:
+        except (CommandError, NoApiTokens, LoggingConfigError) as exc:
             raise SystemExit(f"error: {exc}") from None
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,7 @@
 per request with the numbers behind Server-Timing - and never a token or a query string;
 LOG_CONFIG files (dictConfig YAML/JSON, fileConfig .ini), the shipped examples included."""
 
+import contextvars
 import json
 import logging
 import os
@@ -104,6 +105,11 @@ async def test_text_logs_show_the_request_id_in_brackets(
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO service\.access \[text-1\] ",
                     access)
     assert '"GET /items" 200' in access
+    # Outside a request there is no id: `[-]`. (A context of its own: the test client runs
+    # the app in this task, which keeps the last request's id.)
+    contextvars.Context().run(logging.getLogger("service.test").warning, "outside")
+    [outside] = [line for line in capsys.readouterr().err.splitlines() if "outside" in line]
+    assert outside.endswith(" WARNING service.test [-] outside")
 
 
 def test_without_log_format_a_terminal_gets_text_and_anything_else_json(
@@ -341,6 +347,28 @@ def test_a_missing_log_config_file_is_refused(settings: Settings, tmp_path: Path
     with pytest.raises(ValueError, match="log_config"):
         Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN,
                  log_config=tmp_path / "nowhere.yaml")
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("bad.yaml", "version: 1\nhandlers: [unclosed\n"),
+    ("nowhere.yaml", "version: 1\nhandlers:\n  file:\n    class: logging.FileHandler\n"
+                     "    filename: /no/such/directory/x.log\nroot:\n  handlers: [file]\n"),
+    ("bad.ini", "[loggers]\nkeys=root\n"),
+], ids=["yaml-syntax", "handler-cannot-open", "ini-incomplete"])
+def test_an_unusable_log_config_file_stops_serve_with_one_line(
+    migrated_url: str, tmp_path: Path, name: str, content: str
+) -> None:
+    config = tmp_path / name
+    config.write_text(content)
+    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TEST_TOKEN,
+           "LOG_CONFIG": str(config)}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"LOG_CONFIG {config} cannot configure logging" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("example", ["logging.yaml", "logging.ini"])

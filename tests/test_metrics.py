@@ -125,6 +125,15 @@ async def test_a_metrics_token_guards_the_endpoint(settings: Settings) -> None:
     assert TEST_TOKEN not in right.text and token not in right.text
 
 
+def test_a_short_metrics_token_is_refused(settings: Settings) -> None:
+    # As API tokens are: a short token guards nothing.
+    with pytest.raises(ValueError, match="METRICS_TOKEN must be at least 16") as refused:
+        Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN,
+                 metrics_token="short")  # type: ignore[arg-type]
+    assert "short" not in str(refused.value).replace("METRICS_TOKEN", "")
+    Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN, metrics_token="")  # type: ignore[arg-type]
+
+
 @asynccontextmanager
 async def a_request_holding_a_slot(client: httpx.AsyncClient) -> AsyncIterator[None]:
     """For the block, a request to the client's app is inside its route, holding one
