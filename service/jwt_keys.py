@@ -88,6 +88,12 @@ def signing_keys(jwks: Any) -> dict[str, PyJWK]:
         if jwk.get("use", "sig") != "sig" or "d" in jwk:
             logger.warning("JWKS: key %r is ignored: not a public signing key", kid)
             continue
+        if kid in keys:
+            # Keys are chosen by kid alone: a second one of that name would silently
+            # replace the first, and the first one's tokens stop working unexplained.
+            logger.warning("JWKS: a second key named %r (%s) is ignored; the first one "
+                           "(%s) is used", kid, kty, keys[kid].key_type)
+            continue
         try:
             keys[kid] = PyJWK(dict(jwk), algorithm=algorithm)
         except (PyJWKError, InvalidKeyError, ValueError, TypeError) as error:

@@ -703,6 +703,18 @@ def test_a_malformed_key_in_a_jwks_is_skipped_not_fatal(provider: IdentityProvid
         signing_keys({"keys": [broken]})
 
 
+def test_a_second_key_with_the_same_kid_is_ignored_with_a_warning(
+    provider: IdentityProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Keys are chosen by kid: the first of a name is kept (its tokens keep working), and the
+    # log says why the other one's tokens are refused.
+    ec, rsa = provider.public_jwk("ec-1"), provider.public_jwk("rsa-1")
+    with caplog.at_level(logging.WARNING, logger="service.auth.jwks"):
+        keys = signing_keys({"keys": [ec, {**rsa, "kid": "ec-1"}]})
+    assert keys["ec-1"].key_type == "EC"
+    assert any("a second key named 'ec-1'" in r.getMessage() for r in caplog.records)
+
+
 def test_only_public_signing_keys_of_the_three_kinds_are_taken(
     provider: IdentityProvider,
 ) -> None:
