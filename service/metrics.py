@@ -84,7 +84,8 @@ POOL_CONNECTIONS = Gauge(
 )
 ADMISSION_WAIT = Histogram(
     "db_admission_wait_seconds",
-    "Time a request waited for a database connection slot before entering the app.",
+    "Time a request waited for a database connection slot: admitted, or turned away "
+    "with a 503 when none came free.",
     ["database"],
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
@@ -153,7 +154,9 @@ class DatabaseMetrics(RequestDatabaseStats):
     def admitted(self, database: str, scope: Scope, waited: float) -> None:
         self._child(ADMISSION_WAIT, database).observe(waited)
 
-    def rejected(self, database: str, scope: Scope) -> None:
+    def rejected(self, database: str, scope: Scope, waited: float) -> None:
+        # The longest waits are the ones that ended in a 503: they count too.
+        self._child(ADMISSION_WAIT, database).observe(waited)
         self._child(ADMISSION_REJECTED, database).inc()
 
     def transaction_ended(self, database: str, scope: Scope, outcome: Outcome) -> None:

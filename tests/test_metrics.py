@@ -307,9 +307,12 @@ async def test_admission_rejections_are_counted(settings: Settings) -> None:
                        db_pool_timeout=0.2) as client:
         before = sample("db_admission_rejected_total", database="db")
         async with a_request_holding_a_slot(client):
+            waits = sample("db_admission_wait_seconds_sum", database="db")
             busy = await client.get("/items")
     assert busy.status_code == 503
     assert sample("db_admission_rejected_total", database="db") - before == 1
+    # Its wait counts among the waits: the longest ones are the ones that ended in a 503.
+    assert sample("db_admission_wait_seconds_sum", database="db") - waits >= 0.2
     assert sample("db_admission_wait_seconds_bucket", database="db", le="+Inf") > 0
 
 

@@ -177,7 +177,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 "%s: no database connection came free within %g s; answering 503",
                 describe(scope), self.slots.wait,
             )
-            self.observer.rejected(self.database.name, scope)
+            self.observer.rejected(self.database.name, scope, perf_counter() - asked)
             await self.error_response(BUSY)(scope, receive, send)
             return
         self.observer.admitted(self.database.name, scope, perf_counter() - asked)

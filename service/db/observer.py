@@ -38,8 +38,9 @@ class SessionObserver:
     def admitted(self, database: str, scope: Scope, waited: float) -> None:
         """The request got a connection slot after waiting `waited` seconds."""
 
-    def rejected(self, database: str, scope: Scope) -> None:
-        """No connection slot came free within the wait: the request gets a 503."""
+    def rejected(self, database: str, scope: Scope, waited: float) -> None:
+        """No connection slot came free within the wait (`waited` seconds): the request
+        gets a 503."""
 
     def transaction_ended(self, database: str, scope: Scope, outcome: Outcome) -> None:
         """A transaction of the request was committed, rolled back, or failed to commit."""

@@ -29,8 +29,8 @@ class Recorder(SessionObserver):
     def admitted(self, database: str, scope: Scope, waited: float) -> None:
         self.calls.append(("admitted", scope["path"], waited))
 
-    def rejected(self, database: str, scope: Scope) -> None:
-        self.calls.append(("rejected", scope["path"], database))
+    def rejected(self, database: str, scope: Scope, waited: float) -> None:
+        self.calls.append(("rejected", scope["path"], (database, waited)))
 
     def transaction_ended(self, database: str, scope: Scope, outcome: Outcome) -> None:
         self.calls.append(("transaction", scope["path"], outcome))
@@ -170,6 +170,8 @@ async def test_a_request_that_finds_no_slot_is_reported_rejected(
     finally:
         await mode.dispose(engine)
     assert busy.status_code == 503
-    assert recorder.of("rejected") == [("/other", "db")]
+    [(path, (database, waited))] = recorder.of("rejected")
+    assert (path, database) == ("/other", "db")
+    assert 0.2 <= waited < 5
     assert [path for path, _ in recorder.of("admitted")] == ["/hold"]
     assert [path for path, _ in recorder.of("ended")] == ["/hold"]
