@@ -22,6 +22,7 @@ from bench.harness import ServerProcess, free_port
 from service.config import Settings
 from service.db.asyncio import db
 from service.db.consistency import HEADER
+from service.db.replicas import poll_url
 from service.main import close_engines, create_app
 from tests.conftest import AUTH, ROOT, TEST_TOKEN
 from tests.items.helpers import insert_items
@@ -490,6 +491,41 @@ def test_replica_urls_take_what_database_url_takes() -> None:
         Settings(database_url="postgresql://primary/service", cursor_secret=CURSOR_SECRET,  # type: ignore[arg-type]
                  database_replica_urls="postgresql://u:pw@r1/service?application_name=x")  # type: ignore[arg-type]
     assert "pw" not in str(refused.value)
+
+
+async def test_replicas_are_used_with_sslmode_in_the_urls(
+    migrated_url: str, standby: Standby
+) -> None:
+    # The requests connect with asyncpg's `ssl`, the poller (psycopg2) with libpq's
+    # `sslmode`: both must understand what they are given, or the replica is never used.
+    app = create_app(replicated_settings(
+        migrated_url, standby, database_url=f"{migrated_url}?sslmode=disable",
+        database_replica_urls=[f"{standby.url}?sslmode=disable&connect_timeout=3"]))
+
+    @app.get("/where")
+    async def where() -> dict[str, bool]:
+        return {"on_a_replica": bool(await db.session.scalar(text("SELECT pg_is_in_recovery()")))}
+
+    try:
+        assert app.state.replicas.wait_until_polled()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            ready = (await client.get("/health/ready")).json()
+            assert (ready["status"], ready["replicas"][0]["state"]) == ("ok", "ok"), ready
+            assert (await client.get("/where")).json() == {"on_a_replica": True}
+    finally:
+        await close_engines(app)
+
+
+def test_the_poller_speaks_libpq() -> None:
+    url = make_url("postgresql+asyncpg://u:pw@db/app?ssl=require&command_timeout=5"
+                   "&prepared_statement_cache_size=0&application_name=svc")
+    assert poll_url(url).render_as_string(hide_password=False) == (
+        "postgresql+psycopg2://u:pw@db/app?application_name=svc&sslmode=require")
+    assert poll_url(make_url("postgresql+asyncpg://db/app?ssl=true")).query == {
+        "sslmode": "require"}
+    assert poll_url(make_url("postgresql+psycopg2://db/app?sslmode=verify-full")).query == {
+        "sslmode": "verify-full"}
 
 
 def test_replicas_need_a_cursor_secret(migrated_url: str, standby: Standby) -> None:

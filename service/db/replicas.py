@@ -82,10 +82,24 @@ def record_end(insert_position: int, block_size: int, segment_size: int) -> int:
 
 def poll_url(url: URL) -> URL:
     """The URL the poller connects with: `url` with psycopg2 when it names an async driver
-    (the poller is a thread, not a task on some event loop)."""
-    if url.get_backend_name() == "postgresql" and url.get_driver_name() in _ASYNC_DRIVERS:
-        return url.set(drivername="postgresql+psycopg2")
-    return url
+    (the poller is a thread, not a task on some event loop), asyncpg's parameters in
+    libpq's words: `ssl` is `sslmode`, and the ones only asyncpg knows are left out."""
+    if url.get_backend_name() != "postgresql" or url.get_driver_name() not in _ASYNC_DRIVERS:
+        return url
+    query = {name: value for name, value in url.query.items() if name not in _ASYNCPG_ONLY}
+    if url.get_driver_name() == "asyncpg" and "ssl" in query:
+        ssl = query.pop("ssl")
+        query["sslmode"] = _SSLMODE_OF.get(str(ssl).lower(), ssl)
+    return url.set(drivername="postgresql+psycopg2", query=query)
+
+
+# Parameters of an asyncpg URL that libpq does not take.
+_ASYNCPG_ONLY = frozenset({
+    "command_timeout", "timeout", "statement_cache_size", "prepared_statement_cache_size",
+    "max_cached_statement_lifetime", "max_cacheable_statement_size", "direct_tls",
+})
+# asyncpg's `ssl` also takes booleans.
+_SSLMODE_OF = {"true": "require", "false": "disable"}
 
 
 @dataclass
