@@ -149,9 +149,10 @@ class RemoteKeys:
         if kid not in self._keys or self._stale():
             if self._refresh_due():
                 await self._refresh_if_due()
-            elif self._lock is not None and self._lock.locked():
+            elif kid not in self._keys and self._lock is not None and self._lock.locked():
                 # Another request's fetch is under way (it made the refresh no longer due):
-                # its keys may hold this one, so wait for them rather than refuse.
+                # its keys may hold this one, so wait for them rather than refuse. (A kid
+                # already known is served from the cache meanwhile.)
                 async with self._lock:
                     pass
         if self._last_success is None:

@@ -560,6 +560,29 @@ async def test_requests_with_a_new_kid_wait_for_the_fetch_another_one_started(
     assert jwks_server.fetches == 2  # one fetch, shared
 
 
+async def test_a_known_kid_does_not_wait_for_a_refresh_of_stale_keys(
+    client: httpx.AsyncClient, jwks_server: JwksServer, provider: IdentityProvider,
+    clock: list[float],
+) -> None:
+    assert (await client.post("/items", json=ITEM, headers=bearer(provider.token()))).is_success
+    clock[0] += 15 * 60  # the cached keys are due for a refresh
+    jwks_server.delay = 1.0  # and the provider is slow
+
+    async def create(n: int) -> float:
+        started = time.monotonic()
+        response = await client.post("/items", json={**ITEM, "name": f"Rug {n}"},
+                                     headers=bearer(provider.token()))
+        assert response.status_code == 201, response.text
+        return time.monotonic() - started
+
+    refreshing = asyncio.create_task(create(0))  # this one fetches, and waits for it
+    await asyncio.sleep(0.1)
+    others = await asyncio.gather(*(create(n) for n in range(1, 4)))
+    assert await refreshing >= 0.9
+    assert max(others) < 0.5  # served from the cache meanwhile
+    assert jwks_server.fetches == 2
+
+
 async def test_a_key_the_provider_withdrew_stops_working_within_15_minutes(
     client: httpx.AsyncClient, jwks_server: JwksServer, provider: IdentityProvider,
     clock: list[float],
