@@ -166,8 +166,10 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if failure.status == 503:
         # The driver's first line says why (refused, timed out, terminated); it names host
         # and port, never the password, and stays in the log.
-        logger.warning("%s %s: database unavailable (%s); answering 503",
-                       request.method, printable(request.url.path), driver_reason(exc))
+        what = ("no database connection to spare within the pool timeout"
+                if isinstance(exc, PoolTimeout) else "database unavailable")
+        logger.warning("%s %s: %s (%s); answering 503",
+                       request.method, printable(request.url.path), what, driver_reason(exc))
     return failure_problem(failure)
 
 

@@ -63,7 +63,9 @@ async def test_other_errors_in_a_route_answer_500_as_a_problem(exc: Exception) -
     assert "value too long" not in response.text and "bug" not in response.text
 
 
-async def test_a_second_connection_the_pool_cannot_spare_answers_503(settings: Settings) -> None:
+async def test_a_second_connection_the_pool_cannot_spare_answers_503(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     # A request holds the only connection and asks for another (an independent block, for
     # an audit row): the pool gives up after its timeout - the database is busy, not broken.
     app = create_app(settings.model_copy(
@@ -84,3 +86,5 @@ async def test_a_second_connection_the_pool_cannot_spare_answers_503(settings: S
         assert response.headers["content-type"] == "application/problem+json"
         assert (await client.get("/items")).status_code == 200  # and the pool is fine
     await app.state.engine.dispose()
+    # The log points at the pool's size, not at an outage.
+    assert any("no database connection to spare" in r.getMessage() for r in caplog.records)

@@ -253,7 +253,7 @@ class BlockBase(Generic[DatabaseT]):
                     "session_args cannot change the session of the unit of work already "
                     "open here; pass independent=True for a separate session"
                 )
-            if not self.commit_on_exit:
+            if not self.commit_on_exit and outer.commit_on_exit:
                 # Joined, the block's work is committed with the open unit's: refused
                 # rather than committed behind the back of code that meant to decide.
                 raise ValueError(

@@ -176,6 +176,11 @@ async def test_nested_with_db_cannot_hold_back_the_commit(mode: Mode, engine: En
     async with client_for(app, raise_app_exceptions=False) as client:
         assert (await client.post("/dry-run/lamp")).status_code == 500
     assert stored_names(engine) == {"outer"}
+    # Where the open unit does not commit either, the two agree: joined, nothing stored.
+    async with (mode.block(scripts_db, commit_on_exit=False),
+                mode.block(scripts_db, commit_on_exit=False)):
+        mode.add_item("neither", scripts_db)
+    assert stored_names(engine) == {"outer"}
 
 
 async def test_independent_scope_has_its_own_transaction(mode: Mode, engine: Engine) -> None:
