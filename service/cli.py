@@ -128,6 +128,12 @@ def serve(args: argparse.Namespace) -> None:
         )
     check_database(settings)
     check_jwks_file(settings)
+    from service.logs import LoggingConfigError, configure_logging
+
+    try:  # before saying it serves: an unusable LOG_CONFIG stops it
+        configure_logging(settings)
+    except LoggingConfigError as exc:
+        raise CommandError(str(exc)) from None
     if not settings.api_token_list() and not settings.jwt_enabled():
         token = development_token()
         print(
@@ -142,15 +148,10 @@ def serve(args: argparse.Namespace) -> None:
         f"{'s' if workers > 1 else ''} - API docs at http://{args.host}:{args.port}/docs",
         flush=True,
     )
-    from service.logs import LoggingConfigError, configure_logging
     from service.metrics import prepare_multiprocess_dir
 
     if args.no_access_log:
         os.environ["ACCESS_LOG"] = "false"  # the app's access line (service.telemetry)
-    try:
-        configure_logging(settings)
-    except LoggingConfigError as exc:
-        raise CommandError(str(exc)) from None
     # Before the workers start: they inherit PROMETHEUS_MULTIPROC_DIR.
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     metrics_dir = prepare_multiprocess_dir(workers)

@@ -333,6 +333,8 @@ class Settings(BaseSettings):
     @field_validator("metrics_token")
     @classmethod
     def _long_enough_metrics_token(cls, value: SecretStr) -> SecretStr:
+        # Blank edges would never match: a presented token is read without them.
+        value = SecretStr(value.get_secret_value().strip())
         if 0 < len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
             raise ValueError(
                 f"METRICS_TOKEN must be at least {MIN_TOKEN_LENGTH} characters (or empty: "

@@ -369,6 +369,7 @@ def test_an_unusable_log_config_file_stops_serve_with_one_line(
     assert result.returncode == 2, result.stderr
     assert f"LOG_CONFIG {config} cannot configure logging" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "Serving on" not in result.stdout  # it never said it would
 
 
 @pytest.mark.parametrize("example", ["logging.yaml", "logging.ini"])

@@ -132,6 +132,9 @@ def test_a_short_metrics_token_is_refused(settings: Settings) -> None:
                  metrics_token="short")  # type: ignore[arg-type]
     assert "short" not in str(refused.value).replace("METRICS_TOKEN", "")
     Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN, metrics_token="")  # type: ignore[arg-type]
+    padded = Settings(database_url=settings.database_url, api_tokens=TEST_TOKEN,
+                      metrics_token=" metrics-token-0123456789\n")  # type: ignore[arg-type]
+    assert padded.metrics_token.get_secret_value() == "metrics-token-0123456789"
 
 
 @asynccontextmanager
