@@ -276,7 +276,7 @@ def test_an_insert_position_just_past_a_page_header_is_the_boundary() -> None:
 @pytest.mark.parametrize(
     "token",
     [
-        "garbage", "0/16B3D48", "1a2b.AAAAAAAAAAAAAAAAAAAAAA", "", "ff" * 20 + ".x",
+        "garbage", "0/16B3D48", "1a2b.AAAAAAAAAAAAAAAAAAAAAA", "ff" * 20 + ".x",
         "1.ä".encode("latin-1"),
     ],
 )
@@ -287,6 +287,12 @@ async def test_a_malformed_or_forged_token_is_a_400_problem(
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/problem+json"
     assert HEADER in response.json()["detail"]
+
+
+async def test_an_empty_token_header_is_no_token(routed: Routed) -> None:
+    # A client that has no token yet may still send its header template.
+    for empty in ("", "  "):
+        assert (await routed.client.get("/server", headers={HEADER: empty})).status_code == 200
 
 
 async def test_a_token_signed_with_another_secret_is_refused(routed: Routed) -> None:
