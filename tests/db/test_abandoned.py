@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Engine, text
 
 from service.db import db, unit_of_work
@@ -61,13 +62,13 @@ def sleeping_backends(engine: Engine) -> int:
             "WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(120)%'")) or 0)
 
 
-async def test_the_statement_of_a_cancelled_request_is_interrupted(
-    make_app: MakeApp, engine: Engine
-) -> None:
-    app = make_app()
+def app_with_a_long_route(
+    app: FastAPI, statement: Callable[[], Any], failed: list[str] | None = None
+) -> tuple[FastAPI, threading.Event]:
+    """`app` with `POST /long/{name}` (writes, then runs `statement`; its error's type goes
+    to `failed`) and `POST /items/{name}`; and the event set once the first is about to
+    run the statement."""
     in_statement = threading.Event()
-    failed: list[str] = []
-    statement = running_long_statement(engine)
 
     @app.post("/long/{name}")
     def long(name: str) -> None:
@@ -77,13 +78,22 @@ async def test_the_statement_of_a_cancelled_request_is_interrupted(
         try:
             statement()
         except Exception as error:
-            failed.append(type(error).__name__)
+            if failed is not None:
+                failed.append(type(error).__name__)
             raise
 
     @app.post("/items/{name}")
     def create(name: str) -> None:
         add_item(name)
 
+    return app, in_statement
+
+
+async def test_the_statement_of_a_cancelled_request_is_interrupted(
+    make_app: MakeApp, engine: Engine
+) -> None:
+    failed: list[str] = []
+    app, in_statement = app_with_a_long_route(make_app(), running_long_statement(engine), failed)
     async with client_for(app) as client:
         task = asyncio.create_task(client.post("/long/lamp"))
         assert await asyncio.to_thread(in_statement.wait, 5), "the route never ran"
@@ -112,21 +122,7 @@ async def test_a_statement_that_will_not_stop_keeps_its_connection_until_it_ends
     an ERROR - and its connection comes back then, never left checked out."""
     monkeypatch.setattr(unit_of_work, "_interrupt", lambda connection: None)
     monkeypatch.setattr(unit_of_work, "ABANDONED_PATIENCE", 0.5)
-    app = make_app(max_concurrent_sessions=1)
-    in_statement = threading.Event()
-    statement = sleeping(2.5)
-
-    @app.post("/long/{name}")
-    def long(name: str) -> None:
-        add_item(name)
-        db.session.flush()
-        in_statement.set()
-        statement()
-
-    @app.post("/items/{name}")
-    def create(name: str) -> None:
-        add_item(name)
-
+    app, in_statement = app_with_a_long_route(make_app(max_concurrent_sessions=1), sleeping(2.5))
     async with client_for(app) as client:
         task = asyncio.create_task(client.post("/long/lamp"))
         assert await asyncio.to_thread(in_statement.wait, 5), "the route never ran"
