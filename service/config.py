@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from service.db.replicas import poll_url
+
 DEFAULT_DATABASE_URL = "sqlite:///./service.db"
 # The driver each mode uses per backend: sync for the CLI, Alembic and scripts (`service.db`),
 # async for the requests (`service.db.asyncio`).
@@ -291,10 +293,14 @@ class Settings(BaseSettings):
 
     def sync_database_url(self) -> str:
         """DATABASE_URL for the sync parts (CLI, Alembic, scripts): as given, unless it names
-        an async driver, which is swapped for its backend's sync one."""
+        an async driver, which is swapped for its backend's sync one (asyncpg's parameters
+        in libpq's words, as the replica poller has them), or no driver: `postgresql://`
+        is psycopg2 here (SQLAlchemy 2.1 would pick psycopg 3, which is not installed)."""
         url = make_url(self.database_url)
-        if url.drivername in ASYNC_DRIVERS.values():
-            url = url.set(drivername=SYNC_DRIVERS[url.get_backend_name()])
+        if url.drivername == "postgresql":
+            url = url.set(drivername=SYNC_DRIVERS["postgresql"])
+        elif url.drivername in ASYNC_DRIVERS.values():
+            url = poll_url(url).set(drivername=SYNC_DRIVERS[url.get_backend_name()])
         return url.render_as_string(hide_password=False)
 
     def async_database_url(self) -> str:

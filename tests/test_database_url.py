@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 from service.config import Settings
 from service.main import close_engines, create_app
 from tests.conftest import TEST_TOKEN
+from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -49,3 +50,30 @@ async def test_requests_are_served_with_sslmode_in_the_url(
         ready = await client.get("/health/ready")
     await close_engines(app)
     assert (listed.status_code, ready.status_code) == (200, 200)
+
+
+def test_the_sync_parts_get_libpq_s_words_and_psycopg2() -> None:
+    def sync_of(url: str) -> str:
+        return Settings(database_url=url, api_tokens=TEST_TOKEN).sync_database_url()
+
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which is not installed.
+    assert sync_of(f"{URL.replace('+psycopg2', '')}?sslmode=require") == (
+        "postgresql+psycopg2://app:secret@db.example/service?sslmode=require")
+    # A URL written for asyncpg: its ssl is libpq's sslmode, its own parameters left out.
+    assert sync_of("postgresql+asyncpg://app:secret@db.example/service"
+                   "?ssl=disable&command_timeout=3") == (
+        "postgresql+psycopg2://app:secret@db.example/service?sslmode=disable")
+
+
+@pytest.mark.parametrize("written_for", ["no driver", "asyncpg"])
+def test_migrate_takes_a_url_written_for_either_driver(
+    migrated_url: str, backend: str, written_for: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL URLs")
+    url = make_url(migrated_url)
+    given = url.set(drivername="postgresql") if written_for == "no driver" else url.set(
+        drivername="postgresql+asyncpg", query={"ssl": "disable"})
+    result = run_cli("migrate", database_url=given.render_as_string(hide_password=False))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
