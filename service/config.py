@@ -473,13 +473,9 @@ class Settings(BaseSettings):
             **self._pool_args(),
             "connect_args": {
                 "timeout": self.db_connect_timeout,
-                # The replica cancels a read slower than the timeout itself, and stays in
-                # use (the read runs on the primary); the client gives up a little later,
-                # on a replica that does not answer at all.
-                "server_settings": {
-                    "statement_timeout": str(max(round(self.replica_read_timeout * 1000), 1))
-                },
-                "command_timeout": self.replica_read_timeout + REPLICA_TIMEOUT_MARGIN,
+                # The replica cancels a slower read itself and stays in use (the read runs
+                # on the primary).
+                **_statement_timeouts(self.replica_read_timeout, REPLICA_TIMEOUT_MARGIN),
             },
         }
 
@@ -505,11 +501,8 @@ class Settings(BaseSettings):
                 # The server ends a statement that waits too long (a lock held elsewhere)
                 # and keeps its connection; a client that gave up instead would leave the
                 # backend waiting behind the lock, and open another for the next request.
-                milliseconds = max(1, round(self.db_statement_timeout * 1000))
-                args["server_settings"] = {"statement_timeout": str(milliseconds)}
-                # A server that does not answer at all: the client gives up a little later
-                # and aborts the connection (service.db.asyncio.create_async_engine).
-                args["command_timeout"] = self.db_statement_timeout + STATEMENT_TIMEOUT_MARGIN
+                args.update(_statement_timeouts(self.db_statement_timeout,
+                                                STATEMENT_TIMEOUT_MARGIN))
             if self.database_pgbouncer:
                 args.update(
                     statement_cache_size=0,
@@ -520,6 +513,17 @@ class Settings(BaseSettings):
         if make_url(url).get_backend_name() == "postgresql":
             return {"connect_args": {"connect_timeout": self.db_connect_timeout}}
         return {}
+
+
+def _statement_timeouts(seconds: float, margin: float) -> dict[str, Any]:
+    """asyncpg connect arguments: the server's `statement_timeout` of `seconds` (it cancels
+    the statement, and the connection stays usable), and the client's `command_timeout`
+    `margin` s later, for a server that does not answer at all (the connection is then
+    aborted: service.db.asyncio.create_async_engine)."""
+    return {
+        "server_settings": {"statement_timeout": str(max(1, round(seconds * 1000)))},
+        "command_timeout": seconds + margin,
+    }
 
 
 def _check_url(value: str) -> None:

@@ -131,7 +131,7 @@ class DatabaseMetrics(RequestDatabaseStats):
         # at its first increment misses that increment); `labels()` is looked up once.
         self._children: dict[tuple[str, ...], Any] = {}
         self._open = {
-            id(pool): OpenConnections(pool)
+            pool: OpenConnections(pool)
             for pairs in self.pools.values()
             for _, pool in pairs
             if isinstance(pool, QueuePool)
@@ -177,7 +177,7 @@ class DatabaseMetrics(RequestDatabaseStats):
             self._child(POOL_CONNECTIONS, label, "checked_out").set(checked_out)
             # Not `checkedin()`: it counts the pool's slots, and a slot whose connection was
             # invalidated (a lost connection, a database restart) keeps none open.
-            idle = self._open[id(pool)].count - checked_out
+            idle = self._open[pool].count - checked_out
             self._child(POOL_CONNECTIONS, label, "idle").set(max(idle, 0))
             self._child(POOL_CONNECTIONS, label, "overflow").set(max(pool.overflow(), 0))
 
