@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tokens=ConsistencyTokens(app.state.cursor_key),
             read_methods=SAFE_METHODS,
             invalid_token_response=lambda reason: problem_response(400, reason),
+            sessionless_paths=sessionless_paths(app),
         )
         document_consistency_token(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

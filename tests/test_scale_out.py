@@ -175,6 +175,17 @@ async def test_a_forged_token_is_a_400_problem(replicated_client: httpx.AsyncCli
         assert (await replicated_client.get("/items", headers={HEADER: empty})).status_code == 200
 
 
+async def test_probes_metrics_and_docs_never_read_the_token(
+    replicated_client: httpx.AsyncClient,
+) -> None:
+    # A client's stale or broken token must not make the service look down to its probes.
+    for path in ("/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs"):
+        response = await replicated_client.get(path, headers={HEADER: "not-a-token"})
+        assert response.status_code == 200, path
+    refused = await replicated_client.get("/items", headers={HEADER: "not-a-token"})
+    assert refused.status_code == 400
+
+
 async def test_ready_reports_the_replicas_and_a_replica_down_is_degraded_not_unready(
     replicated_client: httpx.AsyncClient, standby: Standby
 ) -> None:

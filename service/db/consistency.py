@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.db.middleware_base import route_path
 from service.db.routing import Route, routed
 
 HEADER = "X-Consistency-Token"
@@ -85,6 +86,8 @@ class ConsistencyMiddleware:
     `tokens`: signs and reads tokens (`ConsistencyTokens(secret)`; every worker and instance
     behind one address needs the same secret). `invalid_token_response`: what a request
     with a refused token gets instead of being served (default: `bad_token_json`).
+    `sessionless_paths`: paths that never read the database (probes, metrics, docs; as the
+    session middleware's): their token is not read, so a bad one never fails them.
     """
 
     def __init__(
@@ -94,14 +97,16 @@ class ConsistencyMiddleware:
         tokens: ConsistencyTokens,
         read_methods: Collection[str] = ("GET", "HEAD", "OPTIONS"),
         invalid_token_response: InvalidTokenResponse = bad_token_json,
+        sessionless_paths: Collection[str] = (),
     ) -> None:
         self.app = app
         self.tokens = tokens
         self.read_methods = frozenset(read_methods)
         self.invalid_token_response = invalid_token_response
+        self.sessionless_paths = frozenset(sessionless_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or route_path(scope) in self.sessionless_paths:
             await self.app(scope, receive, send)
             return
         try:
