@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     TypeDecorator,
     func,
 )
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db.engine import fold_case
@@ -56,6 +57,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _when_created(context: DefaultExecutionContext) -> datetime:
+    """A new row's `updated_at`: its `created_at`, to the microsecond (two calls of `utcnow`
+    would differ, and a new item would look changed)."""
+    parameters = context.get_current_parameters()  # type: ignore[no-untyped-call]
+    return cast(datetime, parameters["created_at"])
+
+
 class Item(Base):
     """A thing for sale. `version` guards concurrent updates (optimistic locking): the ORM
     adds `WHERE version = :read_version` to every UPDATE and bumps it."""
@@ -70,7 +78,7 @@ class Item(Base):
         UTCDateTime(), default=utcnow, server_default=func.now()
     )
     updated_at: Mapped[datetime] = mapped_column(
-        UTCDateTime(), default=utcnow, server_default=func.now(), onupdate=utcnow
+        UTCDateTime(), default=_when_created, server_default=func.now(), onupdate=utcnow
     )
     version: Mapped[int] = mapped_column(Integer, server_default="1")
     # Who created the item and who changed it last (`service.principal`: a JWT's `sub` or

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from pydantic import BeforeValidator, Field
 
 from service.auth import Requirement
 from service.config import Settings
@@ -31,6 +32,7 @@ from service.items.schemas import (
     ItemUpdate,
     PageParams,
     ScrollQuery,
+    ascii_digits,
 )
 from service.items.service import ANY_VERSION, VersionMatch
 from service.problems import problem_responses
@@ -43,7 +45,14 @@ reads = APIRouter(
 )
 writes = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(Requirement(WRITE))])
 
-ItemId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The item's id.")]
+# The bounds before the digits check (`UrlInt`), so that OpenAPI has them as JSON Schema's
+# minimum and maximum.
+ItemId = Annotated[
+    int,
+    Field(ge=1, le=2**63 - 1),
+    BeforeValidator(ascii_digits),
+    Path(description="The item's id."),
+]
 IfMatch = Annotated[
     str | None,
     Header(

@@ -2,7 +2,7 @@
 
 import re
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
@@ -25,6 +25,8 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     StringConstraints,
+    TypeAdapter,
+    WithJsonSchema,
     field_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -55,15 +57,46 @@ _OFFSET_SEEN_AS_SPACE = re.compile(r" (\d{2}:?\d{2})$")
 
 def _iso_8601(value: Any) -> Any:
     """A time is ISO 8601 text: pydantic would also take "0.0" as a Unix timestamp, which
-    the API does not document (the fuzzer sends numbers where a date-time is asked for)."""
+    the API does not document (the fuzzer sends numbers where a date-time is asked for).
+
+    Times are stored to the microsecond: a finer one ("...:13.384842900Z", as Go and Java
+    write them) is taken as the next microsecond up, where pydantic would cut it off. For
+    the bounds of a filter that is exact: a stored time is at or after (before) the given
+    one exactly when it is at or after (before) that microsecond."""
     if isinstance(value, datetime):
         return value
     if not isinstance(value, str) or _A_NUMBER.fullmatch(value.strip()):
         raise ValueError("must be an ISO 8601 date-time, e.g. 2026-11-23T12:00:00Z")
     # An unencoded "+02:00" in a query string arrives as " 02:00".
-    return _OFFSET_SEEN_AS_SPACE.sub(r"+\1", value)
+    value = _OFFSET_SEEN_AS_SPACE.sub(r"+\1", value)
+    finer = _FINER_THAN_MICROSECONDS.search(value)
+    if finer is None:
+        return value
+    value = value[: finer.start(1)] + value[finer.end(1):]
+    moment = _DATETIME.validate_python(value)
+    if finer.group(1).strip("0"):
+        try:
+            moment += timedelta(microseconds=1)
+        except OverflowError:
+            raise ValueError("datetime is out of range") from None
+    return moment
 
 
+_FINER_THAN_MICROSECONDS = re.compile(r"[.,]\d{6}(\d+)")
+_DATETIME = TypeAdapter(datetime)
+
+
+def ascii_digits(value: Any) -> Any:
+    """A whole number in a URL is written in ASCII digits: pydantic would also read "1_0"
+    as 10, and "+1", " 1" and "1.0" as 1 - many URLs for one page or item."""
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("must be a whole number in ASCII digits, e.g. 20")
+    return value
+
+
+_DIGITS = re.compile(r"[0-9]+")
+# A whole number in a path or a query string.
+UrlInt = Annotated[int, BeforeValidator(ascii_digits)]
 _A_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -136,17 +169,29 @@ def _decimal_text(value: Any) -> Any:
     return value
 
 
-Price = Annotated[
+# What a price is, in JSON Schema (pydantic would write `ge`, `max_digits` and
+# `decimal_places` as they are, which are not JSON Schema words): a number, or the text of
+# one as clients should write it.
+_PRICE_SCHEMA: JsonSchemaValue = {
+    "anyOf": [
+        {"type": "number", "minimum": 0, "maximum": 9_999_999_999.99},
+        {"type": "string", "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$"},
+    ]
+}
+# A price, or a bound of a price filter.
+PriceValue = Annotated[
     Decimal,
     BeforeValidator(_decimal_text),
-    Field(
-        ge=0,
-        max_digits=12,
-        decimal_places=2,
-        description="Non-negative, at most 2 decimal places and 10 whole digits; a JSON "
-        'number or a string ("12.5", "12.50"). NaN and Infinity are refused.',
-        examples=["49.90"],
-    ),
+    Field(ge=0, max_digits=12, decimal_places=2),
+    WithJsonSchema(_PRICE_SCHEMA),
+]
+PRICE_HELP = (
+    "Non-negative, at most 2 decimal places and 10 whole digits; a JSON number or a string "
+    '("12.5", "12.50"). NaN and Infinity are refused.'
+)
+Price = Annotated[
+    PriceValue,
+    Field(description=PRICE_HELP, examples=["49.90"]),
     AfterValidator(_two_places),
 ]
 # Prices go out as strings with exactly two places, so no client rounds them through a float:
@@ -166,15 +211,25 @@ class ItemCreate(BaseModel):
     price: Price
 
 
+def _not_nullable(schema: JsonSchemaValue) -> None:
+    """Take `null` out of an optional field's schema: the field may be left out, not null."""
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update({**branches[0], **schema})
+    elif branches:
+        schema["anyOf"] = branches
+
+
 class ItemUpdate(BaseModel):
     """A partial update: fields left out keep their value. `description: null` clears it;
     `name` and `price` cannot be null."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Name | None = None
+    # Not null (`_not_null`), so not nullable in the schema either.
+    name: Name | None = Field(None, json_schema_extra=_not_nullable)
     description: Description = None
-    price: Price | None = None
+    price: Price | None = Field(None, description=PRICE_HELP, json_schema_extra=_not_nullable)
     version: int | None = Field(
         None,
         ge=1,
@@ -227,12 +282,8 @@ class ItemFilters(BaseModel):
         max_length=200,
         description="Part of the name, case-insensitive; % and _ match themselves.",
     )
-    min_price: Annotated[Decimal, BeforeValidator(_decimal_text)] | None = Field(
-        None, ge=0, max_digits=12, decimal_places=2, description="Price at least this."
-    )
-    max_price: Annotated[Decimal, BeforeValidator(_decimal_text)] | None = Field(
-        None, ge=0, max_digits=12, decimal_places=2, description="Price at most this."
-    )
+    min_price: PriceValue | None = Field(None, description="Price at least this.")
+    max_price: PriceValue | None = Field(None, description="Price at most this.")
     created_after: UTCDateTimeIn | None = Field(
         None, description="Created at or after this ISO 8601 time (no offset = UTC)."
     )
@@ -303,15 +354,15 @@ class ScrollQuery(ItemFilters):
         json_schema_extra={"maxLength": CURSOR_MAX_LENGTH},
         description="`next_page` of the previous page; none to start.",
     )
-    size: int = Field(20, ge=1, le=100, description=SIZE_HELP)
+    size: UrlInt = Field(20, ge=1, le=100, description=SIZE_HELP)
 
 
 class PageParams(Params):
     """`page` and `size` of `GET /items`."""
 
     # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
-    page: int = Query(1, ge=1, le=2**31 - 1, description="Page number, from 1.")
-    size: int = Query(20, ge=1, le=100, description=SIZE_HELP)
+    page: UrlInt = Query(1, ge=1, le=2**31 - 1, description="Page number, from 1.")
+    size: UrlInt = Query(20, ge=1, le=100, description=SIZE_HELP)
 
 
 ItemPage = CustomizedPage[

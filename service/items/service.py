@@ -7,7 +7,7 @@ Raises domain errors (`service.domain_errors`), which the app answers as problem
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
@@ -202,28 +202,40 @@ def _position(cursor: str, sort: ItemSort, secret: bytes) -> tuple[Any, int]:
             f"repeat sort={made_for} or start again without a cursor."
         )
     after = payload.get("after")
-    if not isinstance(after, list) or len(after) != 2 or type(after[1]) is not int:
+    if not isinstance(after, list) or len(after) != 2 or not _is_id(after[1]):
         raise InvalidCursor("The cursor does not name a position; start again without one.")
     try:
         return _sort_value(sort.field, after[0]), after[1]
-    except (TypeError, ValueError, InvalidOperation):
+    except (TypeError, ValueError, InvalidOperation, OverflowError):
         raise InvalidCursor(
             "The cursor does not name a position; start again without one."
         ) from None
 
 
+def _is_id(raw: object) -> bool:
+    return type(raw) is int and -(2**63) <= raw < 2**63  # a BIGINT
+
+
+_PRICE_LIMIT = Decimal("1e10")  # NUMERIC(12, 2)
+
+
 def _sort_value(field: str, raw: object) -> Any:
-    """The cursor's JSON value of `field` as the Python value the column compares with."""
-    if field == "id" and type(raw) is int:
+    """The cursor's JSON value of `field` as the Python value the column compares with; a
+    value no row can hold is refused (ValueError, OverflowError) rather than sent to the
+    database, which would fail on it. (A signed cursor holds what a page ended on; this is
+    for one signed with a leaked secret, or by an older release.)"""
+    if field == "id" and _is_id(raw):
         return raw
-    if field == "name" and isinstance(raw, str):
+    if field == "name" and isinstance(raw, str) and "\x00" not in raw:
         return raw
     if field == "price" and isinstance(raw, str):
-        return Decimal(raw)
+        price = Decimal(raw)
+        if price.is_finite() and abs(price) < _PRICE_LIMIT:
+            return price
     if field == "created_at" and isinstance(raw, str):
         moment = datetime.fromisoformat(raw)
         if moment.tzinfo is not None:
-            return moment
+            return moment.astimezone(UTC)  # OverflowError past the year 9999 in UTC
     raise ValueError(f"not a {field} value: {raw!r}")
 
 

@@ -1,6 +1,6 @@
 """GET /items: numbered pages (fastapi-pagination `Page`) with filters and sorts."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -74,6 +74,10 @@ async def test_the_last_valid_page_is_empty_not_an_error(
         ({"size": 0}, "size"),
         ({"size": 101}, "size"),
         ({"size": "ten"}, "size"),
+        ({"size": "1_0"}, "size"),
+        ({"page": "1_0"}, "page"),  # pydantic alone reads it as 10
+        ({"page": "+2"}, "page"),
+        ({"page": "2.0"}, "page"),
         ({"page": 0}, "page"),
         ({"page": 2**31}, "page"),
         ({"min_price": "-1"}, "min_price"),
@@ -202,6 +206,30 @@ async def test_created_filters_compare_instants_in_utc(
     created = [datetime.fromisoformat(item["created_at"]) for item in response.json()["items"]]
     assert [moment.day for moment in created] == days
     assert all(moment == moment.replace(hour=0, minute=0) for moment in created)
+
+
+@pytest.mark.parametrize(
+    ("params", "found"),
+    [
+        # The item was created at ...:00.000001; times finer than a microsecond (as Go and
+        # Java write them) are not cut off, which would move a bound past it.
+        ({"created_before": "2026-01-01T00:00:00.000001100Z"}, True),
+        ({"created_before": "2026-01-01T00:00:00.000001000Z"}, False),
+        ({"created_after": "2026-01-01T00:00:00.000001100Z"}, False),
+        ({"created_after": "2026-01-01T00:00:00.0000010Z"}, True),
+        ({"created_after": "2026-01-01T00:00:00.000000999+00:00"}, True),
+    ],
+)
+async def test_times_finer_than_a_microsecond_are_compared_exactly(
+    client: httpx.AsyncClient, engine: Engine, params: dict[str, str], found: bool
+) -> None:
+    created = datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+    insert_items(engine, {"name": "Fine", "price": Decimal(1), "created_at": created})
+
+    response = await client.get("/items", params=params)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["total"] == int(found)
 
 
 async def test_an_unencoded_plus_in_an_offset_is_understood(

@@ -68,6 +68,41 @@ async def test_list_parameters_are_documented_with_their_limits(
     ]
 
 
+def keys_of(document: Any) -> set[str]:
+    """Every key of every object in `document`, at any depth (a property named like a
+    keyword counts too: the items' have no such names)."""
+    if isinstance(document, dict):
+        return set(document).union(*(keys_of(value) for value in document.values()))
+    if isinstance(document, list):
+        return set().union(*(keys_of(value) for value in document))
+    return set()
+
+
+async def test_prices_are_described_in_json_schema_words(openapi: dict[str, Any]) -> None:
+    # Generators and validators ignore pydantic's own words; JSON Schema's they enforce.
+    assert not keys_of(openapi) & {"ge", "le", "max_digits", "decimal_places"}
+    price = openapi["components"]["schemas"]["ItemCreate"]["properties"]["price"]
+    number, text = price["anyOf"]
+    assert (number["type"], number["minimum"], number["maximum"]) == ("number", 0, 9999999999.99)
+    assert text["type"] == "string"
+    parameters = {p["name"]: p for p in openapi["paths"]["/items"]["get"]["parameters"]}
+    assert {"type": "number", "minimum": 0, "maximum": 9999999999.99} in (
+        parameters["min_price"]["schema"]["anyOf"]
+    )
+
+
+async def test_an_update_declares_only_description_nullable(
+    client: httpx.AsyncClient, openapi: dict[str, Any]
+) -> None:
+    # The API refuses null for name and price (422): the schema must not offer it.
+    properties = openapi["components"]["schemas"]["ItemUpdate"]["properties"]
+    assert {"type": "null"} not in properties["name"].get("anyOf", [])
+    assert {"type": "null"} not in properties["price"].get("anyOf", [])
+    assert {"type": "null"} in properties["description"]["anyOf"]
+    response = await client.patch("/items/1", json={"name": None}, headers={"If-Match": "*"})
+    assert response.status_code == 422
+
+
 async def test_patch_documents_the_if_match_header(openapi: dict[str, Any]) -> None:
     parameters = openapi["paths"]["/items/{item_id}"]["patch"]["parameters"]
 

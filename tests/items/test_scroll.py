@@ -251,6 +251,16 @@ async def test_a_cursor_signed_with_another_secret_returns_400(
         ("name", [None, 1]),
         ("name", ["lamp"]),
         ("name", None),
+        # Well typed, but no row can hold it: the database must never see it.
+        ("id", [2**63, 2**63]),
+        ("-id", [-(2**63) - 1, -(2**63) - 1]),
+        ("name", ["lamp", 2**63]),
+        ("name", ["lamp\u0000", 1]),
+        ("price", ["1e999", 1]),
+        ("price", ["-Infinity", 1]),
+        ("price", ["NaN", 1]),
+        ("price", ["123456789012345.5", 1]),
+        ("created_at", ["9999-12-31T23:59:59-14:00", 1]),
     ],
 )
 async def test_a_signed_cursor_without_a_valid_position_returns_400_not_500(
@@ -272,6 +282,12 @@ async def test_a_signed_cursor_without_a_valid_position_returns_400_not_500(
         ({"size": 101}, "size"),
         ({"sort": "colour"}, "sort"),
         ({"min_price": "-5"}, "min_price"),
+        # A whole number in ASCII digits, nothing else pydantic would read as one.
+        ({"size": "1_0"}, "size"),
+        ({"size": "+5"}, "size"),
+        ({"size": "5.0"}, "size"),
+        ({"size": " 5"}, "size"),
+        ({"size": "\uff15"}, "size"),  # a full-width 5
     ],
 )
 async def test_invalid_scroll_parameters_return_422(
