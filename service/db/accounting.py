@@ -3,10 +3,10 @@
 Listeners sit only on the engines `service.db` works with (`instrument`: every engine made
 by `service.db.create_engine`, given to a `DBSessionMiddleware` or to `db.configure`), so other
 engines in the process pay nothing. A statement is charged to the innermost open unit of
-work of the context that ran it (`Server-Timing`), and to every `assert_max_queries` block
-open in the process (tests run one at a time, and the app under test may run in another
-thread). Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is not a query and is not
-counted.
+work of its mode (sync or async) in the context that ran it (`Server-Timing`), and to every
+`assert_max_queries` block open in the process (tests run one at a time, and the app under
+test may run in another thread). Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is
+not a query and is not counted.
 """
 
 from collections.abc import Iterator
@@ -51,7 +51,12 @@ class QueryLog(list[str]):
     """The SQL statements run inside one `assert_max_queries` block, in order."""
 
 
+# The innermost open unit of work of each mode: a sync statement is charged to the sync
+# unit, an async one (an `AsyncEngine`'s) to the async unit, when a request has both.
 current_stats: ContextVar[QueryStats | None] = ContextVar("service_db_stats", default=None)
+current_async_stats: ContextVar[QueryStats | None] = ContextVar(
+    "service_db_async_stats", default=None
+)
 _started: ContextVar[float] = ContextVar("service_db_statement_started", default=0.0)
 _logs: list[QueryLog] = []
 
@@ -90,31 +95,35 @@ def instrument(engine: Engine) -> Engine:
     return engine
 
 
+def _stats_of(dialect: Any) -> ContextVar[QueryStats | None]:
+    return current_async_stats if dialect.is_async else current_stats
+
+
 def _before(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:
-    if current_stats.get() is not None or _logs:
+    if _stats_of(conn.dialect).get() is not None or _logs:
         _started.set(perf_counter())
 
 
 def _after(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:
-    _charge(statement)
+    _charge(statement, _stats_of(conn.dialect))
 
 
 def _failed(context: ExceptionContext) -> None:
     # Also called for errors outside a statement (connecting, fetching rows of one already
     # counted): only a statement `_before` started and `_after` never saw is charged.
     if context.statement is not None and _started.get():
-        _charge(context.statement)
+        _charge(context.statement, _stats_of(context.dialect))
 
 
-def _charge(statement: str) -> None:
+def _charge(statement: str, current: ContextVar[QueryStats | None]) -> None:
     started = _started.get()
     if started:
         _started.set(0.0)
-    stats = current_stats.get()
+    stats = current.get()
     if (stats is None and not _logs) or statement.startswith(_TRANSACTION_CONTROL):
         return
     if stats is not None:

@@ -24,7 +24,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.accounting import QueryStats, current_stats, instrument
 from service.db.engine import create_engine
 from service.db.routing import primary, replica
-from service.db.session_errors import MissingSessionError, SessionNotInitialisedError
+from service.db.session_errors import (
+    MissingSessionError,
+    SessionNotInitialisedError,
+    require_mode,
+    require_sync_driver,
+)
 from service.db.unit_of_work import CommitHook, UnitOfWork, UnitOfWorkBase
 
 UnitT = TypeVar("UnitT", bound=UnitOfWorkBase[Any, Any])
@@ -41,6 +46,8 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
     unit_class: type[UnitT]
     block = "with"  # how a scope is opened, in error messages
+    # Where the statements of the current unit are counted (`service.db.accounting`).
+    stats_var: ContextVar[QueryStats | None] = current_stats
 
     def __init__(self, name: str = "db") -> None:
         self.name = name
@@ -110,32 +117,42 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
     # -- used by the middleware, the blocks and the test plugin ---------------------------
 
     def open_unit(
-        self, factory: FactoryT, commit_on_exit: bool, session_args: dict[str, Any] | None = None
+        self,
+        factory: FactoryT,
+        commit_on_exit: bool,
+        session_args: dict[str, Any] | None = None,
+        *,
+        session_factory: FactoryT | None = None,
     ) -> UnitT:
         """Open a unit of work on a new session (not yet current; see `activate`).
+
+        The session comes from `session_factory` if given (the middleware's autocommit one
+        for reads), else from `factory`; `factory` is what `db(independent=True)` blocks
+        inside the unit open their sessions with: always one with transactions.
 
         Once its unit of work has ended, the session refuses further use (unless the
         session arguments say `close_resets_only`): a sync handler still running in its
         thread after its request was cancelled gets an error at its next statement, instead
         of a connection that nobody would give back.
         """
+        make = session_factory if session_factory is not None else factory
         args = dict(session_args or {})
-        if "close_resets_only" not in getattr(factory, "kw", {}):
+        if "close_resets_only" not in getattr(make, "kw", {}):
             args.setdefault("close_resets_only", False)
         if self._test_connection is not None:
             # Test isolation: every commit becomes a savepoint release on the test's
             # connection, and the test's outer transaction is rolled back at the end.
             args.update(bind=self._test_connection, join_transaction_mode="create_savepoint")
-        return self.unit_class(factory, factory(**args), commit_on_exit)
+        return self.unit_class(factory, make(**args), commit_on_exit)
 
     def activate(self, unit: UnitT) -> ActiveTokens:
         """Make `unit` current in this context; undo with `deactivate`."""
-        return self._current.set(unit), current_stats.set(unit.stats)
+        return self._current.set(unit), self.stats_var.set(unit.stats)
 
     def deactivate(self, tokens: ActiveTokens) -> None:
         """Make current again what was current before `activate` returned `tokens`."""
         self._current.reset(tokens[0])
-        current_stats.reset(tokens[1])
+        self.stats_var.reset(tokens[1])
 
     def current_unit(self) -> UnitT | None:
         """The unit of work open in this context, if any (no error, unlike `session`)."""
@@ -178,9 +195,12 @@ class Database(DatabaseBase[UnitOfWork, sessionmaker[Session], Connection]):
         Calling it again replaces the default; apps already serving keep their own engine.
         """
         if isinstance(url_or_engine, Engine):
+            require_sync_driver(url_or_engine.url)
             engine = instrument(url_or_engine)
             owned = None
         else:
+            require_mode("url_or_engine", url_or_engine, str | URL, "service.db.asyncio")
+            require_sync_driver(url_or_engine)
             engine = owned = create_engine(url_or_engine, **(engine_args or {}))
         if self._owned_engine is not None and self._owned_engine is not engine:
             self._owned_engine.dispose()
@@ -247,7 +267,9 @@ class BlockBase(Generic[DatabaseT]):
     def _enter(self) -> DatabaseT:
         database = self._database
         outer = database.current_unit()
-        if outer is not None and not self._independent:
+        # A unit that has ended (the request of a task it left running, `create_task`) is
+        # joined by nobody: the block opens its own, on that unit's engine.
+        if outer is not None and not outer.ended and not self._independent:
             if self._session_args:
                 raise ValueError(
                     "session_args cannot change the session of the unit of work already "

@@ -35,6 +35,7 @@ from service.db.middleware_base import (
     detail_json,
 )
 from service.db.observer import NO_OBSERVER, SessionObserver
+from service.db.session_errors import require_mode, require_sync_driver
 from service.db.statement_gate import guard_statements
 from service.db.unit_of_work import UnitOfWork
 
@@ -100,6 +101,12 @@ class DBSessionMiddleware(SessionMiddlewareBase[UnitOfWork, Future[Any]]):
     ) -> None:
         if custom_engine is None and not db_url:
             raise ValueError("You need to pass a db_url or a custom_engine parameter.")
+        require_mode("database", database, Database, "service.db.asyncio")
+        if custom_engine is not None:
+            require_mode("custom_engine", custom_engine, Engine, "service.db.asyncio")
+            require_sync_driver(custom_engine.url)
+        elif db_url is not None:
+            require_sync_driver(db_url)
         self.engine = (
             instrument(custom_engine)
             if custom_engine is not None

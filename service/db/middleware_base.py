@@ -182,14 +182,13 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             return
         self.observer.admitted(self.database.name, scope, perf_counter() - asked)
         try:
-            factory = (
-                self.autocommit_sessionmaker
-                if scope["method"] in self.autocommit_methods
-                else self.sessionmaker
+            reads = scope["method"] in self.autocommit_methods
+            unit = self.database.open_unit(
+                self.sessionmaker,
+                self.commit_on_exit,
+                session_factory=self.autocommit_sessionmaker if reads else None,
             )
-            request: RequestState[UnitT, JobT] = RequestState(
-                self.database.open_unit(factory, self.commit_on_exit), scope
-            )
+            request: RequestState[UnitT, JobT] = RequestState(unit, scope)
         except BaseException:
             self.slots.release(slot)
             raise
@@ -304,6 +303,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
     async def _end(self, request: RequestState[UnitT, JobT], commit: bool, abandoned: bool) -> None:
         """End the unit of work; never raises but for cancellation."""
         had_work = request.unit.has_work()
+        request.unit.ended = True  # a task the request left running opens its own blocks
         try:
             await self._end_unit(request, commit, abandoned)
         except Exception:

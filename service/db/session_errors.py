@@ -1,4 +1,9 @@
-"""What `service.db` raises when a session is asked for where there is none."""
+"""What `service.db` raises when a session is asked for where there is none, or is given an
+object of the other mode."""
+
+from types import UnionType
+
+from sqlalchemy.engine import URL, make_url
 
 
 class MissingSessionError(Exception):
@@ -23,3 +28,27 @@ class SessionNotInitialisedError(Exception):
             f"db_url=...) to the app and let it serve a request."
         )
 
+
+
+def require_mode(what: str, value: object, expected: type | UnionType, belongs: str) -> None:
+    """`TypeError` unless `value` is an `expected`: an object of the other mode (an
+    `AsyncEngine` given to the sync middleware, a sync `Database` to the async one) fails
+    where it is passed, not at the first request. `belongs`: where such objects go."""
+    if not isinstance(value, expected):
+        kinds = expected.__args__ if isinstance(expected, UnionType) else (expected,)
+        names = " or ".join(f"{kind.__module__}.{kind.__qualname__}" for kind in kinds)
+        raise TypeError(
+            f"{what} must be a {names}, not {type(value).__module__}."
+            f"{type(value).__qualname__} (the other mode's objects go to {belongs})"
+        )
+
+
+def require_sync_driver(url: str | URL) -> None:
+    """`ValueError` if `url` names an async driver (asyncpg, aiosqlite), which a sync
+    engine cannot use: its first statement would fail."""
+    url = make_url(url)
+    if url.get_dialect().is_async:
+        raise ValueError(
+            f"{url.drivername} is an async driver: give this URL to service.db.asyncio, or "
+            "name a sync driver (postgresql+psycopg2://, sqlite://)"
+        )

@@ -43,13 +43,15 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
     `after_transaction_end` events tell, listened to from the first hook on.
     """
 
-    __slots__ = ("_due", "_hooks", "_watching", "commit_on_exit", "factory", "session", "stats")
+    __slots__ = ("_due", "_hooks", "_watching", "commit_on_exit", "ended", "factory", "session",
+                 "stats")
 
     def __init__(self, factory: FactoryT, session: SessionT, commit_on_exit: bool) -> None:
         self.factory = factory
         self.session = session
         self.commit_on_exit = commit_on_exit
         self.stats = QueryStats()
+        self.ended = False  # set as its end begins: from then on no block joins it
         # Waiting hooks, each with the savepoint it waits for (None: the transaction).
         self._hooks: list[tuple[CommitHook, SessionTransaction | None]] = []
         self._due: list[CommitHook] = []  # their transaction committed: to run
@@ -207,6 +209,7 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
 
     def end(self, commit: bool) -> None:
         """Commit (if asked) or roll back, run the hooks due, and always close."""
+        self.ended = True
         try:
             if commit:
                 self.commit()
@@ -237,6 +240,7 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
         connection comes back: a statement that ignores the interruption is waited for
         (an ERROR is logged after `ABANDONED_PATIENCE` s), as the request's slot is.
         The closed session refuses the route's later work."""
+        self.ended = True
         started = time.monotonic()
         complained = False
         while True:

@@ -10,9 +10,11 @@ import pytest
 import sqlalchemy
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from service.db import Database, DBSessionMiddleware, QueryLog, assert_max_queries
+from service.db import Database, DBSessionMiddleware, QueryLog, assert_max_queries, db
+from service.db import asyncio as async_mode
 from service.items.models import Item
 from tests.db.conftest import Mode, client_for
 
@@ -111,6 +113,31 @@ async def test_concurrent_requests_are_counted_separately(mode: Mode) -> None:
         responses = await asyncio.gather(*(client.get(f"/queries/{n}") for n in (1, 2, 3, 4)))
     counts = [SERVER_TIMING.match(r.headers["server-timing"]).group(2) for r in responses]  # type: ignore[union-attr]
     assert counts == ["1", "2", "3", "4"]
+
+
+async def test_with_both_modes_in_one_request_each_counts_its_own_statements(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    """Both middlewares on one app: each Server-Timing entry counts its own session's
+    statements - the inner (here the async) unit must not take the sync one's."""
+    app = FastAPI()
+    app.add_middleware(async_mode.DBSessionMiddleware, custom_engine=async_engine)
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine)
+
+    @app.get("/both")
+    async def both() -> None:
+        await async_mode.db.session.execute(select(Item.id))
+        db.session.execute(select(Item.id))
+        db.session.execute(select(Item.name))
+
+    async with client_for(app) as client:
+        response = await client.get("/both")
+    assert response.status_code == 200
+    counts = sorted(
+        int(SERVER_TIMING.match(entry).group(2))  # type: ignore[union-attr]
+        for entry in response.headers.get_list("server-timing")
+    )
+    assert counts == [1, 2]
 
 
 def test_assert_max_queries_passes_within_the_limit(engine: Engine) -> None:

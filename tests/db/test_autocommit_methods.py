@@ -75,3 +75,28 @@ async def test_sqlite_keeps_one_transaction_per_request(
     async with client_for(app) as client:
         assert (await client.get("/write-then-refuse")).status_code == 400
     assert stored_names(engine) == set()
+
+
+async def test_an_independent_block_in_an_autocommit_method_is_one_transaction(
+    mode: Mode, engine: Engine, backend: str
+) -> None:
+    """An audit row written from a GET: its block commits as a whole, or not at all -
+    the autocommit belongs to the request's own session, not to blocks opened inside it."""
+    app = mode.make_app(autocommit_methods=("GET",))
+
+    @app.get("/audit")
+    async def audit(name: str, fail: bool = False) -> dict[str, bool]:
+        async with mode.block(independent=True):
+            mode.add_item(name)
+            await mode.flush()
+            first = await mode.scalar(TRANSACTION_ID) if backend == "postgresql" else 0
+            second = await mode.scalar(TRANSACTION_ID) if backend == "postgresql" else 0
+            if fail:
+                raise HTTPException(status_code=400)
+        return {"one_transaction": first == second}
+
+    async with client_for(app) as client:
+        assert (await client.get("/audit?name=kept")).json() == {"one_transaction": True}
+        assert (await client.get("/audit?name=undone&fail=true")).status_code == 400
+    assert stored_names(engine) == {"kept"}
+    assert mode.checked_out() == 0

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import DBSessionMiddleware, create_engine, db
+from service.db import Database, DBSessionMiddleware, create_engine, db
 from service.db import asyncio as async_mode
 from service.db.admission import pool_capacity
 from service.items.models import Item
@@ -416,3 +416,33 @@ async def test_arguments_that_cannot_work_are_refused_when_the_middleware_is_bui
 ) -> None:
     with pytest.raises(error):
         mode.middleware(FastAPI(), custom_engine=mode.engine, **argument)
+
+
+async def test_the_other_modes_objects_are_refused_where_they_are_given(
+    mode: Mode, engine: Engine, async_engine: AsyncEngine, backend: str
+) -> None:
+    """An AsyncEngine given to the sync middleware, a sync Database to the async one: a
+    TypeError naming the mix-up when the middleware is built, not a 500 at the first
+    request (or, for a Database of the other mode, a COMMIT never awaited and a
+    connection held for good)."""
+    other_engine, other_database = (
+        (async_engine, async_mode.Database("other"))
+        if mode.name == "sync"
+        else (engine, Database("other"))
+    )
+    with pytest.raises(TypeError, match="custom_engine must be"):
+        mode.middleware(FastAPI(), custom_engine=other_engine)
+    with pytest.raises(TypeError, match="database must be"):
+        mode.middleware(FastAPI(), custom_engine=mode.engine, database=other_database)
+    with pytest.raises(TypeError, match="url_or_engine must be"):
+        mode.database_class("configured").configure(other_engine)
+    if mode.name == "sync":
+        # A URL naming an async driver, which no sync engine can use.
+        async_url = async_engine.url.render_as_string(hide_password=False)
+        with pytest.raises(ValueError, match="async driver"):
+            mode.middleware(FastAPI(), db_url=async_url)
+        with pytest.raises(ValueError, match="async driver"):
+            mode.middleware(FastAPI(), custom_engine=async_engine.sync_engine)
+        with pytest.raises(ValueError, match="async driver"):
+            Database("configured").configure(async_url)
+    assert mode.checked_out() == 0

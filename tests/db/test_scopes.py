@@ -1,6 +1,7 @@
 """Units of work outside requests, nesting, and more than one database
 (behaviours 8 and 9 of service.db), in both modes."""
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -237,6 +238,36 @@ async def test_independent_scope_inside_a_request_uses_the_requests_engine_and_s
         assert (await client.post("/items/lamp")).status_code == 400
     assert stored_names(second_engine) == {"attempt-lamp"}
     assert stored_names(engine) == set()
+
+
+async def test_a_task_that_outlives_its_request_opens_a_scope_of_its_own(
+    mode: Mode, engine: Engine, second_mode_engine: Any, second_engine: Engine
+) -> None:
+    """`asyncio.create_task` from a route copies the request's context, ended unit and all:
+    a block the task opens after the request ended must not join that closed session (as
+    fastapi-async-sqlalchemy opens a new one). It opens its own, on the request's engine."""
+    mode.database.configure(mode.engine)
+    app = mode.make_app(custom_engine=second_mode_engine)
+    request_done = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def later(name: str) -> None:
+        await request_done.wait()
+        async with mode.block():
+            mode.add_item(name)
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        tasks.append(asyncio.create_task(later(f"later-{name}")))
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    request_done.set()
+    await asyncio.gather(*tasks)
+    assert stored_names(second_engine) == {"lamp", "later-lamp"}
+    assert stored_names(engine) == set()
+    assert mode.checked_out() == 0
 
 
 async def test_two_apps_with_two_databases_keep_to_their_own(

@@ -8,10 +8,11 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.db.accounting import current_async_stats
 from service.db.asyncio.engine import create_async_engine, instrument_async
 from service.db.asyncio.unit_of_work import AsyncUnitOfWork
 from service.db.database import BlockBase, DatabaseBase
-from service.db.session_errors import SessionNotInitialisedError
+from service.db.session_errors import SessionNotInitialisedError, require_mode
 
 # What an AsyncSession needs unless told otherwise: objects stay readable after COMMIT
 # (expiring them would make the next attribute read a lazy load, which cannot be awaited).
@@ -28,6 +29,7 @@ class Database(
     """
 
     unit_class = AsyncUnitOfWork
+    stats_var = current_async_stats
     block = "async with"
 
     def __init__(self, name: str = "db") -> None:
@@ -52,6 +54,7 @@ class Database(
             engine = instrument_async(url_or_engine)
             owned = None
         else:
+            require_mode("url_or_engine", url_or_engine, str | URL, "service.db")
             engine = owned = create_async_engine(url_or_engine, **(engine_args or {}))
         if self._owned_engine is not None and self._owned_engine is not engine:
             # Synchronously: close what the pool holds, without awaiting (no loop needed).

@@ -31,6 +31,7 @@ from service.db.middleware_base import (
     detail_json,
 )
 from service.db.observer import NO_OBSERVER, SessionObserver
+from service.db.session_errors import require_mode
 
 _Request = RequestState[AsyncUnitOfWork, "asyncio.Task[None]"]
 
@@ -69,6 +70,9 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
     ) -> None:
         if custom_engine is None and not db_url:
             raise ValueError("You need to pass a db_url or a custom_engine parameter.")
+        require_mode("database", database, Database, "service.db")
+        if custom_engine is not None:
+            require_mode("custom_engine", custom_engine, AsyncEngine, "service.db")
         self.engine = (
             instrument_async(custom_engine)
             if custom_engine is not None

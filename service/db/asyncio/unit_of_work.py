@@ -51,6 +51,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
         statement; its connection may be mid-protocol (asyncpg: "another operation is in
         progress"), so it is invalidated - closed, never put back in the pool - instead.
         """
+        self.ended = True
         try:
             if abandoned:
                 self._forget_hooks()
