@@ -148,6 +148,7 @@ def serve(args: argparse.Namespace) -> None:
         f"{'s' if workers > 1 else ''} - API docs at http://{args.host}:{args.port}/docs",
         flush=True,
     )
+    from service.http_protocol import ServiceHttpProtocol
     from service.metrics import prepare_multiprocess_dir
 
     if args.no_access_log:
@@ -162,6 +163,8 @@ def serve(args: argparse.Namespace) -> None:
                 host=args.host,
                 port=args.port,
                 workers=workers,
+                # A bound on request heads, problem documents for malformed requests.
+                http=ServiceHttpProtocol,
                 # The app logs one access line per request itself, and its logging setup
                 # (service.logs) formats uvicorn's lines too.
                 access_log=False,

@@ -1,0 +1,115 @@
+"""What `python -m service serve` answers before the app sees a request
+(`service.http_protocol`): a head over 64 KiB is a 431 and malformed HTTP a 400, both
+problem documents with a request id, over real sockets to the real command."""
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from bench.harness import ServerProcess, free_port
+from service.http_protocol import HEAD_LIMIT
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def served(migrated_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The port of `python -m service serve` on the test database."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("served") / "serve.log"
+    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": "protocol-test-token-0123"}
+    with log.open("w") as log_file:
+        server = ServerProcess(
+            [sys.executable, "-m", "service", "serve", "--port", str(port)], port,
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+        )
+    try:
+        server.wait_until_answers("/health/live", timeout=30)
+        yield port
+    finally:
+        server.stop()
+
+
+def exchange(port: int, head: bytes, body_size: int = 0) -> tuple[int, bytes]:
+    """Send `head`, then `body_size` more bytes of header, stopping once an answer has
+    come; read the answer until the server closes. Returns how many bytes went out and
+    what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        sent = 0
+        try:
+            connection.sendall(head)
+            sent = len(head)
+            while sent < len(head) + body_size:
+                readable, writable, _ = select.select([connection], [connection], [], 10)
+                if readable:
+                    break  # answered before the rest was sent
+                if writable:
+                    sent += connection.send(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed while we were still sending
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return sent, answer
+
+
+def problem_of(answer: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in header_lines)
+    return int(status_line.split(" ")[1]), headers, json.loads(body)
+
+
+def test_a_head_over_the_limit_is_a_431_problem_before_the_rest_is_read(served: int) -> None:
+    sent, answer = exchange(
+        served, b"GET /health/live HTTP/1.1\r\nHost: test\r\nX-Big: ", body_size=64 * 2**20
+    )
+
+    status, headers, problem = problem_of(answer)
+    assert status == 431
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert problem["status"] == 431 and problem["title"] == "Request Header Fields Too Large"
+    assert problem["request_id"] == headers["x-request-id"]
+    # Refused once the limit was passed, not after reading the 64 MiB.
+    assert sent < 16 * 2**20
+    assert httpx.get(f"http://127.0.0.1:{served}/health/live").status_code == 200
+
+
+def test_a_head_within_the_limit_is_served(served: int) -> None:
+    # Large cookies, a large JWT: 48 KiB of headers in all.
+    headers = {f"X-Large-{n}": "v" * 8000 for n in range(6)}
+    assert sum(len(value) for value in headers.values()) < HEAD_LIMIT
+
+    response = httpx.get(f"http://127.0.0.1:{served}/health/live", headers=headers)
+
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        b"Content-Length: -1\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    ],
+    ids=["two-lengths", "negative-length", "length-and-chunked"],
+)
+def test_malformed_http_is_a_400_problem_with_a_request_id(served: int, framing: bytes) -> None:
+    _, answer = exchange(served, b"POST /items HTTP/1.1\r\nHost: test\r\n" + framing + b"\r\nhello")
+
+    status, headers, problem = problem_of(answer)
+    assert status == 400
+    assert headers["content-type"] == "application/problem+json"
+    assert problem["status"] == 400
+    assert problem["request_id"] == headers["x-request-id"]
+
