@@ -13,7 +13,7 @@ reads `items:read` when READ_REQUIRES_TOKEN=true.
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from pydantic import BeforeValidator, Field
 
 from service.auth import Requirement
@@ -192,12 +192,27 @@ async def get_item(item_id: ItemId, response: Response) -> ItemOut:
     return _item_response(response, await service.get_item(item_id))
 
 
+def json_body(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    """A body is JSON, and says so: one sent as a form (`curl -d`), as text or without a
+    Content-Type is a 415 saying what to send, not a 422 that the body is "not a valid
+    dictionary" (FastAPI reads a body as JSON only when its Content-Type says JSON)."""
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        sent = f"not {media_type!r}" if media_type else "and this request names no type"
+        raise HTTPException(
+            415, f"The body must be JSON (Content-Type: application/json), {sent}."
+        )
+
+
 @writes.post(
     "",
     status_code=201,
     summary="Create an item",
     response_description="The item, with its Location and ETag.",
-    responses={201: {"headers": {**_LOCATION, **_ETAG}}, **problem_responses(409, 422)},
+    responses={201: {"headers": {**_LOCATION, **_ETAG}}, **problem_responses(409, 415, 422)},
+    dependencies=[Depends(json_body)],
 )
 async def create_item(data: ItemCreate, request: Request, response: Response) -> ItemOut:
     item = await service.create_item(data)
@@ -209,7 +224,8 @@ async def create_item(data: ItemCreate, request: Request, response: Response) ->
     "/{item_id}",
     summary="Update some fields of an item",
     response_description="The updated item, with its new ETag.",
-    responses={200: {"headers": _ETAG}, **problem_responses(404, 409, 412, 422, 428)},
+    responses={200: {"headers": _ETAG}, **problem_responses(404, 409, 412, 415, 422, 428)},
+    dependencies=[Depends(json_body)],
 )
 async def update_item(
     item_id: ItemId, update: ItemUpdate, response: Response, if_match: IfMatch = None

@@ -218,6 +218,68 @@ async def test_wrong_types_answer_422_with_the_field_and_store_nothing(
     assert stored(engine) == {}
 
 
+async def test_a_few_unknown_fields_are_each_named(client: httpx.AsyncClient, lamp: int) -> None:
+    response = await client.post("/items", json={"name": "x", "price": 1, "colour": 1, "size": 2})
+
+    assert_field_errors(response, ["body", "colour"], ["body", "size"])
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_a_body_of_many_unknown_fields_is_one_error_not_one_per_field(
+    client: httpx.AsyncClient, engine: Engine, lamp: int, method: str
+) -> None:
+    """90,000 made-up keys in 1 MiB: one error, a small answer (one error per key was an
+    8 MB answer and seconds of the event loop's CPU), and nothing stored."""
+    body = {"name": "x", "price": 1, **{f"k{n}": 1 for n in range(90_000)}}
+    content = json.dumps(body, separators=(",", ":"))
+    assert len(content) < MiB
+
+    response = await client.request(
+        method, "/items" if method == "POST" else f"/items/{lamp}", content=content,
+        headers={"Content-Type": "application/json", "If-Match": "*"},
+    )
+
+    [error] = assert_field_errors(response, ["body"])
+    assert error["type"] == "extra_forbidden"
+    assert "90000 fields are not allowed" in error["msg"] and "'k0'" in error["msg"]
+    assert len(response.content) < 2000
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+     "application/xml"],
+)
+async def test_a_body_that_is_not_json_answers_415_and_stores_nothing(
+    client: httpx.AsyncClient, engine: Engine, lamp: int, content_type: str | None
+) -> None:
+    body = json.dumps({"name": "Desk", "price": "2"})
+    headers = {"If-Match": "*"} | ({"Content-Type": content_type} if content_type else {})
+    for method, path in (("POST", "/items"), ("PATCH", f"/items/{lamp}")):
+        response = await client.request(method, path, content=body, headers=headers)
+        assert response.status_code == 415, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "application/json" in response.json()["detail"]
+    assert [row["name"] for row in stored(engine).values()] == ["Lamp"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/merge-patch+json"]
+)
+async def test_json_bodies_are_read_whatever_their_json_media_type(
+    client: httpx.AsyncClient, engine: Engine, lamp: int, content_type: str
+) -> None:
+    response = await client.patch(
+        f"/items/{lamp}",
+        content=json.dumps({"price": "3"}),
+        headers={"If-Match": "*", "Content-Type": content_type},
+    )
+
+    assert response.status_code == 200, response.text
+    assert stored(engine)[lamp]["price"] == Decimal("3.00")
+
+
 NOT_FINITE = [
     *(("number", value) for value in ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]),
     *(("string", f'"{value}"') for value in ["NaN", "-NaN", "sNaN", "Infinity", "-inf", "1e400"]),

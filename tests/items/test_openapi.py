@@ -12,10 +12,10 @@ PROBLEM = {"$ref": "#/components/schemas/Problem"}
 # 400 on every items operation: a token sent in the URL (service.auth).
 DECLARED = {
     ("/items", "get"): {"400", "422"},
-    ("/items", "post"): {"400", "401", "409", "422"},
+    ("/items", "post"): {"400", "401", "409", "415", "422"},
     ("/items/scroll", "get"): {"400", "422"},
     ("/items/{item_id}", "get"): {"400", "404", "422"},
-    ("/items/{item_id}", "patch"): {"400", "401", "404", "409", "412", "422", "428"},
+    ("/items/{item_id}", "patch"): {"400", "401", "404", "409", "412", "415", "422", "428"},
     ("/items/{item_id}", "delete"): {"400", "401", "404", "412", "422"},
 }
 # Any route: a body over the limit, a bug, the database away.
