@@ -8,11 +8,8 @@ REQUIRE_PGBOUNCER=1 (PgBouncer), as CI sets them.
 """
 
 import os
-import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
@@ -49,28 +46,6 @@ class Standby(PostgresServer):
     def resume_replay(self) -> None:
         with self.engine.connect() as connection:
             connection.execute(text("SELECT pg_wal_replay_resume()"))
-
-    def processes(self) -> list[int]:
-        """The standby's postmaster and every process under it."""
-        postmaster = int(Path(self.datadir, "postmaster.pid").read_text().splitlines()[0])
-
-        def tree(pid: int) -> list[int]:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            return [pid, *(p for child in children for p in tree(int(child)))]
-
-        return tree(postmaster)
-
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
-        """The standby hangs (SIGSTOP): connections stay open, nothing answers."""
-        pids = self.processes()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
 
     def catch_up(self, primary: Engine, timeout: float = 10.0) -> None:
         """Wait until the standby has replayed everything the primary has written."""

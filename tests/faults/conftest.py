@@ -2,8 +2,10 @@
 stopped and started while the app runs, and the app served over real TCP by uvicorn."""
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,29 @@ class PostgresServer:
 
     def is_running(self) -> bool:
         return self._pg_ctl("status", check=False).returncode == 0
+
+    def processes(self) -> list[int]:
+        """The postmaster and every process under it."""
+        postmaster = int(Path(self.datadir, "postmaster.pid").read_text().splitlines()[0])
+
+        def tree(pid: int) -> list[int]:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            return [pid, *(p for child in children for p in tree(int(child)))]
+
+        return tree(postmaster)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server hangs (SIGSTOP), as a frozen VM or a partition would look: connections
+        stay open, nothing answers; it goes on (SIGCONT) when the block ends."""
+        pids = self.processes()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
     def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [str(self.bindir / "pg_ctl"), "-D", self.datadir, *args]

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from bench.harness import free_port
 from service.config import Settings
+from service.db.asyncio import engine as async_engine
 from service.main import create_app
 from tests.conftest import AUTH, TEST_TOKEN
 from tests.faults.conftest import PostgresServer
@@ -105,6 +106,27 @@ async def test_database_restarted_between_requests_is_invisible_to_clients(
     assert {r.status_code for r in responses} <= {200, 201}, [r.text for r in responses]
     engine.dispose()  # the test's own engine, which has no pre-ping
     assert len(stored(engine)) == 20
+
+
+async def test_a_database_that_hangs_fails_an_idle_connections_ping_within_the_connect_timeout(
+    client: httpx.AsyncClient, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops answering (a frozen VM, a partition) while a connection sits idle
+    in the pool: its ping at checkout waits DB_CONNECT_TIMEOUT, not the statement timeout
+    (DB_STATEMENT_TIMEOUT + 2 s = 12 s), then one connect attempt fails the same way: a 503
+    in about two connect timeouts, not fourteen seconds."""
+    assert (await client.get("/items")).status_code == 200  # a connection, back in the pool
+    monkeypatch.setattr(async_engine, "PING_AFTER_IDLE", 0.0)  # idle long enough to ping
+
+    with postgres_server.frozen():
+        response, elapsed = await timed(client, "GET", "/items")
+
+    timeout = Settings.model_fields["db_connect_timeout"].default
+    statement_timeout = Settings.model_fields["db_statement_timeout"].default
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert elapsed < 2 * timeout + 1.5 < statement_timeout, f"took {elapsed:.2f} s"
+    assert (await client.get("/items")).status_code == 200  # going on again: served
 
 
 # -- an unreachable database: no server of ours needed, so these run in both passes --

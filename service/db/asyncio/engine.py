@@ -26,6 +26,7 @@ from sqlalchemy import Dialect, event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util.concurrency import await_only
 
 from service.db.accounting import instrument
 from service.db.engine import backend_args, prepared
@@ -45,7 +46,8 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     if url.get_driver_name() == "asyncpg":
         event.listen(engine.sync_engine, "handle_error", _abort_after_a_timeout)
     if cheap_ping:
-        discard_closed_connections(engine)
+        connect_timeout = engine_args.get("connect_args", {}).get("timeout")
+        discard_closed_connections(engine, ping_timeout=connect_timeout or PING_TIMEOUT)
     return engine
 
 
@@ -67,18 +69,26 @@ def _abort_after_a_timeout(context: Any) -> exc.OperationalError | None:
 # A connection idle this long is pinged for real before use: it may be half-open (a
 # network drop without a FIN), which no local check can see.
 PING_AFTER_IDLE = 30.0
+# How long a ping waits for its answer, unless the engine's connect timeout says.
+PING_TIMEOUT = 2.0
 
 
-def discard_closed_connections(engine: AsyncEngine) -> None:
+def discard_closed_connections(engine: AsyncEngine, ping_timeout: float = PING_TIMEOUT) -> None:
     """Before a pooled asyncpg connection is handed out, make sure the server has not
     dropped it, without a round trip: asyncpg knows it is closed if the event loop has seen
     the server hang up; if the loop was busy meanwhile, the server's goodbye (an error
     message, then EOF) is still unread in the socket, which a zero-timeout `select` sees.
-    Only then - or after `PING_AFTER_IDLE` seconds idle - is the connection pinged for real.
-    A dead one is replaced by a new one, as `pool_pre_ping` does."""
+    Only then - or after `PING_AFTER_IDLE` seconds idle - is the connection pinged for real,
+    waiting `ping_timeout` seconds for the answer (not the connection's statement timeout:
+    a server that hangs costs that, then a connect attempt, not the two timeouts). A dead
+    one is replaced by a new one, as `pool_pre_ping` does."""
     pool = engine.sync_engine.pool
+
+    def replace_if_dropped(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+        _replace_if_dropped(dbapi_connection, connection_record, ping_timeout)
+
     event.listen(pool, "checkin", _note_idle_since)
-    event.listen(pool, "checkout", _replace_if_dropped)
+    event.listen(pool, "checkout", replace_if_dropped)
 
 
 def _note_idle_since(dbapi_connection: Any, connection_record: Any) -> None:
@@ -86,7 +96,7 @@ def _note_idle_since(dbapi_connection: Any, connection_record: Any) -> None:
         connection_record.info["idle_since"] = time.monotonic()
 
 
-def _replace_if_dropped(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+def _replace_if_dropped(dbapi_connection: Any, connection_record: Any, timeout: float) -> None:
     idle_since = connection_record.info.pop("idle_since", None)
     if idle_since is None:
         return  # a new connection
@@ -95,7 +105,9 @@ def _replace_if_dropped(dbapi_connection: Any, connection_record: Any, proxy: An
         raise exc.DisconnectionError("the server closed this pooled connection")
     if time.monotonic() - idle_since > PING_AFTER_IDLE or _has_unread_input(driver):
         try:
-            dbapi_connection.ping()
+            # An empty query, by the simple query protocol: nothing prepared, no
+            # transaction (PgBouncer's transaction mode takes it as it is).
+            await_only(driver.execute(";", timeout=timeout))
         except Exception as error:
             # Replaced now, not after asyncpg's graceful close (up to 2 s more, waiting for
             # a server that may hang).
