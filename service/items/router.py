@@ -63,7 +63,9 @@ IfMatch = Annotated[
 Filters = Annotated[ItemFilters, Query()]
 Sort = Annotated[ItemSort, Query(description=SORT_HELP)]
 
-_ENTITY_TAG = re.compile(r'"(\d+)-(\d+)"')
+# As `etag()` writes them: ASCII digits without leading zeros ("047-001" is not "47-1": an
+# entity tag is compared as a string).
+_ENTITY_TAG = re.compile(r'"([1-9][0-9]*)-([1-9][0-9]*)"')
 
 
 def etag(item: Item) -> str:

@@ -76,14 +76,15 @@ def _iso_8601(value: Any) -> Any:
     value = value[: finer.start(1)] + value[finer.end(1):]
     moment = _DATETIME.validate_python(value)
     if finer.group(1).strip("0"):
+        moment = _as_utc(moment)  # the microsecond up may not exist in the local time
         try:
             moment += timedelta(microseconds=1)
         except OverflowError:
-            raise ValueError("datetime is out of range") from None
+            raise ValueError("datetime is out of range once rounded up") from None
     return moment
 
 
-_FINER_THAN_MICROSECONDS = re.compile(r"[.,]\d{6}(\d+)")
+_FINER_THAN_MICROSECONDS = re.compile(r"[.,][0-9]{6}([0-9]+)")
 _DATETIME = TypeAdapter(datetime)
 
 
@@ -91,17 +92,17 @@ def ascii_digits(value: Any) -> Any:
     """A whole number in a URL is written in ASCII digits: pydantic would also read "1_0"
     as 10, and "+1", " 1" and "1.0" as 1 - many URLs for one page or item."""
     if isinstance(value, str) and not _DIGITS.fullmatch(value):
-        raise ValueError("must be a whole number in ASCII digits, e.g. 20")
+        raise ValueError("must be a whole number in ASCII digits without leading zeros, e.g. 20")
     return value
 
 
-_DIGITS = re.compile(r"[0-9]+")
+_DIGITS = re.compile(r"0|[1-9][0-9]*")  # no leading zeros: one number, one way to write it
 # A whole number in a path or a query string.
 UrlInt = Annotated[int, BeforeValidator(ascii_digits)]
 _A_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _one_line(value: str) -> str:
+def one_line(value: str) -> str:
     """Names and searches are one line of printable text: no control characters (NUL
     included, which PostgreSQL cannot store), line separators or lone surrogates."""
     if any(unicodedata.category(char) in {"Cc", "Cs", "Zl", "Zp"} for char in value):
@@ -142,7 +143,7 @@ Name = Annotated[
     str,
     # The length is checked once composed (`_name`): "e\u0301" is one character.
     StringConstraints(strip_whitespace=True, min_length=1),
-    AfterValidator(_one_line),
+    AfterValidator(one_line),
     AfterValidator(_name),
     Field(
         json_schema_extra={"maxLength": NAME_MAX_LENGTH},
@@ -175,7 +176,7 @@ def _decimal_text(value: Any) -> Any:
 # one as clients should write it.
 _PRICE_SCHEMA: JsonSchemaValue = {
     "anyOf": [
-        {"type": "number", "minimum": 0, "maximum": 9_999_999_999.99},
+        {"type": "number", "minimum": 0, "maximum": 9_999_999_999.99, "multipleOf": 0.01},
         {"type": "string", "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$"},
     ]
 }
@@ -185,16 +186,14 @@ PriceValue = Annotated[
     BeforeValidator(_decimal_text),
     Field(ge=0, max_digits=12, decimal_places=2),
     WithJsonSchema(_PRICE_SCHEMA),
+    # "0E-20000" has no decimal places, and asyncpg cannot send its exponent: 0.00.
+    AfterValidator(_two_places),
 ]
 PRICE_HELP = (
     "Non-negative, at most 2 decimal places and 10 whole digits; a JSON number or a string "
     '("12.5", "12.50"). NaN and Infinity are refused.'
 )
-Price = Annotated[
-    PriceValue,
-    Field(description=PRICE_HELP, examples=["49.90"]),
-    AfterValidator(_two_places),
-]
+Price = Annotated[PriceValue, Field(description=PRICE_HELP, examples=["49.90"])]
 # Prices go out as strings with exactly two places, so no client rounds them through a float:
 # pydantic writes a Decimal as its string, and every price has two places already (the
 # column is NUMERIC(12, 2); input is quantized by `Price`). No Python serializer per item.
@@ -212,7 +211,7 @@ class Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _not_too_many_unknown_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict) and len(data) > len(cls.model_fields) + UNKNOWN_FIELDS_NAMED:
+        if isinstance(data, dict) and len(data) > UNKNOWN_FIELDS_NAMED:
             unknown = [key for key in data if key not in cls.model_fields]
             if len(unknown) > UNKNOWN_FIELDS_NAMED:
                 raise PydanticCustomError(
@@ -299,7 +298,7 @@ class ItemOut(BaseModel):
 class ItemFilters(BaseModel):
     """Query filters of the item lists; all optional, combined with AND."""
 
-    q: Annotated[str, AfterValidator(_one_line), AfterValidator(_composed)] | None = Field(
+    q: Annotated[str, AfterValidator(one_line), AfterValidator(_composed)] | None = Field(
         None,
         max_length=200,
         description="Part of the name, case-insensitive; % and _ match themselves.",

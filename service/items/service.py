@@ -21,6 +21,7 @@ from service.items import dao
 from service.items.dao import ItemRow
 from service.items.models import Item
 from service.items.schemas import (
+    CENT,
     CURSOR_MAX_LENGTH,
     CountMode,
     ItemCreate,
@@ -30,6 +31,7 @@ from service.items.schemas import (
     ItemSort,
     ItemUpdate,
     PageParams,
+    one_line,
 )
 from service.principal import current_principal
 
@@ -226,12 +228,12 @@ def _sort_value(field: str, raw: object) -> Any:
     for one signed with a leaked secret, or by an older release.)"""
     if field == "id" and _is_id(raw):
         return raw
-    if field == "name" and isinstance(raw, str) and "\x00" not in raw:
-        return raw
+    if field == "name" and isinstance(raw, str):
+        return one_line(raw)  # as names are: no NUL, no lone surrogate
     if field == "price" and isinstance(raw, str):
         price = Decimal(raw)
-        if price.is_finite() and abs(price) < _PRICE_LIMIT:
-            return price
+        if abs(price) < _PRICE_LIMIT and price == price.quantize(CENT):
+            return price.quantize(CENT)  # "1E-16384" is no price; "0E-20000" is 0.00
     if field == "created_at" and isinstance(raw, str):
         moment = datetime.fromisoformat(raw)
         if moment.tzinfo is not None:

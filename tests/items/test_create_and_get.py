@@ -229,7 +229,7 @@ async def test_get_of_an_unknown_item_returns_404_problem(client: httpx.AsyncCli
 @pytest.mark.parametrize(
     "item_id",
     # Only ASCII digits name an item: pydantic alone reads "1_0" as 10 and "+1" as 1.
-    ["abc", "0", "-1", str(2**63), "1_0", "+1", "1.0", "%201", "%EF%BC%91"],
+    ["abc", "0", "-1", str(2**63), "1_0", "+1", "1.0", "%201", "%EF%BC%91", "01"],
 )
 async def test_get_with_an_impossible_id_returns_422(
     client: httpx.AsyncClient, item_id: str

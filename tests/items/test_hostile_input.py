@@ -224,6 +224,20 @@ async def test_a_few_unknown_fields_are_each_named(client: httpx.AsyncClient, la
     assert_field_errors(response, ["body", "colour"], ["body", "size"])
 
 
+@pytest.mark.parametrize(("known", "unknown"), [(0, 10), (3, 10), (0, 11), (3, 11)])
+async def test_more_than_ten_unknown_fields_are_one_error(
+    client: httpx.AsyncClient, known: int, unknown: int
+) -> None:
+    body = {**dict(list({"name": "x", "price": 1, "description": "d"}.items())[:known]),
+            **{f"k{n}": n for n in range(unknown)}}
+
+    response = await client.post("/items", json=body)
+
+    errors = response.json()["errors"]
+    named = [e for e in errors if e["type"] == "extra_forbidden"]
+    assert len(named) == (unknown if unknown <= 10 else 1), errors
+
+
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 async def test_a_body_of_many_unknown_fields_is_one_error_not_one_per_field(
     client: httpx.AsyncClient, engine: Engine, lamp: int, method: str

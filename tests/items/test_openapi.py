@@ -84,9 +84,10 @@ async def test_prices_are_described_in_json_schema_words(openapi: dict[str, Any]
     price = openapi["components"]["schemas"]["ItemCreate"]["properties"]["price"]
     number, text = price["anyOf"]
     assert (number["type"], number["minimum"], number["maximum"]) == ("number", 0, 9999999999.99)
+    assert number["multipleOf"] == 0.01  # two decimal places
     assert text["type"] == "string"
     parameters = {p["name"]: p for p in openapi["paths"]["/items"]["get"]["parameters"]}
-    assert {"type": "number", "minimum": 0, "maximum": 9999999999.99} in (
+    assert {"type": "number", "minimum": 0, "maximum": 9999999999.99, "multipleOf": 0.01} in (
         parameters["min_price"]["schema"]["anyOf"]
     )
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, delete
 
+from service import cursors
 from service.config import Settings
 from service.cursors import sign_cursor
 from service.items.models import Item
@@ -256,6 +257,7 @@ async def test_a_cursor_signed_with_another_secret_returns_400(
         ("-id", [-(2**63) - 1, -(2**63) - 1]),
         ("name", ["lamp", 2**63]),
         ("name", ["lamp\u0000", 1]),
+        ("price", ["1E-16384", 1]),  # beyond asyncpg's exponents, and no price
         ("price", ["1e999", 1]),
         ("price", ["-Infinity", 1]),
         ("price", ["NaN", 1]),
@@ -270,6 +272,21 @@ async def test_a_signed_cursor_without_a_valid_position_returns_400_not_500(
     cursor = sign_cursor({"sort": sort, "after": after}, secret)
 
     response = await client.get("/items/scroll", params={"sort": sort, "cursor": cursor})
+
+    assert response.status_code == 400
+    assert "position" in response.json()["detail"]
+
+
+async def test_a_signed_cursor_naming_a_lone_surrogate_returns_400_not_500(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    # JSON can escape a lone surrogate, which no name holds and no driver can send.
+    encoded = cursors._b64encode(b'{"after":["\\ud800",1],"sort":"name"}')
+    signature = cursors._b64encode(cursors._signature(encoded, settings.cursor_key()))
+
+    response = await client.get(
+        "/items/scroll", params={"sort": "name", "cursor": f"{encoded}.{signature}"}
+    )
 
     assert response.status_code == 400
     assert "position" in response.json()["detail"]

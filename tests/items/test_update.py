@@ -158,8 +158,9 @@ async def test_patch_with_a_list_of_etags_updates_if_one_is_current(
 
 @pytest.mark.parametrize(
     "if_match",
-    ['W/"{id}-1"', '"{other}-1"', "{id}-1", "garbage", '""'],
-    ids=["weak", "other item", "unquoted", "garbage", "empty"],
+    ['W/"{id}-1"', '"{other}-1"', "{id}-1", "garbage", '""', '"0{id}-1"', '"{id}-01"'],
+    # An entity tag is compared as a string: "047-001" is not "47-1".
+    ids=["weak", "other item", "unquoted", "garbage", "empty", "zero-id", "zero-version"],
 )
 async def test_patch_with_an_if_match_that_is_not_this_items_etag_returns_412(
     client: httpx.AsyncClient, engine: Engine, create_item: CreateItem, if_match: str
