@@ -165,6 +165,7 @@ def serve(args: argparse.Namespace) -> None:
                 workers=workers,
                 # A bound on request heads, problem documents for malformed requests.
                 http=ServiceHttpProtocol,
+                ws="none",  # no WebSocket routes: an upgrade is a plain request
                 # The app logs one access line per request itself, and its logging setup
                 # (service.logs) formats uvicorn's lines too.
                 access_log=False,

@@ -4,10 +4,12 @@ problem documents with a request id, over real sockets to the real command."""
 
 import json
 import os
+import re
 import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,13 +19,15 @@ from bench.harness import ServerProcess, free_port
 from service.http_protocol import HEAD_LIMIT
 from tests.conftest import ROOT
 
+TOKEN = "protocol-test-token-0123"
+
 
 @pytest.fixture(scope="module")
 def served(migrated_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """The port of `python -m service serve` on the test database."""
     port = free_port()
     log = tmp_path_factory.mktemp("served") / "serve.log"
-    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": "protocol-test-token-0123"}
+    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TOKEN}
     with log.open("w") as log_file:
         server = ServerProcess(
             [sys.executable, "-m", "service", "serve", "--port", str(port)], port,
@@ -83,6 +87,63 @@ def test_a_head_over_the_limit_is_a_431_problem_before_the_rest_is_read(served: 
     # Refused once the limit was passed, not after reading the 64 MiB.
     assert sent < 16 * 2**20
     assert httpx.get(f"http://127.0.0.1:{served}/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("size", [HEAD_LIMIT + 100, 2 * HEAD_LIMIT])
+def test_a_head_over_the_limit_in_one_write_is_a_431(served: int, size: int) -> None:
+    # All of it in one read: the head is measured as parsed, not only while it comes.
+    _, answer = exchange(served, b"GET /health/live HTTP/1.1\r\nHost: test\r\nX-Big: "
+                         + b"a" * size + b"\r\n\r\n")
+    assert problem_of(answer)[0] == 431
+
+
+def test_many_small_headers_over_the_limit_are_a_431(served: int) -> None:
+    headers = b"".join(b"X-H-%d: %s\r\n" % (n, b"v" * 80) for n in range(1000))
+    _, answer = exchange(served, b"GET /health/live HTTP/1.1\r\nHost: test\r\n" + headers + b"\r\n")
+    assert problem_of(answer)[0] == 431
+
+
+@pytest.mark.parametrize("where", ["trailer", "chunk extension"])
+def test_a_chunked_bodys_trailer_or_extension_over_the_limit_is_a_431(
+    served: int, where: str
+) -> None:
+    # With a token, so that the route waits for the whole body (without, its 401 is the
+    # answer, and the connection is closed at the trailer).
+    head = (b"POST /items HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\n\r\n")
+    start = b"2\r\n{}\r\n0\r\nX-Trailer: " if where == "trailer" else b"2;e="
+
+    sent, answer = exchange(served, head + start, body_size=16 * 2**20)
+
+    assert problem_of(answer)[0] == 431
+    assert sent < 8 * 2**20  # refused while it came, not once it was all read
+
+
+def test_pipelined_requests_are_answered_in_order_before_a_refused_one(served: int) -> None:
+    """Requests sent back to back on one connection get their answers in order; one over
+    the limit behind them is refused after them - never instead of them."""
+    ok = b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n"
+    refused = b"GET /health/live HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 2 * HEAD_LIMIT
+    _, answer = exchange(served, ok * 2000 + refused + b"\r\n\r\n")
+
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200] * 2000 + [431]
+
+
+def test_pipelined_requests_whose_reads_straddle_a_head_are_all_served(served: int) -> None:
+    # 2,000 requests, then the start of one more, then its end: no read holds a whole head.
+    ok = b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served), timeout=10) as connection:
+        connection.sendall(ok * 2000 + ok[:20])
+        time.sleep(0.2)
+        connection.sendall(ok[20:])
+        answer = b""
+        while answer.count(b"HTTP/1.1 200") < 2001:
+            chunk = connection.recv(65536)
+            assert chunk, answer[-300:]
+            answer += chunk
+    assert b" 431 " not in answer
 
 
 def test_a_head_within_the_limit_is_served(served: int) -> None:

@@ -46,8 +46,8 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     if url.get_driver_name() == "asyncpg":
         event.listen(engine.sync_engine, "handle_error", _abort_after_a_timeout)
     if cheap_ping:
-        connect_timeout = engine_args.get("connect_args", {}).get("timeout")
-        discard_closed_connections(engine, ping_timeout=connect_timeout or PING_TIMEOUT)
+        connect_timeout = engine_args.get("connect_args", {}).get("timeout") or PING_TIMEOUT
+        discard_closed_connections(engine, ping_timeout=min(connect_timeout, PING_TIMEOUT))
     return engine
 
 
@@ -69,7 +69,7 @@ def _abort_after_a_timeout(context: Any) -> exc.OperationalError | None:
 # A connection idle this long is pinged for real before use: it may be half-open (a
 # network drop without a FIN), which no local check can see.
 PING_AFTER_IDLE = 30.0
-# How long a ping waits for its answer, unless the engine's connect timeout says.
+# How long a ping waits for its answer at most (less if the engine's connect timeout is).
 PING_TIMEOUT = 2.0
 
 
