@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from time import perf_counter
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
@@ -51,12 +52,16 @@ class QueryLog(list[str]):
     """The SQL statements run inside one `assert_max_queries` block, in order."""
 
 
-# The innermost open unit of work of each mode: a sync statement is charged to the sync
-# unit, an async one (an `AsyncEngine`'s) to the async unit, when a request has both.
+# The innermost open unit of work of each mode. A statement is charged to the current unit
+# of the database its engine serves (`charge_engine_to`); on an engine no database or two
+# databases claim (a replica's, one engine given to two), to the innermost unit of its mode:
+# a sync statement to the sync unit, an async one (an `AsyncEngine`'s) to the async unit.
 current_stats: ContextVar[QueryStats | None] = ContextVar("service_db_stats", default=None)
 current_async_stats: ContextVar[QueryStats | None] = ContextVar(
     "service_db_async_stats", default=None
 )
+StatsVar = ContextVar[QueryStats | None]
+_by_engine: "WeakKeyDictionary[Engine, StatsVar | None]" = WeakKeyDictionary()
 _started: ContextVar[float] = ContextVar("service_db_statement_started", default=0.0)
 _logs: list[QueryLog] = []
 
@@ -95,31 +100,42 @@ def instrument(engine: Engine) -> Engine:
     return engine
 
 
-def _stats_of(dialect: Any) -> ContextVar[QueryStats | None]:
+def charge_engine_to(engine: Engine, stats: StatsVar) -> None:
+    """Charge the statements run on `engine` to the current unit of work in `stats`, a
+    database's (`DatabaseBase.stats_var`). An engine claimed for two databases is charged
+    by mode."""
+    claimed = _by_engine.get(engine, stats)
+    _by_engine[engine] = stats if claimed is stats else None
+
+
+def _stats_of(engine: Engine | None, dialect: Any) -> StatsVar:
+    stats = _by_engine.get(engine) if engine is not None else None
+    if stats is not None:
+        return stats
     return current_async_stats if dialect.is_async else current_stats
 
 
 def _before(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:
-    if _stats_of(conn.dialect).get() is not None or _logs:
+    if _stats_of(conn.engine, conn.dialect).get() is not None or _logs:
         _started.set(perf_counter())
 
 
 def _after(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
 ) -> None:
-    _charge(statement, _stats_of(conn.dialect))
+    _charge(statement, _stats_of(conn.engine, conn.dialect))
 
 
 def _failed(context: ExceptionContext) -> None:
     # Also called for errors outside a statement (connecting, fetching rows of one already
     # counted): only a statement `_before` started and `_after` never saw is charged.
     if context.statement is not None and _started.get():
-        _charge(context.statement, _stats_of(context.dialect))
+        _charge(context.statement, _stats_of(context.engine, context.dialect))
 
 
-def _charge(statement: str, current: ContextVar[QueryStats | None]) -> None:
+def _charge(statement: str, current: StatsVar) -> None:
     started = _started.get()
     if started:
         _started.set(0.0)

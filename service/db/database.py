@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.accounting import QueryStats, current_stats, instrument
+from service.db.accounting import QueryStats, charge_engine_to, current_stats, instrument
 from service.db.engine import create_engine
 from service.db.routing import primary, replica
 from service.db.session_errors import (
@@ -38,7 +38,7 @@ ConnectionT = TypeVar("ConnectionT")
 DatabaseT = TypeVar("DatabaseT", bound="DatabaseBase[Any, Any, Any]")
 
 # What `activate` returns and `deactivate` takes back.
-ActiveTokens = tuple[Token[Any], Token[QueryStats | None]]
+ActiveTokens = tuple[Token[Any], Token[QueryStats | None], Token[QueryStats | None]]
 
 
 class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
@@ -46,12 +46,17 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
     unit_class: type[UnitT]
     block = "with"  # how a scope is opened, in error messages
-    # Where the statements of the current unit are counted (`service.db.accounting`).
-    stats_var: ContextVar[QueryStats | None] = current_stats
+    # The current unit's statement counts, for statements on pools no single database
+    # claims (`service.db.accounting`): the innermost unit of the mode.
+    mode_stats_var: ContextVar[QueryStats | None] = current_stats
 
     def __init__(self, name: str = "db") -> None:
         self.name = name
         self._current: ContextVar[UnitT | None] = ContextVar(f"service_db_{name}", default=None)
+        # The current unit's statement counts, for the statements on this database's pools.
+        self.stats_var: ContextVar[QueryStats | None] = ContextVar(
+            f"service_db_stats_{name}", default=None
+        )
         self._default: FactoryT | None = None
         self._test_connection: ConnectionT | None = None
 
@@ -78,7 +83,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         """The current unit of work; `MissingSessionError` outside one, or
         `SessionNotInitialisedError` if no engine was ever configured."""
         unit = self._current.get()
-        if unit is None:
+        if unit is None or unit.closed:  # closed: a task its request left running
             if self._default is None:
                 raise SessionNotInitialisedError(self.name)
             raise MissingSessionError(self.name, self.block)
@@ -98,7 +103,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         unit of work.
         """
         unit = self._current.get()
-        if unit is None:
+        if unit is None or unit.closed:  # closed: a task its request left running
             raise MissingSessionError(self.name, self.block)
         unit.on_commit(hook)
 
@@ -147,12 +152,14 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
     def activate(self, unit: UnitT) -> ActiveTokens:
         """Make `unit` current in this context; undo with `deactivate`."""
-        return self._current.set(unit), self.stats_var.set(unit.stats)
+        return (self._current.set(unit), self.stats_var.set(unit.stats),
+                self.mode_stats_var.set(unit.stats))
 
     def deactivate(self, tokens: ActiveTokens) -> None:
         """Make current again what was current before `activate` returned `tokens`."""
         self._current.reset(tokens[0])
         self.stats_var.reset(tokens[1])
+        self.mode_stats_var.reset(tokens[2])
 
     def current_unit(self) -> UnitT | None:
         """The unit of work open in this context, if any (no error, unlike `session`)."""
@@ -206,6 +213,7 @@ class Database(DatabaseBase[UnitOfWork, sessionmaker[Session], Connection]):
             self._owned_engine.dispose()
         self._owned_engine = owned
         self._default = sessionmaker(bind=engine, **(session_args or {}))
+        charge_engine_to(engine, self.stats_var)
         return engine
 
     @property

@@ -54,6 +54,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.db.accounting import charge_engine_to
 from service.db.admission import NoSlot, pool_capacity, slots_of
 from service.db.database import DatabaseBase
 from service.db.failures import BUSY, Failure, failure_of_commit
@@ -161,6 +162,11 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         )
         self.slots = slots_of(pool_engine, self.slot_limit)
         database.adopt_default(sessionmaker)
+        # Server-Timing per database: its engines' statements are this database's.
+        for factory in (sessionmaker, autocommit_sessionmaker):
+            bind = getattr(factory, "kw", {}).get("bind")
+            if bind is not None:
+                charge_engine_to(getattr(bind, "sync_engine", bind), database.stats_var)
         _warn_of_middleware_inside(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -321,6 +327,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             if had_work:
                 outcome = "commit" if commit and not abandoned else "rollback"
                 self.observer.transaction_ended(self.database.name, request.scope, outcome)
+        finally:
+            request.unit.closed = True  # no session or hooks of the request's for its tasks
 
     # -- how a unit of work is committed, rolled back and ended: sync or async -------------
 

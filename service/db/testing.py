@@ -30,13 +30,16 @@ from service.db import asyncio as async_mode
 from service.db.accounting import assert_max_queries as _assert_max_queries
 from service.db.database import Database, db
 from service.db.engine import enable_sqlite_savepoints
+from service.db.session_errors import require_mode
 
 
 @contextmanager
 def isolated(database: Database = db, engine: Engine | None = None) -> Iterator[Connection]:
     """Run the block in an outer transaction on a connection of `engine` (default: the
     database's default engine) that is rolled back at the end."""
+    require_mode("database", database, Database, "isolated_async")
     engine = engine or database.engine
+    require_mode("engine", engine, Engine, "isolated_async")
     enable_sqlite_savepoints(engine)
     with engine.connect() as connection:
         outer = connection.begin()
@@ -53,7 +56,9 @@ async def isolated_async(
 ) -> AsyncIterator[AsyncConnection]:
     """`isolated` for the async `Database`: an outer transaction on a connection of
     `engine` (default: the database's default engine), rolled back at the end."""
+    require_mode("database", database, async_mode.Database, "isolated")
     engine = engine or database.engine
+    require_mode("engine", engine, AsyncEngine, "isolated")
     enable_sqlite_savepoints(engine.sync_engine)
     async with engine.connect() as connection:
         outer = await connection.begin()

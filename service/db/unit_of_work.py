@@ -43,8 +43,8 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
     `after_transaction_end` events tell, listened to from the first hook on.
     """
 
-    __slots__ = ("_due", "_hooks", "_watching", "commit_on_exit", "ended", "factory", "session",
-                 "stats")
+    __slots__ = ("_due", "_hooks", "_watching", "closed", "commit_on_exit", "ended", "factory",
+                 "session", "stats")
 
     def __init__(self, factory: FactoryT, session: SessionT, commit_on_exit: bool) -> None:
         self.factory = factory
@@ -52,6 +52,7 @@ class UnitOfWorkBase(Generic[SessionT, FactoryT]):
         self.commit_on_exit = commit_on_exit
         self.stats = QueryStats()
         self.ended = False  # set as its end begins: from then on no block joins it
+        self.closed = False  # set once its request has ended: from then on it is no scope
         # Waiting hooks, each with the savepoint it waits for (None: the transaction).
         self._hooks: list[tuple[CommitHook, SessionTransaction | None]] = []
         self._due: list[CommitHook] = []  # their transaction committed: to run

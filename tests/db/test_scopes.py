@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from service.db import create_engine
+from service.db import MissingSessionError, create_engine
 from service.items.models import Item
 from tests.conftest import alembic_config
 from tests.db.conftest import Mode, async_url, client_for, stored_names
@@ -270,6 +270,38 @@ async def test_a_task_that_outlives_its_request_opens_a_scope_of_its_own(
     assert mode.checked_out() == 0
 
 
+async def test_a_task_that_outlives_its_request_has_no_session_outside_a_block(
+    mode: Mode,
+) -> None:
+    """Its `db.session` and `db.on_commit` are not the request's (ended, closed): they
+    raise as anywhere outside a scope, instead of a closed session or a hook never run."""
+    app = mode.make_app()
+    request_done = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def later() -> None:
+        await request_done.wait()
+        for use in (lambda: mode.database.session, lambda: mode.database.on_commit(print)):
+            try:
+                use()
+                outcomes.append("used")
+            except MissingSessionError:
+                outcomes.append("MissingSessionError")
+
+    tasks: list[asyncio.Task[None]] = []
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        mode.add_item(name)
+        tasks.append(asyncio.create_task(later()))
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    request_done.set()
+    await asyncio.gather(*tasks)
+    assert outcomes == ["MissingSessionError", "MissingSessionError"]
+
+
 async def test_two_apps_with_two_databases_keep_to_their_own(
     mode: Mode, engine: Engine, second_mode_engine: Any, second_engine: Engine
 ) -> None:
@@ -290,6 +322,28 @@ async def test_two_apps_with_two_databases_keep_to_their_own(
         assert (await one.post("/items/first-2")).status_code == 200
     assert stored_names(engine) == {"first-1", "first-2"}
     assert stored_names(second_engine) == {"second-1"}
+
+
+async def test_each_databases_server_timing_counts_its_own_statements(
+    mode: Mode, second_mode_engine: Any
+) -> None:
+    """Two databases of one mode in one request (two middlewares): each entry counts the
+    statements on its own database - one on `db`, three on `reports`."""
+    reports = mode.database_class("reports")
+    app = mode.make_app()
+    app.add_middleware(mode.middleware, custom_engine=second_mode_engine, database=reports)
+
+    @app.get("/both")
+    async def both() -> None:
+        await mode.scalar(select(Item.id))
+        for _ in range(3):
+            await mode.scalar(select(Item.id), database=reports)
+
+    async with client_for(app) as client:
+        response = await client.get("/both")
+    counts = sorted(entry.split('desc="')[1].split(" ")[0]
+                    for entry in response.headers.get_list("server-timing"))
+    assert counts == ["1", "3"]
 
 
 async def test_one_app_reaches_a_second_database_through_a_second_database_object(

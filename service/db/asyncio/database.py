@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.db.accounting import current_async_stats
+from service.db.accounting import charge_engine_to, current_async_stats
 from service.db.asyncio.engine import create_async_engine, instrument_async
 from service.db.asyncio.unit_of_work import AsyncUnitOfWork
 from service.db.database import BlockBase, DatabaseBase
@@ -29,7 +29,7 @@ class Database(
     """
 
     unit_class = AsyncUnitOfWork
-    stats_var = current_async_stats
+    mode_stats_var = current_async_stats
     block = "async with"
 
     def __init__(self, name: str = "db") -> None:
@@ -63,6 +63,7 @@ class Database(
         self._default = async_sessionmaker(
             bind=engine, **{**ASYNC_SESSION_DEFAULTS, **(session_args or {})}
         )
+        charge_engine_to(engine.sync_engine, self.stats_var)
         return engine
 
     async def dispose(self) -> None:
