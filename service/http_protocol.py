@@ -59,6 +59,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the current request: head and trailers, as parsed
         self._unfinished = 0  # bytes read since the parser last finished a piece
         self._finished_a_piece = False
+        self._in_message = False  # between a request's first byte and its end
         self._refusal: tuple[HTTPStatus, str, str] | None = None
         self._answered = False
 
@@ -67,7 +68,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._finished_a_piece = True
+        self._finished_a_piece = self._in_message = True
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -87,6 +88,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._finished_a_piece = True
+        self._in_message = False
         super().on_message_complete()
 
     def _count_head(self, size: int) -> None:
@@ -106,7 +108,12 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._refusal is not None or self.transport.is_closing():
             return
-        self._unfinished = 0 if self._finished_a_piece else self._unfinished + len(data)
+        # Only inside a request: between two, the parser skips blank lines, and after one
+        # that closes the connection it ignores the rest - neither costs anything.
+        if self._finished_a_piece or not self._in_message:
+            self._unfinished = 0
+        else:
+            self._unfinished += len(data)
         if self._unfinished > HEAD_LIMIT:
             self._refuse(*_too_large("A header, a trailer or a chunk extension is"))
 
@@ -136,6 +143,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
                 self.transport.close()
                 return
             cycle.disconnected = True  # its app sees the client gone; its work undone
+            cycle.waiting_for_100_continue = False  # nothing more is written for it
             cycle.message_event.set()
         elif cycle is not None and not cycle.response_complete:
             self.flow.pause_reading()  # a request before it: answered first, then

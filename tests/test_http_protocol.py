@@ -11,22 +11,32 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import Engine, insert
 
 from bench.harness import ServerProcess, free_port
 from service.http_protocol import HEAD_LIMIT
+from service.items.models import Item
 from tests.conftest import ROOT
 
 TOKEN = "protocol-test-token-0123"
 
 
 @pytest.fixture(scope="module")
-def served(migrated_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """The port of `python -m service serve` on the test database."""
+def served_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("served") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def served(migrated_url: str, served_log: Path) -> Iterator[int]:
+    """The port of `python -m service serve` on the test database, logging to
+    `served_log`."""
     port = free_port()
-    log = tmp_path_factory.mktemp("served") / "serve.log"
+    log = served_log
     env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": TOKEN}
     with log.open("w") as log_file:
         server = ServerProcess(
@@ -144,6 +154,69 @@ def test_pipelined_requests_whose_reads_straddle_a_head_are_all_served(served: i
             assert chunk, answer[-300:]
             answer += chunk
     assert b" 431 " not in answer
+
+
+@pytest.mark.parametrize(
+    ("head", "after"),
+    [
+        # After a request that closes the connection the parser reads nothing more, and
+        # between requests it skips blank lines: neither is an unfinished head.
+        (b"Connection: close\r\n", b"x" * 2 * HEAD_LIMIT),
+        (b"", b"\r\n" * HEAD_LIMIT),
+    ],
+    ids=["after-connection-close", "blank-lines-after"],
+)
+def test_what_follows_a_request_never_takes_its_answer(
+    served: int, head: bytes, after: bytes
+) -> None:
+    request = b"GET /health/live HTTP/1.1\r\nHost: test\r\n" + head + b"\r\n"
+    with socket.create_connection(("127.0.0.1", served), timeout=10) as connection:
+        connection.sendall(request + after)
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_what_follows_a_slow_request_never_takes_its_answer(served: int, engine: Engine) -> None:
+    """A write held up (by another transaction holding the name it inserts) while its
+    client sends on: what comes after a `Connection: close` request is never read, and is
+    no unfinished head. The answer is the write's own - it was stored."""
+    body = b'{"name": "Slow", "price": "1"}'
+    request = (b"POST /items HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+               b"Content-Type: application/json\r\nAuthorization: Bearer " + TOKEN.encode()
+               + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    with engine.connect() as holder, socket.create_connection(
+        ("127.0.0.1", served), timeout=10
+    ) as connection:
+        held = holder.begin()
+        holder.execute(insert(Item).values(name="Slow", price=Decimal(1), version=1))
+        connection.sendall(request)
+        time.sleep(0.3)
+        for _ in range(4):
+            connection.sendall(b"x" * (HEAD_LIMIT // 2))
+            time.sleep(0.05)
+        time.sleep(0.3)
+        held.rollback()
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+
+
+def test_a_refused_body_that_expected_100_continue_logs_no_error(
+    served: int, served_log: Path
+) -> None:
+    """The refused request's app is told its client left; nothing more is written for it
+    (its 100 Continue was a traceback and a 500 in the metrics)."""
+    head = (b"POST /items HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+            b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    body = b"2\r\n{}\r\n0\r\nX-Trailer: " + b"a" * 2 * HEAD_LIMIT + b"\r\n\r\n"
+    _, answer = exchange(served, head + body)
+
+    # The route may have asked for the body (100 Continue) before the trailers came.
+    assert problem_of(answer.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n"))[0] == 431
+    time.sleep(0.5)  # the app's side ends after the answer
+    assert "Traceback" not in served_log.read_text()
 
 
 def test_a_head_within_the_limit_is_served(served: int) -> None:
