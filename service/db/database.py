@@ -98,7 +98,8 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         `session.close()`) drops the hooks still waiting; one registered inside a savepoint
         waits for the transaction once the savepoint is released, and is dropped if it is
         rolled back. A unit that commits with no transaction open runs its hooks (nothing
-        was lost); hooks registered by hooks run at the unit's end. An exception in a hook
+        was lost); hooks registered by hooks run at the unit's end, and what hooks write
+        through the session is committed then (in a unit that commits). An exception in a hook
         is logged at ERROR and changes nothing else. Raises `MissingSessionError` outside a
         unit of work.
         """

@@ -43,6 +43,17 @@ def require_mode(what: str, value: object, expected: type | UnionType, belongs: 
         )
 
 
+def require_async_driver(url: str | URL) -> None:
+    """`ValueError` if `url` names a sync driver (psycopg2, pysqlite), which an async engine
+    cannot use."""
+    url = make_url(url)
+    if not url.get_dialect().is_async:
+        raise ValueError(
+            f"{url.drivername} is not an async driver: give this URL to service.db, or name "
+            "an async driver (postgresql+asyncpg://, sqlite+aiosqlite://)"
+        )
+
+
 def require_sync_driver(url: str | URL) -> None:
     """`ValueError` if `url` names an async driver (asyncpg, aiosqlite), which a sync
     engine cannot use: its first statement would fail."""

@@ -30,7 +30,7 @@ from service.db import asyncio as async_mode
 from service.db.accounting import assert_max_queries as _assert_max_queries
 from service.db.database import Database, db
 from service.db.engine import enable_sqlite_savepoints
-from service.db.session_errors import require_mode
+from service.db.session_errors import require_mode, require_sync_driver
 
 
 @contextmanager
@@ -40,6 +40,7 @@ def isolated(database: Database = db, engine: Engine | None = None) -> Iterator[
     require_mode("database", database, Database, "isolated_async")
     engine = engine or database.engine
     require_mode("engine", engine, Engine, "isolated_async")
+    require_sync_driver(engine.url)
     enable_sqlite_savepoints(engine)
     with engine.connect() as connection:
         outer = connection.begin()

@@ -164,8 +164,9 @@ def _within(savepoint: SessionTransaction | None, undone: SessionTransaction) ->
     return False
 
 
-# Rounds of hooks registered by hooks that a unit's end runs; a hook that registers itself
-# again would otherwise never let the unit end (what is left then is dropped).
+# Rounds of hooks registered by hooks, and of what hooks wrote, that a unit's end commits;
+# a hook that registers itself again would otherwise never let the unit end (what is left
+# then is dropped).
 HOOK_ROUNDS = 10
 
 
@@ -215,7 +216,7 @@ class UnitOfWork(UnitOfWorkBase[Session, sessionmaker[Session]]):
             if commit:
                 self.commit()
                 for _ in range(HOOK_ROUNDS):
-                    if not self.has_hooks():
+                    if not self.has_hooks() and not self.has_work():
                         break
                     self.commit()  # what the hooks registered (and did)
             else:

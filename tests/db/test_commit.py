@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from fastapi import HTTPException, Request
+from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -525,6 +525,38 @@ async def test_a_hook_registered_by_a_hook_that_commits_it_by_hand_runs(
         jobs.on_commit(outer_awaited if mode.name == "async" else outer)
     assert stored_names(engine) == {"lamp", "rug"}
     assert calls == ["outer", "rug stored"]
+
+
+async def test_what_a_hook_writes_at_the_blocks_end_is_committed(
+    mode: Mode, engine: Engine
+) -> None:
+    """A hook that writes through the session and leaves the commit to the scope: the
+    scope's end commits it, as the hooks it registers are run (it was closed away)."""
+    jobs = mode.own_database("jobs")
+
+    async with mode.block(jobs):
+        mode.add_item("lamp", jobs)
+        jobs.on_commit(lambda: mode.add_item("audit of lamp", jobs))
+    assert stored_names(engine) == {"lamp", "audit of lamp"}
+
+
+async def test_what_a_hook_of_a_background_task_writes_is_committed(
+    mode: Mode, engine: Engine
+) -> None:
+    app = mode.make_app()
+
+    def later() -> None:
+        mode.add_item("background")
+        mode.database.on_commit(lambda: mode.add_item("audit of background"))
+
+    @app.post("/items/{name}")
+    async def create(name: str, tasks: BackgroundTasks) -> None:
+        mode.add_item(name)
+        tasks.add_task(later)
+
+    async with client_for(app) as client:
+        assert (await client.post("/items/lamp")).status_code == 200
+    assert stored_names(engine) == {"lamp", "background", "audit of background"}
 
 
 async def test_a_hook_that_keeps_registering_itself_does_not_hang_the_scope(

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.db import Database, DBSessionMiddleware, create_engine, db
 from service.db import asyncio as async_mode
 from service.db.admission import pool_capacity
+from service.db.testing import isolated
 from service.items.models import Item
 from tests.db.conftest import (
     MakeApp,
@@ -445,4 +446,14 @@ async def test_the_other_modes_objects_are_refused_where_they_are_given(
             mode.middleware(FastAPI(), custom_engine=async_engine.sync_engine)
         with pytest.raises(ValueError, match="async driver"):
             Database("configured").configure(async_url)
+        not_sync = isolated(db, async_engine.sync_engine)
+        with pytest.raises(ValueError, match="async driver"), not_sync:
+            pass
+    else:
+        # A URL naming a sync driver, which no async engine can use.
+        sync_url = engine.url.render_as_string(hide_password=False)
+        with pytest.raises(ValueError, match="not an async driver"):
+            mode.middleware(FastAPI(), db_url=sync_url)
+        with pytest.raises(ValueError, match="not an async driver"):
+            async_mode.Database("configured").configure(sync_url)
     assert mode.checked_out() == 0

@@ -12,7 +12,11 @@ from service.db.accounting import charge_engine_to, current_async_stats
 from service.db.asyncio.engine import create_async_engine, instrument_async
 from service.db.asyncio.unit_of_work import AsyncUnitOfWork
 from service.db.database import BlockBase, DatabaseBase
-from service.db.session_errors import SessionNotInitialisedError, require_mode
+from service.db.session_errors import (
+    SessionNotInitialisedError,
+    require_async_driver,
+    require_mode,
+)
 
 # What an AsyncSession needs unless told otherwise: objects stay readable after COMMIT
 # (expiring them would make the next attribute read a lazy load, which cannot be awaited).
@@ -55,6 +59,7 @@ class Database(
             owned = None
         else:
             require_mode("url_or_engine", url_or_engine, str | URL, "service.db")
+            require_async_driver(url_or_engine)
             engine = owned = create_async_engine(url_or_engine, **(engine_args or {}))
         if self._owned_engine is not None and self._owned_engine is not engine:
             # Synchronously: close what the pool holds, without awaiting (no loop needed).

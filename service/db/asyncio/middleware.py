@@ -31,7 +31,7 @@ from service.db.middleware_base import (
     detail_json,
 )
 from service.db.observer import NO_OBSERVER, SessionObserver
-from service.db.session_errors import require_mode
+from service.db.session_errors import require_async_driver, require_mode
 
 _Request = RequestState[AsyncUnitOfWork, "asyncio.Task[None]"]
 
@@ -73,6 +73,8 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
         require_mode("database", database, Database, "service.db")
         if custom_engine is not None:
             require_mode("custom_engine", custom_engine, AsyncEngine, "service.db")
+        elif db_url is not None:
+            require_async_driver(db_url)
         self.engine = (
             instrument_async(custom_engine)
             if custom_engine is not None

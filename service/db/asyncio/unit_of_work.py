@@ -60,7 +60,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, async_sessionmaker[AsyncSessi
             elif commit:
                 await self.commit()
                 for _ in range(HOOK_ROUNDS):
-                    if not self.has_hooks():
+                    if not self.has_hooks() and not self.has_work():
                         break
                     await self.commit()  # what the hooks registered (and did)
             else:
