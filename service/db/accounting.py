@@ -2,10 +2,11 @@
 
 Listeners sit only on the engines `service.db` works with (`instrument`: every engine made
 by `service.db.create_engine`, given to a `DBSessionMiddleware` or to `db.configure`), so other
-engines in the process pay nothing. A statement is charged to the innermost open unit of
-work of its mode (sync or async) in the context that ran it (`Server-Timing`), and to every
-`assert_max_queries` block open in the process (tests run one at a time, and the app under
-test may run in another thread). Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is
+engines in the process pay nothing. A statement is charged to the current unit of work of
+the database whose engine ran it, in the context that ran it - the innermost unit of its
+mode (sync or async) on an engine no single database claims (`Server-Timing`) - and to
+every `assert_max_queries` block open in the process (tests run one at a time, and the app
+under test may run in another thread). Transaction control (SAVEPOINT, RELEASE, ROLLBACK TO) is
 not a query and is not counted.
 """
 

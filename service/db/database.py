@@ -46,14 +46,14 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
     unit_class: type[UnitT]
     block = "with"  # how a scope is opened, in error messages
-    # The current unit's statement counts, for statements on pools no single database
+    # The current unit's statement counts, for statements on engines no single database
     # claims (`service.db.accounting`): the innermost unit of the mode.
     mode_stats_var: ContextVar[QueryStats | None] = current_stats
 
     def __init__(self, name: str = "db") -> None:
         self.name = name
         self._current: ContextVar[UnitT | None] = ContextVar(f"service_db_{name}", default=None)
-        # The current unit's statement counts, for the statements on this database's pools.
+        # The current unit's statement counts, for the statements on this database's engines.
         self.stats_var: ContextVar[QueryStats | None] = ContextVar(
             f"service_db_stats_{name}", default=None
         )
