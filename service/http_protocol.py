@@ -151,6 +151,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         if self.pipeline:
             return  # `on_response_complete` comes back once they are answered
         self._answered = True
+        if self.transport.is_closing():
+            return  # the client or a response before it closed the connection
         request_id = new_request_id()
         token = correlation_id.set(request_id)
         try:

@@ -382,8 +382,12 @@ class PageParams(Params):
     """`page` and `size` of `GET /items`."""
 
     # A page beyond 2**31 would only overflow OFFSET; deep reading is what /scroll is for.
-    page: UrlInt = Query(1, ge=1, le=2**31 - 1, description="Page number, from 1.")
-    size: UrlInt = Query(20, ge=1, le=100, description=SIZE_HELP)
+    page: int = Query(1, ge=1, le=2**31 - 1, description="Page number, from 1.")
+    size: int = Query(20, ge=1, le=100, description=SIZE_HELP)
+
+    # A validator, not `UrlInt`: fastapi-pagination's own dependency (`add_pagination`)
+    # reads these fields' signature, which must stay `int = Query(...)`.
+    _ascii_digits = field_validator("page", "size", mode="before")(ascii_digits)
 
 
 ItemPage = CustomizedPage[
