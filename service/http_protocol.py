@@ -21,7 +21,6 @@ id. Here:
   take the answer with it.
 """
 
-import json
 import logging
 import sys
 from http import HTTPStatus
@@ -30,7 +29,7 @@ from typing import Any
 from asgi_correlation_id import correlation_id
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.problems import PROBLEM_MEDIA_TYPE
+from service.problems import PROBLEM_MEDIA_TYPE, problem_response
 from service.request_ids import HEADER, new_request_id
 
 # Request line and headers together; browsers send a few KiB, a large JWT 8 (nginx allows
@@ -159,15 +158,9 @@ class ServiceHttpProtocol(HttpToolsProtocol):
             logger.warning(
                 "%s: answered %d: %s (%s)", _peer(self.client), status.value, detail, reason
             )
+            body = problem_response(status, detail).body  # the service's one error shape
         finally:
             correlation_id.reset(token)
-        body = json.dumps({
-            "type": "about:blank",
-            "title": status.phrase,
-            "status": status.value,
-            "detail": detail,
-            "request_id": request_id,
-        }).encode()
         head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
