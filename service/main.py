@@ -154,8 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "Prefer",
-                           REQUEST_ID_HEADER, CONSISTENCY_HEADER],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match",
+                           "Prefer", REQUEST_ID_HEADER, CONSISTENCY_HEADER],
             expose_headers=["ETag", "Location", "Retry-After", "Preference-Applied",
                             REQUEST_ID_HEADER, CONSISTENCY_HEADER],
         )

@@ -60,6 +60,14 @@ IfMatch = Annotated[
         description='The ETag you read, e.g. "17-3" (several, comma-separated, or *).',
     ),
 ]
+IfNoneMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-None-Match",
+        description='The ETag you hold, e.g. "17-3" (several, comma-separated, or *): '
+        "304 Not Modified, without a body, while the item is still at that version.",
+    ),
+]
 Filters = Annotated[ItemFilters, Query()]
 Sort = Annotated[ItemSort, Query(description=SORT_HELP)]
 
@@ -89,6 +97,17 @@ def version_match(item_id: int, if_match: str | None) -> VersionMatch | None:
         if match and int(match[1]) == item_id:
             versions.add(int(match[2]))
     return VersionMatch(frozenset(versions))
+
+
+def still_current(item: Item, if_none_match: str | None) -> bool:
+    """Whether an If-None-Match header names the item's current version. RFC 9110 13.1.2
+    compares weakly: `W/"17-3"` names version 3 as `"17-3"` does; `*` names any."""
+    if if_none_match is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    current = etag(item)
+    return any(tag.strip().removeprefix("W/") == current for tag in if_none_match.split(","))
 
 
 def _item_response(response: Response, item: Item) -> ItemOut:
@@ -186,12 +205,28 @@ _LOCATION = {
 
 @reads.get(
     "/{item_id}",
+    response_model=ItemOut,
     summary="Get an item",
     response_description="The item, with its ETag.",
-    responses={200: {"headers": _ETAG}, **problem_responses(404, 422)},
+    responses={
+        200: {"headers": _ETAG},
+        304: {
+            "description": "Not Modified: the item is still at the version If-None-Match "
+            "names. No body.",
+            "headers": _ETAG,
+        },
+        **problem_responses(404, 422),
+    },
 )
-async def get_item(item_id: ItemId, response: Response) -> ItemOut:
-    return _item_response(response, await service.get_item(item_id))
+async def get_item(
+    item_id: ItemId, response: Response, if_none_match: IfNoneMatch = None
+) -> ItemOut | Response:
+    """With `If-None-Match`, a 304 without a body while the item is unchanged (a cache
+    revalidating what it holds)."""
+    item = await service.get_item(item_id)
+    if still_current(item, if_none_match):
+        return Response(status_code=304, headers={"ETag": etag(item)})
+    return _item_response(response, item)
 
 
 def json_body(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:

@@ -212,6 +212,68 @@ async def test_get_returns_the_item_with_its_etag(
     assert response.headers["etag"] == f'"{created["id"]}-1"'
 
 
+@pytest.mark.parametrize(
+    "if_none_match",
+    ['"{id}-1"', 'W/"{id}-1"', '"{id}-9", "{id}-1"', "*", ' "{id}-1" '],
+)
+async def test_get_with_the_current_etag_in_if_none_match_is_304_without_a_body(
+    client: httpx.AsyncClient, create_item: CreateItem, if_none_match: str
+) -> None:
+    """A cache revalidating the item it holds (RFC 9110 13.1.2: weak comparison)."""
+    created = await create_item("Rug")
+    tag = if_none_match.replace("{id}", str(created["id"]))
+
+    response = await client.get(f"/items/{created['id']}", headers={"If-None-Match": tag})
+
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["etag"] == f'"{created["id"]}-1"'
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    "if_none_match", ['"{id}-2"', '"{other}-1"', '"0{id}-1"', "{id}-1", '"{id}-01"', ""]
+)
+async def test_get_with_another_etag_in_if_none_match_is_the_item(
+    client: httpx.AsyncClient, create_item: CreateItem, if_none_match: str
+) -> None:
+    created = await create_item("Rug")
+    other = await create_item("Vase")
+    tag = if_none_match.replace("{id}", str(created["id"])).replace("{other}", str(other["id"]))
+
+    response = await client.get(f"/items/{created['id']}", headers={"If-None-Match": tag})
+
+    assert response.status_code == 200
+    assert response.json() == created
+
+
+async def test_an_etag_held_in_if_none_match_is_stale_after_an_update(
+    client: httpx.AsyncClient, create_item: CreateItem
+) -> None:
+    created = await create_item("Rug")
+    held = f'"{created["id"]}-1"'
+    patched = await client.patch(
+        f"/items/{created['id']}", json={"price": "2.00"}, headers={"If-Match": held}
+    )
+    assert patched.status_code == 200
+
+    response = await client.get(f"/items/{created['id']}", headers={"If-None-Match": held})
+
+    assert response.status_code == 200
+    assert response.json()["price"] == "2.00"
+    assert response.headers["etag"] == f'"{created["id"]}-2"'
+    revalidated = await client.get(
+        f"/items/{created['id']}", headers={"If-None-Match": response.headers["etag"]}
+    )
+    assert revalidated.status_code == 304
+
+
+async def test_if_none_match_on_an_unknown_item_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/items/424242", headers={"If-None-Match": "*"})
+
+    assert response.status_code == 404
+
+
 async def test_get_of_an_unknown_item_returns_404_problem(client: httpx.AsyncClient) -> None:
     response = await client.get("/items/424242")
 
