@@ -47,6 +47,7 @@ from collections.abc import Callable, Collection
 from time import perf_counter
 from typing import Any, Generic, Literal, TypeVar
 
+from anyio.lowlevel import checkpoint_if_cancelled
 from sqlalchemy import Engine
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -280,6 +281,10 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         had_work = unit.has_work()
         if self.commit_on_exit and self.commit_policy(start["status"]):
             if had_work or unit.has_hooks():
+                # An anyio deadline (`fail_after`) that ran out while a sync route ran in
+                # its thread is only delivered at the next checkpoint: here, not during
+                # the COMMIT, which would store the work of a request cancelled already.
+                await checkpoint_if_cancelled()
                 try:
                     await self._commit(request)
                 except Exception as exc:

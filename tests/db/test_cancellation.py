@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, func, insert, select, text
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 
 from service.db import DBSessionMiddleware, create_engine, db
 from service.db.testing import isolated
@@ -173,6 +174,64 @@ class CutOffAfter:
                                    float(scope["query_string"].decode()))
         except TimeoutError:
             await PlainTextResponse("timed out", 504)(scope, receive, send)
+
+
+class AnyioDeadline:
+    """A per-request timeout written with anyio (`fail_after`), outside the session
+    middleware: unlike `asyncio.wait_for` it cannot interrupt a sync route's thread, and
+    the cancellation waits for the request's next checkpoint once the thread returns."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["query_string"]:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            with anyio.fail_after(float(scope["query_string"].decode())):
+                await self.app(scope, receive, watched)
+        except TimeoutError:
+            if not started:
+                await PlainTextResponse("timed out", 504)(scope, receive, send)
+
+
+async def test_a_sync_route_that_outlived_an_anyio_deadline_stores_nothing(
+    migrated_url: str, engine: Engine
+) -> None:
+    """The deadline runs out while the route's thread runs; the route then returns a 200.
+    The client is told 504: none of the request's work - flushed before the deadline or
+    added after it - may be committed."""
+    pool_engine = create_engine(migrated_url, pool_size=2, max_overflow=0)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=pool_engine)
+    app.add_middleware(AnyioDeadline)
+
+    @app.post("/slow/{tag}")
+    def slow(tag: str) -> JSONResponse:  # a Response: FastAPI has no checkpoint after it
+        db.session.execute(insert(Item).values(name=f"{tag}-early", price=1))
+        time.sleep(0.5)  # the deadline runs out meanwhile
+        db.session.execute(insert(Item).values(name=f"{tag}-late", price=1))
+        return JSONResponse({"tag": tag})
+
+    try:
+        async with client_for(app) as client:
+            assert (await client.post("/slow/cut?0.1")).status_code == 504
+            deadline = time.monotonic() + 10
+            while pool_engine.pool.checkedout() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.05)
+            assert pool_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert (await client.post("/slow/kept?5")).status_code == 200
+    finally:
+        pool_engine.dispose()
+    assert stored_names(engine) == {"kept-early", "kept-late"}
 
 
 async def test_a_sync_route_still_running_after_its_cancellation_gives_its_connection_back(
