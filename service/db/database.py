@@ -237,18 +237,20 @@ class Database(DatabaseBase[UnitOfWork, sessionmaker[Session], Connection]):
     def __call__(
         self,
         session_args: dict[str, Any] | None = None,
-        commit_on_exit: bool = True,
+        commit_on_exit: bool | None = None,
         *,
         independent: bool = False,
     ) -> "UnitOfWorkBlock":
         """`with db():` - a unit of work outside a request (scripts, CLI, jobs, tests).
 
-        Leaving the block commits (if `commit_on_exit`) or rolls back on an exception, then
-        closes the session. Inside an open unit of work (a request, another block) the block
-        reuses that session and leaves ending it to the outer one - no shadowing, no lost
-        writes. `independent=True` opens a separate session with its own transaction
-        instead (e.g. an audit row that must survive the request's rollback); it uses the
-        current unit's engine, or the default one outside any.
+        Leaving the block commits (unless `commit_on_exit=False`) or rolls back on an
+        exception, then closes the session. Inside an open unit of work (a request, another
+        block) the block reuses that session and leaves ending it to the outer one - no
+        shadowing, no lost writes; a `commit_on_exit` given there that the open unit does
+        not share is a `ValueError` (its work ends with the open unit's). `independent=True`
+        opens a separate session with its own transaction instead (e.g. an audit row that
+        must survive the request's rollback); it uses the current unit's engine, or the
+        default one outside any.
         """
         return UnitOfWorkBlock(self, session_args or {}, commit_on_exit, independent)
 
@@ -256,19 +258,20 @@ class Database(DatabaseBase[UnitOfWork, sessionmaker[Session], Connection]):
 class BlockBase(Generic[DatabaseT]):
     """What `with db():` decides on entry - join the open unit or open one - without I/O."""
 
-    __slots__ = ("_database", "_independent", "_session_args", "_tokens", "_unit",
+    __slots__ = ("_asked", "_database", "_independent", "_session_args", "_tokens", "_unit",
                  "commit_on_exit")
 
     def __init__(
         self,
         database: DatabaseT,
         session_args: dict[str, Any],
-        commit_on_exit: bool,
+        commit_on_exit: bool | None,
         independent: bool,
     ) -> None:
         self._database = database
         self._session_args = session_args
-        self.commit_on_exit = commit_on_exit
+        self._asked = commit_on_exit  # None: not given
+        self.commit_on_exit = commit_on_exit is not False
         self._independent = independent
         self._unit: Any = None
         self._tokens: ActiveTokens | None = None
@@ -284,13 +287,20 @@ class BlockBase(Generic[DatabaseT]):
                     "session_args cannot change the session of the unit of work already "
                     "open here; pass independent=True for a separate session"
                 )
-            if not self.commit_on_exit and outer.commit_on_exit:
-                # Joined, the block's work is committed with the open unit's: refused
-                # rather than committed behind the back of code that meant to decide.
+            # Joined, the block's work ends with the open unit's: a choice the block
+            # makes otherwise is refused rather than overruled behind its back.
+            if self._asked is False and outer.commit_on_exit:
                 raise ValueError(
                     "commit_on_exit=False cannot hold back the work of the unit of work "
                     "already open here, which commits it; pass independent=True for a "
                     "separate session you commit yourself"
+                )
+            if self._asked and not outer.commit_on_exit:
+                raise ValueError(
+                    "commit_on_exit=True cannot commit the work of the unit of work already "
+                    "open here, which does not commit on exit (commit_on_exit=False): "
+                    "commit it with db.session.commit(), or pass independent=True for a "
+                    "separate session committed when the block ends"
                 )
             return database
         factory = outer.factory if outer is not None else database._default_factory()

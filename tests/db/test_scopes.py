@@ -184,6 +184,42 @@ async def test_nested_with_db_cannot_hold_back_the_commit(mode: Mode, engine: En
     assert stored_names(engine) == {"outer"}
 
 
+async def test_nested_with_db_cannot_commit_what_the_open_scope_holds_back(
+    mode: Mode, engine: Engine
+) -> None:
+    """The other way round: `commit_on_exit=True` asked inside a scope that does not commit
+    on exit (a script's, or a request under a `commit_on_exit=False` middleware, as
+    fastapi-sqlalchemy's users keep it) would lose its writes without a word: refused."""
+    scripts_db = scripts_database(mode)
+    async with mode.block(scripts_db, commit_on_exit=False):
+        with pytest.raises(ValueError, match="independent=True"):
+            async with mode.block(scripts_db, commit_on_exit=True):
+                pass
+        # Not asked for, the block joins: its work is the open scope's to commit.
+        async with mode.block(scripts_db):
+            mode.add_item("joined", scripts_db)
+        await mode.commit(scripts_db)
+        async with mode.block(scripts_db, independent=True):
+            mode.add_item("own", scripts_db)
+    assert stored_names(engine) == {"joined", "own"}
+    app = mode.make_app(commit_on_exit=False)
+
+    @app.post("/saved/{name}")
+    async def saved(name: str) -> None:
+        async with mode.block(commit_on_exit=True):
+            mode.add_item(name)
+
+    @app.post("/audited/{name}")
+    async def audited(name: str) -> None:
+        async with mode.block(independent=True):
+            mode.add_item(name)
+
+    async with client_for(app, raise_app_exceptions=False) as client:
+        assert (await client.post("/saved/lamp")).status_code == 500
+        assert (await client.post("/audited/vase")).status_code == 200
+    assert stored_names(engine) == {"joined", "own", "vase"}
+
+
 async def test_independent_scope_has_its_own_transaction(mode: Mode, engine: Engine) -> None:
     scripts_db = scripts_database(mode)
     with pytest.raises(RuntimeError):

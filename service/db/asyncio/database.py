@@ -96,15 +96,17 @@ class Database(
     def __call__(
         self,
         session_args: dict[str, Any] | None = None,
-        commit_on_exit: bool = True,
+        commit_on_exit: bool | None = None,
         *,
         independent: bool = False,
     ) -> "AsyncUnitOfWorkBlock":
         """`async with db():` - a unit of work outside a request (scripts, jobs, tests).
 
-        Leaving the block commits (if `commit_on_exit`) or rolls back on an exception, then
-        closes the session. Inside an open unit of work (a request, another block) the block
-        reuses that session and leaves ending it to the outer one. `independent=True` opens
+        Leaving the block commits (unless `commit_on_exit=False`) or rolls back on an
+        exception, then closes the session. Inside an open unit of work (a request, another
+        block) the block reuses that session and leaves ending it to the outer one; a
+        `commit_on_exit` given there that the open unit does not share is a `ValueError`.
+        `independent=True` opens
         a separate session with its own transaction, on the current unit's engine (the
         request's), or the default one outside any.
         """
