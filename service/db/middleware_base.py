@@ -9,10 +9,11 @@ acts on `http.response.start`, before forwarding it:
   503 with Retry-After when the database became unavailable, 500 otherwise: `failures`) -
   the client never sees a 2xx for work that was not stored;
 - any other status -> ROLLBACK, then send;
-- writes made after the response started (streaming bodies, BackgroundTasks) are committed
-  when the app returns, in a transaction of their own; a failure there is logged at ERROR
-  (the status is already on the wire). A body that never completed (Starlette stops a
-  streaming body when the client disconnects) rolls them back instead;
+- writes made after the response started are committed in a transaction of their own: a
+  streaming body's before its last part is sent (if that COMMIT fails, the last part never
+  is: the client sees a cut-off body), BackgroundTasks' when the app returns; a failure is
+  logged at ERROR (the status is already on the wire). A body that never completed
+  (Starlette stops a streaming body when the client disconnects) rolls them back instead;
 - after a failed commit the app's own response is stopped (`ResponseReplaced` raised from
   `send`), so its background tasks do not run;
 - an exception from the app rolls back and propagates; whatever happens, the session is
@@ -73,7 +74,8 @@ JobT = TypeVar("JobT")
 
 class ResponseReplaced(BaseException):
     """Raised into the app by `send` once the middleware has answered in its place (the
-    commit failed): it stops the app's response - and the response's background tasks,
+    commit failed), or cut a streamed body off (its final commit failed): it stops the
+    app's response - and the response's background tasks,
     which were to follow work that was not stored. A BaseException, like a cancellation, so
     that the app's `except Exception` blocks let it through; the middleware catches it."""
 
@@ -237,6 +239,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 raise ResponseReplaced
             else:
                 if not message.get("more_body", False):
+                    if request.commits and (unit.has_work() or unit.has_hooks()):
+                        await self._commit_streamed(request)
                     request.finished = True
                 await send(message)
 
@@ -310,6 +314,28 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             return start
         timing = (b"server-timing", unit.stats.server_timing().encode())
         return {**start, "headers": [*start.get("headers", ()), timing]}
+
+    async def _commit_streamed(self, request: RequestState[UnitT, JobT]) -> None:
+        """Commit what a body wrote while it streamed, before its last part is sent: a
+        client holding the whole body finds its writes stored. If the COMMIT fails the last
+        part is never sent - the client sees a cut-off body, not a complete one for work
+        that was lost - and the response's background tasks do not run."""
+        had_work = request.unit.has_work()
+        try:
+            await self._commit(request)
+        except Exception as exc:
+            request.replaced = True
+            if had_work:
+                self.observer.transaction_ended(self.database.name, request.scope,
+                                                "commit_failed")
+            logger.error(
+                "%s: commit of the writes made while the body streamed failed; that work "
+                "was not stored, and the body was cut off before its end",
+                describe(request.scope), exc_info=exc,
+            )
+            raise ResponseReplaced from None
+        if had_work:
+            self.observer.transaction_ended(self.database.name, request.scope, "commit")
 
     async def _end(self, request: RequestState[UnitT, JobT], commit: bool, abandoned: bool) -> None:
         """End the unit of work; never raises but for cancellation."""

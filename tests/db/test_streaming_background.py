@@ -66,10 +66,60 @@ async def test_sync_stream_writes_are_committed(make_app: MakeApp, engine: Engin
     assert stored_names(engine) == {"streamed-0", "streamed-1", "streamed-2"}
 
 
-async def test_failed_commit_after_stream_is_logged_at_error(
+async def send_and_record(
+    app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None,
+    on_last_part: Any = None,
+) -> list[dict[str, Any]]:
+    """Run one request through `app` message by message; returns the messages it sent.
+    `on_last_part()` runs as the body's last part (`more_body` false) is sent."""
+    sent: list[dict[str, Any]] = []
+    received = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if received:
+            return received.pop()
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        last = message["type"] == "http.response.body" and not message.get("more_body")
+        if last and on_last_part is not None:
+            on_last_part()
+        sent.append(message)
+
+    await asyncio.wait_for(app(http_scope(method, path, headers), receive, send), timeout=10)
+    return sent
+
+
+async def test_a_streamed_bodys_writes_are_stored_before_its_last_part_is_sent(
+    mode: Mode, engine: Engine
+) -> None:
+    """A client that has read the whole body and reads again finds what it wrote."""
+    app = mode.make_app()
+
+    @app.post("/import")
+    async def bulk_import() -> StreamingResponse:
+        async def progress() -> AsyncIterator[bytes]:
+            for n in range(3):
+                mode.add_item(f"streamed-{n}")
+                yield b"."
+
+        return StreamingResponse(progress())
+
+    seen_at_the_end: list[set[str]] = []
+    sent = await send_and_record(
+        app, "POST", "/import", on_last_part=lambda: seen_at_the_end.append(stored_names(engine))
+    )
+    assert sent[0]["status"] == 200
+    assert seen_at_the_end == [{"streamed-0", "streamed-1", "streamed-2"}]
+    assert mode.checked_out() == 0
+
+
+async def test_a_failed_commit_of_a_streamed_body_cuts_the_body_off_and_is_logged_at_error(
     mode: Mode, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = mode.make_app()
+    followed_up: list[str] = []
 
     @app.post("/import")
     async def bulk_import() -> StreamingResponse:
@@ -78,16 +128,25 @@ async def test_failed_commit_after_stream_is_logged_at_error(
             mode.add_item("TWIN")  # the unique violation surfaces at the final commit
             yield b"done"
 
-        return StreamingResponse(progress())
+        return StreamingResponse(
+            progress(), background=BackgroundTask(lambda: followed_up.append("ran"))
+        )
 
     with caplog.at_level(logging.ERROR, logger="service.db"):
-        async with client_for(app) as client:
-            response = await client.post("/import", headers={"x-request-id": "import-7"})
-    assert response.status_code == 200  # already on the wire when the commit failed
+        sent = await send_and_record(app, "POST", "/import", [(b"x-request-id", b"import-7")])
+    assert sent[0]["status"] == 200  # already on the wire when the commit failed
+    # The body never ends: the server closes the connection, and the client sees a cut-off
+    # response rather than a whole one for work that was not stored.
+    assert [m.get("body") for m in sent[1:]] == [b"done"]
+    assert all(m.get("more_body") for m in sent[1:])
+    assert followed_up == []  # the response's background tasks did not run
     assert stored_names(engine) == set()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert any("POST /import" in r.getMessage() and "import-7" in r.getMessage() for r in errors)
+    assert not [r for r in caplog.records if "ResponseReplaced" in (r.exc_text or "")]
     assert mode.checked_out() == 0
+    async with client_for(app) as client:
+        assert (await client.get("/nothing")).status_code == 404  # the next request is served
 
 
 async def test_stream_of_an_error_response_commits_nothing(mode: Mode, engine: Engine) -> None:
