@@ -366,15 +366,16 @@ def _authorization_headers(scope: Scope) -> int:
 
 def _bearer_credentials(scope: Scope) -> tuple[str | None, bool]:
     """The token of the `Authorization: Bearer <token>` header (None without one), and
-    whether the header was over `MAX_TOKEN_BYTES` (then it is not parsed at all)."""
+    whether the token was over `MAX_TOKEN_BYTES` (then it is not checked at all)."""
     for name, value in scope["headers"]:
         if name == b"authorization":
-            if len(value) > MAX_TOKEN_BYTES:
-                return None, True
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
                 return None, False
-            return token.strip(), False
+            if len(token) > MAX_TOKEN_BYTES:
+                return None, True
+            return token, False
     return None, False
 
 

@@ -197,9 +197,17 @@ class RemoteKeys:
                             ", ".join(sorted(self._keys)))
 
     async def _fetch(self) -> Any:
-        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client:
-            response = await client.get(self.url, headers={"Accept": "application/json"})
+        async with (
+            httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client,
+            client.stream("GET", self.url, headers={"Accept": "application/json"}) as response,
+        ):
             response.raise_for_status()
-            if len(response.content) > MAX_JWKS_BYTES:
-                raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
-            return response.json()
+            # Read as it comes, decompressed, and given up past the bound: a provider (or
+            # what answers in its place) sending a huge or gzip-bombed body is not held
+            # in memory whole.
+            body = bytearray()
+            async for part in response.aiter_bytes():
+                body += part
+                if len(body) > MAX_JWKS_BYTES:
+                    raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
+            return json.loads(body)

@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match",
                            "Prefer", REQUEST_ID_HEADER, CONSISTENCY_HEADER],
             expose_headers=["ETag", "Location", "Retry-After", "Preference-Applied",
-                            REQUEST_ID_HEADER, CONSISTENCY_HEADER],
+                            "WWW-Authenticate", REQUEST_ID_HEADER, CONSISTENCY_HEADER],
         )
     app.add_middleware(
         RequestTelemetry,

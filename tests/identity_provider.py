@@ -2,6 +2,7 @@
 (RS256, ES256, EdDSA), tokens signed with them, and its JWKS served over HTTP from
 127.0.0.1 (a thread of this process; no internet)."""
 
+import contextlib
 import json
 import threading
 import time
@@ -92,7 +93,7 @@ class JwksServer:
     """Serves `provider.jwks()` at http://127.0.0.1:<port>/jwks.json. `fetches` counts the
     requests; `down` makes it answer 503; `delay` seconds before answering; `trickle`
     seconds between the bytes of the body (a provider that is slow without ever going
-    quiet for long)."""
+    quiet for long); `endless` answers a body that never ends, as fast as it is read."""
 
     def __init__(self, provider: IdentityProvider) -> None:
         self.provider = provider
@@ -100,6 +101,7 @@ class JwksServer:
         self.down = False
         self.delay = 0.0
         self.trickle = 0.0
+        self.endless = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,6 +110,15 @@ class JwksServer:
                 time.sleep(server.delay)
                 if server.down or self.path != "/jwks.json":
                     self.send_error(503 if server.down else 404)
+                    return
+                if server.endless:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    until = time.monotonic() + 30
+                    with contextlib.suppress(OSError):  # the client hung up
+                        while time.monotonic() < until:
+                            self.wfile.write(b" " * 65536)
                     return
                 body = json.dumps(server.provider.jwks()).encode()
                 self.send_response(200)

@@ -61,6 +61,8 @@ async def test_a_listed_origin_may_call_with_credentials(settings: Settings) -> 
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
     assert simple.headers["access-control-allow-origin"] == SHOP
     assert "etag" in simple.headers["access-control-expose-headers"].lower()
+    # A browser app reads why it was refused: error="insufficient_scope", scope="...".
+    assert "www-authenticate" in simple.headers["access-control-expose-headers"].lower()
 
 
 async def test_an_unlisted_origin_gets_no_cors_headers(settings: Settings) -> None:

@@ -423,6 +423,28 @@ async def test_the_log_says_why_a_token_was_refused(
         assert reason not in response.text  # the client learns only that it was refused
 
 
+def token_of_length_near(provider: IdentityProvider, low: int, high: int) -> str:
+    """A valid token whose length is within [low, high] (base64 skips some lengths)."""
+    for padding in range(6000):
+        token = provider.token(claims={"padding": "x" * padding})
+        if low <= len(token) <= high:
+            return token
+    raise AssertionError(f"no token of {low}-{high} bytes")
+
+
+async def test_the_8_kib_bound_is_on_the_token_not_on_the_header(
+    client: httpx.AsyncClient, provider: IdentityProvider
+) -> None:
+    """`Authorization: Bearer <token>`: a token of 8,192 bytes or less is checked (the
+    header's "Bearer " prefix does not count), a longer one is refused unread."""
+    fits = token_of_length_near(provider, 8186, 8192)
+    response = await client.post("/items", json=ITEM, headers=bearer(fits))
+    assert response.status_code == 201, response.text
+    over = token_of_length_near(provider, 8193, 8200)
+    assert_refused(await client.post("/items", json={**ITEM, "name": "Vase"},
+                                      headers=bearer(over)))
+
+
 @pytest.mark.parametrize(
     "subject",
     ["token:ci", "token:1", "cli:seed", "unknown", "Token:ci", "UNKNOWN", "\uff54oken:ci"],
@@ -693,6 +715,20 @@ async def test_a_provider_trickling_its_answer_is_given_up_after_the_fetch_timeo
     with pytest.raises(KeysUnavailable):  # nothing fetched: no keys
         await keys.key("rsa-1")
     assert time.monotonic() - started < 3
+
+
+async def test_a_jwks_answer_past_the_size_bound_is_given_up_as_it_comes(
+    jwks_server: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that never ends is dropped once it passes 1 MiB, not read (into memory)
+    until the fetch times out."""
+    jwks_server.endless = True
+    keys = RemoteKeys(jwks_server.url)
+    with (caplog.at_level(logging.WARNING, logger="service.auth.jwks"),
+          pytest.raises(KeysUnavailable)):
+        await keys.key("rsa-1")
+    assert "larger than 1048576 bytes" in caplog.text
+    assert "TimeoutError" not in caplog.text
 
 
 async def test_the_rate_limit_lets_a_refresh_through_after_a_minute(
