@@ -30,7 +30,7 @@ from asgi_correlation_id import correlation_id
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.problems import PROBLEM_MEDIA_TYPE, problem_response
-from service.request_ids import HEADER, new_request_id
+from service.request_ids import HEADER, is_sane, new_request_id
 
 # Request line and headers together; browsers send a few KiB, a large JWT 8 (nginx allows
 # 32 by default, Node.js 16).
@@ -43,6 +43,7 @@ _MALFORMED = (
 )
 
 logger = logging.getLogger(__name__)
+_REQUEST_ID_HEADER = HEADER.lower().encode()
 
 
 class _Refused(Exception):
@@ -61,12 +62,14 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._in_message = False  # between a request's first byte and its end
         self._refusal: tuple[HTTPStatus, str, str] | None = None
         self._answered = False
+        self._request_id: str | None = None  # the client's, of the request being parsed
 
     # -- the parser's pieces: each one finished is progress --------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._request_id = None
         self._finished_a_piece = self._in_message = True
 
     def on_url(self, url: bytes) -> None:
@@ -75,6 +78,11 @@ class ServiceHttpProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_head(len(name) + len(value) + 4)  # "name: value\r\n"
+        if len(name) == 12 and self._request_id is None and name.lower() == _REQUEST_ID_HEADER:
+            # Kept for a refusal of this request, as the app would keep it (the first sane).
+            text = value.decode("latin-1")
+            if is_sane(text):
+                self._request_id = text
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -88,6 +96,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._finished_a_piece = True
         self._in_message = False
+        self._request_id = None  # a refusal from now on is of the next request
         super().on_message_complete()
 
     def _count_head(self, size: int) -> None:
@@ -152,7 +161,7 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._answered = True
         if self.transport.is_closing():
             return  # the client or a response before it closed the connection
-        request_id = new_request_id()
+        request_id = self._request_id or new_request_id()
         token = correlation_id.set(request_id)
         try:
             logger.warning(

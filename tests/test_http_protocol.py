@@ -230,6 +230,47 @@ def test_a_head_within_the_limit_is_served(served: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sent_ids", "echoed"),
+    [
+        ([b"mal-cl-1"], "mal-cl-1"),
+        ([b"x" * 129, b"second-1"], "second-1"),  # the first sane one, as the app takes it
+        ([b"first-1", b"second-1"], "first-1"),
+        ([b"x" * 129], None),  # none sane: a new one
+    ],
+)
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"X-Big: " + b"a" * (HEAD_LIMIT + 10) + b"\r\n\r\n",
+    ],
+    ids=["malformed", "too-large"],
+)
+def test_a_refused_request_keeps_the_request_id_it_sent(
+    served: int, sent_ids: list[bytes], echoed: str | None, refused: bytes
+) -> None:
+    ids = b"".join(b"X-Request-ID: " + value + b"\r\n" for value in sent_ids)
+    _, answer = exchange(served, b"POST /items HTTP/1.1\r\nHost: test\r\n" + ids + refused)
+
+    status, headers, problem = problem_of(answer)
+    assert status in (400, 431)
+    assert problem["request_id"] == headers["x-request-id"]
+    if echoed is None:
+        assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+    else:
+        assert headers["x-request-id"] == echoed
+
+
+def test_a_refusal_after_a_request_does_not_take_that_requests_id(served: int) -> None:
+    served_first = b"GET /health/live HTTP/1.1\r\nHost: test\r\nX-Request-ID: served-1\r\n\r\n"
+    _, answer = exchange(served, served_first + b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+
+    first, _, refusal = answer.partition(b"HTTP/1.1 400")
+    assert b"x-request-id: served-1" in first
+    assert b"served-1" not in refusal
+
+
+@pytest.mark.parametrize(
     "framing",
     [
         b"Content-Length: 5\r\nContent-Length: 6\r\n",
