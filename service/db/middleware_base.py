@@ -94,11 +94,15 @@ def detail_json(failure: Failure) -> ASGIApp:
 class RequestState(Generic[UnitT, JobT]):
     """One request's unit of work and what the middleware has seen of its response."""
 
-    __slots__ = ("commits", "finished", "job", "replaced", "scope", "started", "unit")
+    __slots__ = ("commits", "finished", "job", "replaced", "scope", "started",
+                 "transactional", "unit")
 
-    def __init__(self, unit: UnitT, scope: Scope) -> None:
+    def __init__(self, unit: UnitT, scope: Scope, transactional: bool = True) -> None:
         self.unit = unit
         self.scope = scope
+        # False for an `autocommit_methods` request: its statements commit on their own,
+        # so it has no transaction to count as committed or rolled back.
+        self.transactional = transactional
         self.started = False  # http.response.start went out
         self.finished = False  # so did the body's last part
         self.commits = False  # its status committed, so later writes commit too
@@ -197,7 +201,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 self.commit_on_exit,
                 session_factory=self.autocommit_sessionmaker if reads else None,
             )
-            request: RequestState[UnitT, JobT] = RequestState(unit, scope)
+            request: RequestState[UnitT, JobT] = RequestState(unit, scope, not reads)
         except BaseException:
             self.slots.release(slot)
             raise
@@ -293,8 +297,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                     await self._commit(request)
                 except Exception as exc:
                     request.replaced = True
-                    self.observer.transaction_ended(self.database.name, request.scope,
-                                                    "commit_failed")
+                    self._transaction_ended(request, "commit_failed")
                     failure = failure_of_commit(exc)
                     logger.error(
                         "%s: commit failed, answering %d instead of %d",
@@ -303,17 +306,20 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                     await self.error_response(failure)(request.scope, receive, send)
                     return None
                 if had_work:
-                    self.observer.transaction_ended(self.database.name, request.scope,
-                                                    "commit")
+                    self._transaction_ended(request, "commit")
             request.commits = True
         elif had_work or unit.has_hooks():
             await self._rollback(request)
             if had_work:
-                self.observer.transaction_ended(self.database.name, request.scope, "rollback")
+                self._transaction_ended(request, "rollback")
         if not self.server_timing:
             return start
         timing = (b"server-timing", unit.stats.server_timing().encode())
         return {**start, "headers": [*start.get("headers", ()), timing]}
+
+    def _transaction_ended(self, request: RequestState[UnitT, JobT], outcome: Outcome) -> None:
+        if request.transactional:
+            self.observer.transaction_ended(self.database.name, request.scope, outcome)
 
     async def _commit_streamed(self, request: RequestState[UnitT, JobT]) -> None:
         """Commit what a body wrote while it streamed, before its last part is sent: a
@@ -326,8 +332,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         except Exception as exc:
             request.replaced = True
             if had_work:
-                self.observer.transaction_ended(self.database.name, request.scope,
-                                                "commit_failed")
+                self._transaction_ended(request, "commit_failed")
             logger.error(
                 "%s: commit of the writes made while the body streamed failed; that work "
                 "was not stored, and the body was cut off before its end",
@@ -335,7 +340,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             )
             raise ResponseReplaced from None
         if had_work:
-            self.observer.transaction_ended(self.database.name, request.scope, "commit")
+            self._transaction_ended(request, "commit")
 
     async def _end(self, request: RequestState[UnitT, JobT], commit: bool, abandoned: bool) -> None:
         """End the unit of work; never raises but for cancellation."""
@@ -346,7 +351,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         except Exception:
             if had_work:
                 outcome: Outcome = "commit_failed" if commit else "rollback"
-                self.observer.transaction_ended(self.database.name, request.scope, outcome)
+                self._transaction_ended(request, outcome)
             logger.error(
                 "%s: %s of the work done %s failed; that work was not stored",
                 describe(request.scope),
@@ -357,7 +362,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         else:
             if had_work:
                 outcome = "commit" if commit and not abandoned else "rollback"
-                self.observer.transaction_ended(self.database.name, request.scope, outcome)
+                self._transaction_ended(request, outcome)
         finally:
             request.unit.closed = True  # no session or hooks of the request's for its tasks
 

@@ -7,6 +7,7 @@ from fastapi import HTTPException
 from sqlalchemy import Engine, text
 
 from tests.db.conftest import Mode, client_for, stored_names
+from tests.db.test_observer import Recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -57,6 +58,29 @@ async def test_a_write_in_an_autocommit_method_stands_whatever_the_status(
         assert (await client.get("/write-then-refuse?name=kept")).status_code == 400
         assert (await client.post("/write-then-refuse?name=rolled-back")).status_code == 400
     assert stored_names(engine) == {"kept"}
+
+
+async def test_an_autocommit_request_is_counted_as_no_transaction(
+    mode: Mode, postgres_only: None
+) -> None:
+    """db_transactions_total: a GET that read (200) or missed (404) opened no transaction,
+    so it is neither a commit nor a rollback; the POST is."""
+    recorder = Recorder()
+    app = mode.make_app(autocommit_methods=("GET",), observer=recorder)
+
+    @app.api_route("/read", methods=["GET", "POST"])
+    async def read(missing: bool = False) -> None:
+        await mode.scalar(TRANSACTION_ID)
+        if missing:
+            raise HTTPException(status_code=404)
+
+    async with client_for(app) as client:
+        assert (await client.get("/read")).status_code == 200
+        assert (await client.get("/read?missing=true")).status_code == 404
+        assert (await client.post("/read")).status_code == 200
+        assert (await client.post("/read?missing=true")).status_code == 404
+    assert recorder.of("transaction") == [("/read", "commit"), ("/read", "rollback")]
+    assert [path for path, _ in recorder.of("ended")] == ["/read"] * 4
 
 
 async def test_sqlite_keeps_one_transaction_per_request(
