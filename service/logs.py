@@ -54,18 +54,29 @@ class JsonFormatter(_JsonFormatter):
         super().__init__(fmt or JSON_FIELDS, datefmt, style, *args, **kwargs)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return (
-            datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z")
-        )
+        return _utc_time(record)
+
+
+def _utc_time(record: logging.LogRecord) -> str:
+    """`2026-11-30T04:58:01.123Z`: ISO 8601, UTC, milliseconds."""
+    return (
+        datetime.fromtimestamp(record.created, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 class TextFormatter(logging.Formatter):
-    """`2026-11-30 04:58:01,123 INFO service.access [3f2a...] GET /items 200 ...`."""
+    """`2026-11-30T04:58:01.123Z INFO service.access [3f2a...] GET /items 200 ...`: the time
+    in UTC as in JSON lines (unless a `datefmt` is given), `[-]` outside requests."""
 
     def __init__(self, fmt: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(fmt or TEXT_FORMAT, *args, **kwargs)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        return _utc_time(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         if getattr(record, "request_id", None) is None:  # outside requests: `[-]`, not `[None]`
@@ -164,10 +175,14 @@ def load_config_file(path: Path) -> None:
         else:
             logging.config.fileConfig(path, disable_existing_loggers=False)
     except Exception as exc:  # syntax, a handler that cannot be made (a missing directory)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reasons: list[BaseException] = [exc]
+        if exc.__cause__ is not None:  # dictConfig's "Unable to configure handler 'f'"
+            reasons.append(exc.__cause__)  # names the handler; its cause says why
+        said = [f"{type(error).__name__}" + (
+            f": {str(error).strip().splitlines()[0]}" if str(error).strip() else ""
+        ) for error in reasons]
         raise LoggingConfigError(
-            f"LOG_CONFIG {path} cannot configure logging: {type(exc).__name__}"
-            + (f": {reason}" if reason else "")
+            f"LOG_CONFIG {path} cannot configure logging: {' - '.join(said)}"
         ) from None
 
 

@@ -102,7 +102,7 @@ async def test_text_logs_show_the_request_id_in_brackets(
     async with serving(settings, log_format="text") as client:
         await client.get("/items", headers={"X-Request-ID": "text-1"})
     [access] = [line for line in capsys.readouterr().err.splitlines() if "service.access" in line]
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO service\.access \[text-1\] ",
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO service\.access \[text-1\] ",
                     access)
     assert '"GET /items" 200' in access
     # Outside a request there is no id: `[-]`. (A context of its own: the test client runs
@@ -370,6 +370,8 @@ def test_an_unusable_log_config_file_stops_serve_with_one_line(
     assert f"LOG_CONFIG {config} cannot configure logging" in result.stderr
     assert "Traceback" not in result.stderr
     assert "Serving on" not in result.stdout  # it never said it would
+    if name == "nowhere.yaml":  # the line says why, not only which handler
+        assert "/no/such/directory/x.log" in result.stderr
 
 
 @pytest.mark.parametrize("example", ["logging.yaml", "logging.ini"])

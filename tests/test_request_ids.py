@@ -254,11 +254,16 @@ async def test_a_commit_failing_after_the_response_started_is_logged_at_error_wi
 
     with injected(engine, DEFERRED_FOREIGN_KEY[backend]):
         async with client_of(app) as client:
-            response = await client.post("/later", headers={"X-Request-ID": "late-1"})
+            # Two ids: the first is the request's, in the record and in the message alike.
+            response = await client.post(
+                "/later", headers=[("X-Request-ID", "late-1"), ("X-Request-ID", "late-2")]
+            )
     assert response.status_code == 200
+    assert_echoed(response, "late-1")
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.request_id for r in errors] == ["late-1"]  # type: ignore[attr-defined]
     assert "commit of the work done after the response started failed" in errors[0].message
+    assert "(request id late-1)" in errors[0].message
 
 
 @asynccontextmanager

@@ -444,8 +444,9 @@ def route_path(scope: Scope) -> str:
 def describe(scope: Scope) -> str:
     """The request in a log line: method, path and request id if the client sent one -
     escaped (`printable`), since the client chose them."""
-    headers = dict(scope.get("headers", ()))
-    request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+    request_id = next(  # the first, as request-id middleware takes it
+        (value for name, value in scope.get("headers", ()) if name == b"x-request-id"), b""
+    ).decode("latin-1")
     where = f"{scope.get('method', '?')} {scope.get('path', '?')}"
     return printable(f"{where} (request id {request_id})" if request_id else where)
 
