@@ -117,6 +117,9 @@ class RoutingSession(Session):
         self._reading_from: ReplicaState | None = None  # the replica of the last statement
         # The primary engine with a transaction of ours, whose COMMIT earns a token.
         self._primary_in_transaction: Engine | None = None
+        # The primary engine in autocommit (a GET's) that a statement wrote through: each
+        # statement committed on its own, and the request's end earns a token all the same.
+        self._wrote_on_autocommit: Engine | None = None
         self._written = False  # wrote or locked since the last COMMIT/ROLLBACK
 
     def get_bind(self, mapper: Any = None, *, clause: Any = None, **kwargs: Any) -> Any:
@@ -159,6 +162,8 @@ class RoutingSession(Session):
     def _on_primary(self, bind: Engine) -> Engine:
         if bind.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
             self._primary_in_transaction = bind
+        elif self._written:
+            self._wrote_on_autocommit = bind
         return bind
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
@@ -177,10 +182,17 @@ class RoutingSession(Session):
             # The replica answered, but cancelled the read: its statement_timeout (a read
             # slower than REPLICA_READ_TIMEOUT), or a conflict with the WAL it replays
             # (40001 on a hot standby). It stays in use; this read runs on the primary.
-            gave_up = sqlstate(exc) in _REPLICA_CANCELLED
+            # Or it refused a statement that writes, which the router cannot see in a
+            # SELECT (a data-modifying CTE, a function that writes): that runs there too.
+            code = sqlstate(exc)
+            writes = code == _READ_ONLY_TRANSACTION
+            gave_up = writes or code in _REPLICA_CANCELLED
             if not gave_up and not (isinstance(exc, TimeoutError) or database_unavailable(exc)):
                 raise
-            if gave_up:
+            if writes:
+                logger.info("replica %s refused a statement that writes (%s); running it "
+                            "on the primary", failed.name, driver_reason(exc))
+            elif gave_up:
                 logger.info("replica %s cancelled a read (%s); running it on the primary",
                             failed.name, driver_reason(exc))
             else:
@@ -197,6 +209,8 @@ class RoutingSession(Session):
             if entry is not None and not gave_up:
                 entry[0].invalidate()
             self.rollback()
+            # A write: the rest of the request stays on the primary, and earns a token.
+            self._written = self._written or writes
             with primary():
                 return super()._execute_internal(*args, **kwargs)
 
@@ -204,6 +218,8 @@ class RoutingSession(Session):
 # A replica cancelled the statement: statement_timeout (57014), or a recovery conflict
 # ("canceling statement due to conflict with recovery", 40001).
 _REPLICA_CANCELLED = frozenset({"57014", "40001"})
+# "cannot execute ... in a read-only transaction": the statement writes.
+_READ_ONLY_TRANSACTION = "25006"
 
 
 @event.listens_for(RoutingSession, "after_commit")
@@ -213,7 +229,8 @@ def _note_commit_position(session: Session) -> None:
     committed, before the session gives it back (a second connection could wait for a
     pool slot that this very request holds)."""
     assert isinstance(session, RoutingSession)
-    bind, session._primary_in_transaction = session._primary_in_transaction, None
+    bind = session._primary_in_transaction or session._wrote_on_autocommit
+    session._primary_in_transaction = session._wrote_on_autocommit = None
     written, session._written = session._written, False
     route = _route.get()
     # Only a transaction that wrote needs a token: a read on the primary (in a
@@ -232,7 +249,7 @@ def _note_commit_position(session: Session) -> None:
 @event.listens_for(RoutingSession, "after_rollback")
 def _forget_writes(session: Session) -> None:
     assert isinstance(session, RoutingSession)
-    session._primary_in_transaction = None
+    session._primary_in_transaction = session._wrote_on_autocommit = None
     session._written = False
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, delete, false, select, text, update
 
 from service.db import create_engine
 from service.db.asyncio import create_async_engine
@@ -96,6 +96,24 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
         await mode.run(lambda session: session.execute(statement))
         return {"standby": await mode.scalar(ON_STANDBY)}
 
+    @app.get("/cte-write/{kind}")
+    async def cte_write(kind: str) -> dict[str, bool]:
+        # A SELECT whose CTE writes: the router sees a plain SELECT; the replica refuses it.
+        dml: Any = {
+            "delete": delete(Item).where(false()),
+            "update": update(Item).values(price=Item.price).where(false()),
+        }[kind]
+        await mode.run(lambda session: session.execute(
+            select(dml.returning(Item.id).cte("written"))
+        ))
+        return {"standby": await mode.scalar(ON_STANDBY)}
+
+    @app.get("/write-in-a-get/{name}")
+    async def write_in_a_get(name: str) -> dict[str, Any]:
+        item = mode.add_item(name)
+        await mode.flush()
+        return {"id": item.id, "standby": await mode.scalar(ON_STANDBY)}
+
     @app.get("/read-explicitly-from-primary")
     async def read_from_primary() -> dict[str, bool]:
         with database.primary():
@@ -175,6 +193,33 @@ async def test_raw_sql_that_writes_or_locks_in_a_read_request_runs_on_the_primar
     (the `/server` route's raw SELECT does); the rest of the request stays on the primary."""
     response = await routed.client.get(f"/raw-sql/{kind}")
     assert (response.status_code, response.json()) == (200, {"standby": False})
+
+
+@pytest.mark.parametrize("kind", ["delete", "update"])
+async def test_a_select_whose_cte_writes_runs_on_the_primary(
+    routed: Routed, kind: str
+) -> None:
+    """The router reads a SELECT; the replica refuses its data-modifying CTE (25006): the
+    statement runs on the primary instead, and the rest of the request stays there."""
+    response = await routed.client.get(f"/cte-write/{kind}")
+    assert (response.status_code, response.json()) == (200, {"standby": False})
+    assert response.headers[HEADER]  # it wrote (nothing, here): a token all the same
+
+
+async def test_a_get_that_writes_gets_a_token_its_client_reads_with(
+    routed: Routed, standby: Standby
+) -> None:
+    """A GET's statements commit one by one (autocommit): its write earns a token too, and
+    with it the client reads the write while the standby's replay is paused."""
+    standby.pause_replay()
+    for n in range(5):
+        written = await routed.client.get(f"/write-in-a-get/get-{n}")
+        assert written.json()["standby"] is False
+        token = written.headers[HEADER]
+        with_token = await routed.client.get(
+            f"/items/{written.json()['id']}", headers={HEADER: token}
+        )
+        assert with_token.json()["name"] == f"get-{n}"
 
 
 async def test_primary_and_replica_can_be_chosen_explicitly(routed: Routed) -> None:
