@@ -4,7 +4,8 @@ A replica is worth reading from only while it answers and is close behind the pr
 Nobody asks that per request: one daemon thread per server polls it every `poll_interval`
 seconds on a connection of its own (psycopg2, whatever the mode of the app) -
 
-- the primary: `pg_current_wal_lsn()`, kept as a short history of (time, position);
+- the primary: `pg_current_wal_lsn()`, kept as a history of (time, position) reaching just
+  past `max_lag` back;
 - each replica: `pg_last_wal_replay_lsn()`, how far it has replayed.
 
 A replica's lag is how long the oldest WAL it has not replayed yet has existed on the
@@ -23,9 +24,8 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy
@@ -131,7 +131,9 @@ class PrimaryState:
     up: bool = False
     checked_at: float = 0.0
     error: str | None = None
-    history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=512))
+    # (time, position), oldest first; replaced whole by each poll, never changed in place:
+    # requests read it from other threads.
+    history: tuple[tuple[float, int], ...] = ()
 
 
 class Replicas:
@@ -251,6 +253,19 @@ class Replicas:
                 return now - sampled_at
         return 0.0  # unreachable: the newest sample is beyond the replica
 
+    def _with_sample(
+        self, history: tuple[tuple[float, int], ...], position: int
+    ) -> tuple[tuple[float, int], ...]:
+        """`history` and a new sample, without what is older than needed: the newest
+        sample from before `max_lag` (and two polls) ago stays - a replica lacking it is
+        that far behind, however far - and nothing before it."""
+        now = time.monotonic()
+        horizon = now - (self.max_lag + 2 * self.poll_interval)
+        start = 0
+        while start + 1 < len(history) and history[start + 1][0] < horizon:
+            start += 1
+        return (*history[start:], (now, position))
+
     def _usable(self, replica: ReplicaState, now: float) -> bool:
         if not replica.up:
             return False
@@ -322,7 +337,7 @@ class Replicas:
                 try:
                     with engine.connect() as connection:
                         lsn = connection.scalar(text("SELECT pg_current_wal_lsn()::text"))
-                    state.history.append((time.monotonic(), lsn_to_int(lsn)))
+                    state.history = self._with_sample(state.history, lsn_to_int(lsn))
                     state.checked_at = time.monotonic()
                     if state.error is not None:
                         logger.warning("primary %s answers again", state.name)
