@@ -48,6 +48,7 @@ from collections.abc import Callable, Collection
 from time import perf_counter
 from typing import Any, Generic, Literal, TypeVar
 
+import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 from sqlalchemy import Engine
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -94,8 +95,8 @@ def detail_json(failure: Failure) -> ASGIApp:
 class RequestState(Generic[UnitT, JobT]):
     """One request's unit of work and what the middleware has seen of its response."""
 
-    __slots__ = ("commits", "finished", "job", "replaced", "scope", "started",
-                 "transactional", "unit")
+    __slots__ = ("commits", "finished", "job", "length_left", "replaced", "scope", "start",
+                 "started", "transactional", "unit")
 
     def __init__(self, unit: UnitT, scope: Scope, transactional: bool = True) -> None:
         self.unit = unit
@@ -110,6 +111,38 @@ class RequestState(Generic[UnitT, JobT]):
         # The last COMMIT/ROLLBACK/CLOSE started. The next one waits for it, so the session
         # is never used by two jobs at once (e.g. after a cancellation).
         self.job: JobT | None = None
+        self.start: Message | None = None  # the app's http.response.start
+        self.length_left: int | None = None  # of its Content-Length; -1: none given
+
+    def completes_length(self, message: Message) -> bool:
+        """Whether body part `message` completes the response's Content-Length."""
+        if self.length_left is None:
+            self.length_left = _content_length(self.start)
+        if self.length_left < 0:
+            return False
+        self.length_left -= len(message.get("body", b""))
+        return self.length_left <= 0
+
+
+async def _deliver_due_cancellation() -> None:
+    """Let a cancellation that is due arrive before a COMMIT begins, not during it (when
+    the COMMIT, shielded, would store the work of a request its client is told timed out).
+    An anyio deadline (`fail_after`) that ran out while a sync route ran in its thread, or
+    while the event loop was blocked, is only delivered at a later checkpoint, once its
+    timer has run."""
+    await checkpoint_if_cancelled()
+    if anyio.current_effective_deadline() <= anyio.current_time():
+        await anyio.sleep(0.05)  # its timer is due: the cancellation comes here
+
+
+def _content_length(start: Message | None) -> int:
+    for name, value in (start or {}).get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return -1
 
 
 class SessionMiddlewareBase(Generic[UnitT, JobT]):
@@ -235,6 +268,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         async def send_after_commit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 request.started = True
+                request.start = message
                 start = await self._settle(request, message, receive, send)
                 if start is None:
                     raise ResponseReplaced
@@ -242,7 +276,11 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             elif request.replaced:
                 raise ResponseReplaced
             else:
-                if not message.get("more_body", False):
+                # The body's last part: its end, or the part that completes its
+                # Content-Length (the client holds the whole body from then on).
+                if not message.get("more_body", False) or (
+                    request.commits and not request.finished and request.completes_length(message)
+                ):
                     if request.commits and (unit.has_work() or unit.has_hooks()):
                         await self._commit_streamed(request)
                     request.finished = True
@@ -289,10 +327,7 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         had_work = unit.has_work()
         if self.commit_on_exit and self.commit_policy(start["status"]):
             if had_work or unit.has_hooks():
-                # An anyio deadline (`fail_after`) that ran out while a sync route ran in
-                # its thread is only delivered at the next checkpoint: here, not during
-                # the COMMIT, which would store the work of a request cancelled already.
-                await checkpoint_if_cancelled()
+                await _deliver_due_cancellation()
                 try:
                     await self._commit(request)
                 except Exception as exc:
@@ -327,8 +362,13 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         part is never sent - the client sees a cut-off body, not a complete one for work
         that was lost - and the response's background tasks do not run."""
         had_work = request.unit.has_work()
+        await _deliver_due_cancellation()
         try:
-            await self._commit(request)
+            # A client leaving now makes Starlette cancel the body: the COMMIT goes on
+            # regardless (its job is shielded), and this waits for it to tell what it did -
+            # or the request would be logged and counted as rolled back with its work stored.
+            with anyio.CancelScope(shield=True):
+                await self._commit(request)
         except Exception as exc:
             request.replaced = True
             if had_work:

@@ -234,6 +234,29 @@ async def test_a_sync_route_that_outlived_an_anyio_deadline_stores_nothing(
     assert stored_names(engine) == {"kept-early", "kept-late"}
 
 
+async def test_an_anyio_deadline_that_ran_out_while_the_loop_was_blocked_stores_nothing(
+    mode: Mode, engine: Engine
+) -> None:
+    """An `async def` route that blocks the event loop (CPU work, a sync call) past the
+    deadline: the deadline's timer has not run when the route returns, and the COMMIT must
+    not begin before it has."""
+    app = mode.make_app()
+    app.add_middleware(AnyioDeadline)
+
+    @app.post("/blocking/{tag}")
+    async def blocking(tag: str) -> JSONResponse:
+        mode.add_item(tag)
+        await mode.flush()
+        time.sleep(0.3)  # the loop is blocked: the 0.1 s deadline runs out meanwhile
+        return JSONResponse({"tag": tag})
+
+    async with client_for(app) as client:
+        assert (await client.post("/blocking/cut?0.1")).status_code == 504
+        assert (await client.post("/blocking/kept?5")).status_code == 200
+    assert stored_names(engine) == {"kept"}
+    assert mode.checked_out() == 0
+
+
 async def test_a_sync_route_still_running_after_its_cancellation_gives_its_connection_back(
     migrated_url: str,
 ) -> None:

@@ -3,13 +3,14 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 from starlette.background import BackgroundTask
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -18,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from service.items.models import Item
 from tests.conftest import http_scope
 from tests.db.conftest import MakeApp, Mode, add_item, client_for, stored_names
+from tests.db.test_observer import Recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -68,10 +70,11 @@ async def test_sync_stream_writes_are_committed(make_app: MakeApp, engine: Engin
 
 async def send_and_record(
     app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None,
-    on_last_part: Any = None,
+    on_last_part: Any = None, on_each: Any = None,
 ) -> list[dict[str, Any]]:
     """Run one request through `app` message by message; returns the messages it sent.
-    `on_last_part()` runs as the body's last part (`more_body` false) is sent."""
+    `on_last_part()` runs as the body's last part (`more_body` false) is sent,
+    `await on_each(message)` as each message is."""
     sent: list[dict[str, Any]] = []
     received = [{"type": "http.request", "body": b"", "more_body": False}]
 
@@ -85,6 +88,8 @@ async def send_and_record(
         last = message["type"] == "http.response.body" and not message.get("more_body")
         if last and on_last_part is not None:
             on_last_part()
+        if on_each is not None:
+            await on_each(message)
         sent.append(message)
 
     await asyncio.wait_for(app(http_scope(method, path, headers), receive, send), timeout=10)
@@ -112,6 +117,108 @@ async def test_a_streamed_bodys_writes_are_stored_before_its_last_part_is_sent(
     )
     assert sent[0]["status"] == 200
     assert seen_at_the_end == [{"streamed-0", "streamed-1", "streamed-2"}]
+    assert mode.checked_out() == 0
+
+
+def streaming_import(mode: Mode, names: list[str], content_length: bool) -> FastAPI:
+    """POST /import: a body of one part per name, each written as an item as it streams;
+    with `content_length`, the response says its length up front (no chunked coding)."""
+    app = mode.make_app()
+
+    @app.post("/import")
+    async def bulk_import() -> StreamingResponse:
+        async def progress() -> AsyncIterator[bytes]:
+            for name in names:
+                mode.add_item(name)
+                yield f"{name}\n".encode()
+
+        length = sum(len(name) + 1 for name in names)
+        headers = {"content-length": str(length)} if content_length else None
+        return StreamingResponse(progress(), headers=headers)
+
+    return app
+
+
+async def test_with_a_content_length_the_writes_are_stored_before_the_bodys_last_byte(
+    mode: Mode, engine: Engine
+) -> None:
+    """By Content-Length a client has the whole body with the part that completes it,
+    before the empty end of the stream: that part waits for the COMMIT."""
+    app = streaming_import(mode, ["a", "b", "c"], content_length=True)
+    seen: list[set[str]] = []
+    received = [b""]
+
+    async def body_parts(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            received[0] += message["body"]
+            if received[0] == b"a\nb\nc\n":
+                seen.append(stored_names(engine))
+
+    await send_and_record(app, "POST", "/import", on_each=body_parts)
+    assert seen == [{"a", "b", "c"}]
+
+
+async def test_with_a_content_length_a_failed_commit_withholds_the_bodys_last_part(
+    mode: Mode, engine: Engine
+) -> None:
+    app = streaming_import(mode, ["twin", "TWIN"], content_length=True)  # refused at COMMIT
+
+    sent = await send_and_record(app, "POST", "/import")
+    assert sent[0]["status"] == 200
+    # The client got fewer bytes than the Content-Length said: a cut-off response.
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"twin\n"
+    assert stored_names(engine) == set()
+    assert mode.checked_out() == 0
+
+
+async def test_a_client_leaving_during_the_final_commit_is_told_what_was_stored(
+    mode: Mode, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client hangs up while the stream's COMMIT runs (Starlette then cancels the
+    body): the COMMIT goes on and stores the work - which the logs and the observer must
+    say, not "rolled back"."""
+    recorder = Recorder()
+    app = mode.make_app(observer=recorder)
+
+    @app.post("/import")
+    async def bulk_import() -> StreamingResponse:
+        async def progress() -> AsyncIterator[bytes]:
+            mode.add_item("streamed")
+            yield b"."
+
+        return StreamingResponse(progress())
+
+    loop = asyncio.get_running_loop()
+    committing = asyncio.Event()
+
+    def on_commit(connection: Any) -> None:  # on whichever thread runs the COMMIT
+        loop.call_soon_threadsafe(committing.set)
+        if mode.name == "sync":
+            time.sleep(0.2)  # the client is gone meanwhile
+
+    event.listen(mode.pool_engine, "commit", on_commit)
+    try:
+        async def receive() -> dict[str, Any]:
+            if not started:
+                started.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await committing.wait()
+            return {"type": "http.disconnect"}
+
+        started: list[bool] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0)
+
+        with caplog.at_level(logging.WARNING, logger="service.db"):
+            await asyncio.wait_for(
+                app(http_scope("POST", "/import"), receive, send), timeout=10
+            )
+    finally:
+        event.remove(mode.pool_engine, "commit", on_commit)
+    assert stored_names(engine) == {"streamed"}
+    assert [outcome for _, outcome in recorder.of("transaction")] == ["commit"]
+    assert "rolled back" not in caplog.text
     assert mode.checked_out() == 0
 
 
