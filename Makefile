@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# make run PORT=8001 to serve on another port.
+PORT ?= 8000
 run: venv
 	$(BIN)/python -m service migrate
-	$(BIN)/python -m service serve --host 127.0.0.1 --port 8000
+	$(BIN)/python -m service serve --host 127.0.0.1 --port $(PORT)
 
 lint: venv
 	$(BIN)/ruff check service tests alembic bench
@@ -39,7 +41,7 @@ test-postgres: venv
 	  DATABASE_URL="$$TEST_POSTGRES_URL" $(BIN)/pytest; \
 	else \
 	  PATH="$(abspath $(BIN)):$$PATH" scripts/with-postgres.sh --replica --pgbouncer pytest; status=$$?; \
-	  if [ $$status = 3 ]; then \
+	  if [ $$status = 77 ]; then \
 	    echo ""; \
 	    echo "!!!!! PostgreSQL pass SKIPPED: no PostgreSQL server installed. Install it with"; \
 	    echo "!!!!!   sudo apt-get install -y postgresql   (or set TEST_POSTGRES_URL=...)"; \

@@ -15,7 +15,8 @@
 # the primary and exports TEST_PGBOUNCER_URL (and TEST_PGBOUNCER_SMALL_POOL_URL: the same database
 # through only 2 server connections, so that clients must share them); without a pgbouncer binary it prints a warning and
 # exports nothing (tests needing it skip, or fail under REQUIRE_PGBOUNCER=1).
-# Exit status: the command's; 3 if no PostgreSQL server binaries are installed.
+# Exit status: the command's; 77 if no PostgreSQL server binaries are installed (automake's
+# "skipped": no test runner exits with it, pytest's own statuses are 0-5).
 set -euo pipefail
 
 with_replica=0
@@ -44,7 +45,7 @@ bindir=$(find_bindir || true)
 if [ -z "${bindir:-}" ]; then
   echo "with-postgres: no PostgreSQL server binaries (initdb, pg_ctl) found." >&2
   echo "with-postgres: install them with: sudo apt-get install -y postgresql" >&2
-  exit 3
+  exit 77
 fi
 
 as_owner() {
@@ -57,7 +58,7 @@ as_owner() {
 
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   echo "with-postgres: running as root needs a 'postgres' user (Debian's postgresql package creates it)." >&2
-  exit 3
+  exit 77
 fi
 
 free_port() {

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from service.config import Settings
 from service.db import create_engine, db
@@ -55,24 +56,118 @@ def safe_url(url: str) -> str:
 
 def check_database(settings: Settings) -> None:
     """Connect once and run `SELECT 1`, or explain why that failed."""
-    engine = create_engine(settings.sync_database_url(), **settings.engine_args())
+    refuse_in_memory_sqlite(settings)
+    with _explained(settings.database_url, "DATABASE_URL"):
+        engine = create_engine(settings.sync_database_url(), **settings.engine_args())
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+
+
+def check_async_database(settings: Settings) -> None:
+    """The same for the URL the requests use (DATABASE_ASYNC_URL, or DATABASE_URL with its
+    async driver): a wrong password there made every request a 503 "try again shortly"."""
+    import asyncio
+
+    from service.db.asyncio import create_async_engine
+
+    url = settings.async_database_url()
+    name = "DATABASE_ASYNC_URL" if settings.database_async_url else "DATABASE_URL"
+
+    async def connect() -> None:
+        engine = create_async_engine(url, **settings.engine_args())
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        finally:
+            await engine.dispose()
+
+    with _explained(url, name):
+        if make_url(url).get_backend_name() == "sqlite":
+            # aiosqlite is sqlite3 in a thread, which a failed connect leaves behind to
+            # write a traceback once the loop has closed: ask sqlite3 itself.
+            sync = create_engine(make_url(url).set(drivername="sqlite"))
+            try:
+                with sync.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+            finally:
+                sync.dispose()
+        else:
+            asyncio.run(connect())
+
+
+@contextmanager
+def _explained(url: str, name: str) -> Iterator[None]:
+    """Turn a failure to load the driver of `url` or to reach its database into one line."""
     try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        yield
     except ModuleNotFoundError as exc:
         raise CommandError(
-            f"DATABASE_URL={safe_url(settings.database_url)} needs the driver "
-            f"'{exc.name}', which is not installed."
+            f"{name}={safe_url(url)} needs the driver '{exc.name}', which is not installed "
+            "(postgresql:// is psycopg2, postgresql+asyncpg:// asyncpg)."
         ) from None
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    except NoSuchModuleError:
         raise CommandError(
-            f"Cannot reach the database at {safe_url(settings.database_url)}: {reason}\n"
-            "Check that the server is running and that DATABASE_URL (environment or .env) "
-            "names the right host, port, database, user and password."
+            f"{name}={safe_url(url)}: SQLAlchemy knows no driver "
+            f"'{make_url(url).drivername}'. Use postgresql://, postgresql+psycopg2:// or "
+            "postgresql+asyncpg:// for PostgreSQL, sqlite:///<file> for SQLite."
         ) from None
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        advice = (
+            f"Check that {name} (environment or .env) names the right file, and that its "
+            "directory exists and is writable."
+            if make_url(url).get_backend_name() == "sqlite"
+            else f"Check that the server is running and that {name} (environment or .env) "
+            "names the right host, port, database, user and password."
+        )
+        raise CommandError(
+            f"Cannot reach the database at {safe_url(url)}: {reason}\n{advice}"
+        ) from None
+
+
+def refuse_in_memory_sqlite(settings: Settings) -> None:
+    """`sqlite://` is a database in memory, a new one on every connection of every
+    process: a migration there is gone when `migrate` ends, and `serve` would find no
+    tables (a 503 on every request)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise CommandError(
+            f"DATABASE_URL={settings.database_url} is a database in memory, which ends with "
+            "the process: use a file, e.g. DATABASE_URL=sqlite:///items.db."
+        )
+
+
+def check_migrated(settings: Settings) -> None:
+    """The database is at the newest migration, or `serve` says to run `migrate` (an empty
+    database answered every request 503, "not available right now")."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    newest = ScriptDirectory.from_config(alembic_config(settings)).get_current_head()
+    engine = create_engine(settings.sync_database_url(), **settings.engine_args())
+    try:
+        with _explained(settings.database_url, "DATABASE_URL"), engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+    if current != newest:
+        raise CommandError(
+            f"The database at {safe_url(settings.database_url)} is "
+            + ("not migrated" if current is None else
+               f"at migration {current}, not the newest ({newest})")
+            + ": run `python -m service migrate` first (`make run` does)."
+        )
+
+
+def alembic_config(settings: Settings) -> Any:
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["url"] = settings.sync_database_url()
+    return config
 
 
 def check_jwks_file(settings: Settings) -> None:
@@ -91,13 +186,21 @@ def check_jwks_file(settings: Settings) -> None:
 def migrate(args: argparse.Namespace) -> None:
     """Upgrade the database to the newest migration."""
     from alembic import command
-    from alembic.config import Config
+    from alembic.util import CommandError as AlembicError
 
     settings = load_settings()
     check_database(settings)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["url"] = settings.sync_database_url()
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(alembic_config(settings), "head")
+    except (SQLAlchemyError, AlembicError) as exc:
+        # Reached, but refused: a user who may not create tables, a database that holds
+        # another project's migrations.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise CommandError(
+            f"Migrating the database at {safe_url(settings.database_url)} failed: {reason}\n"
+            "Check that DATABASE_URL names this service's own database, and that its user "
+            "may create tables there."
+        ) from None
     print(f"Database {safe_url(settings.database_url)} is at the newest migration.")
 
 
@@ -127,6 +230,8 @@ def serve(args: argparse.Namespace) -> None:
             "    CURSOR_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     check_database(settings)
+    check_migrated(settings)
+    check_async_database(settings)
     check_jwks_file(settings)
     from service.logs import LoggingConfigError, configure_logging
 

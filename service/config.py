@@ -218,8 +218,11 @@ class Settings(BaseSettings):
     count_threshold: int = Field(
         10_000,
         ge=0,
+        # The bounded count's LIMIT is threshold + 1, a 32-bit integer parameter.
+        le=2**31 - 2,
         description="GET /items with count=estimated counts exactly up to this many "
-        "matching items, and estimates above it.",
+        "matching items, and estimates above it (at most 2147483646; count=exact always "
+        "counts them all).",
     )
 
     @field_validator("database_url", "database_async_url")
@@ -534,6 +537,12 @@ def _check_url(value: str) -> None:
             "not a valid SQLAlchemy URL; expected e.g. 'sqlite:///./service.db' or "
             "'postgresql+psycopg2://user:password@localhost:5432/service'"
         ) from None
+    if url.drivername.startswith("postgres") and not url.drivername.startswith("postgresql"):
+        # Heroku's and libpq's spelling; SQLAlchemy has no dialect by that name.
+        raise ValueError(
+            f"{url.drivername}:// is not a SQLAlchemy URL scheme: write postgresql:// "
+            "(psycopg2) or postgresql+asyncpg://"
+        )
     if url.host and "@" in url.host:
         # "user:p@ss@host": the URL ends the password at the first "@", and the rest of it
         # would be shown as a host name in every message about the connection.

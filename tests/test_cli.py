@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,8 +15,10 @@ from bench.harness import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
+def run_cli(
+    *args: str, database_url: str, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url, **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
@@ -51,6 +54,58 @@ def test_an_unencoded_at_sign_in_the_password_is_refused_without_showing_it() ->
         assert result.returncode == 2
         assert "%40" in result.stderr
         assert "Right" not in result.stderr and "Pass_77xyz" not in result.stderr
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+
+
+def test_a_driver_sqlalchemy_does_not_know_or_that_is_missing_is_explained() -> None:
+    port = free_port()
+    for command in ("migrate", "serve"):
+        unknown = run_cli(command, database_url=f"postgresql+foo://app:s3cret@127.0.0.1:{port}/x")
+        assert_one_line(unknown, "knows no driver 'postgresql+foo'", "postgresql://")
+        assert "s3cret" not in unknown.stderr
+        missing = run_cli(command, database_url=f"postgresql+pg8000://app@127.0.0.1:{port}/x")
+        assert_one_line(missing, "needs the driver 'pg8000', which is not installed")
+
+
+def test_heroku_style_postgres_urls_are_told_the_scheme_sqlalchemy_knows() -> None:
+    result = run_cli("migrate", database_url="postgres://app@127.0.0.1:5/x")
+    assert_one_line(result, "postgres:// is not a SQLAlchemy URL scheme", "postgresql://")
+
+
+def test_a_database_in_memory_is_refused(tmp_path: Path) -> None:
+    for command in ("migrate", "serve"):
+        assert_one_line(run_cli(command, database_url="sqlite://"), "in memory",
+                        "sqlite:///items.db")
+
+
+def test_serve_refuses_a_database_that_is_not_migrated(tmp_path: Path) -> None:
+    """Every request would answer 503 "not available right now" (no table)."""
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert_one_line(run_cli("serve", database_url=url), "not migrated",
+                    "python -m service migrate")
+
+
+def test_a_migration_the_database_refuses_is_explained(tmp_path: Path) -> None:
+    """A database holding another project's migrations: reached, but refused."""
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+        connection.execute("INSERT INTO alembic_version VALUES ('deadbeef1234')")
+    result = run_cli("migrate", database_url=f"sqlite:///{path}")
+    assert_one_line(result, "Migrating the database", "failed", "deadbeef1234")
+
+
+def test_serve_checks_the_url_the_requests_use(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    assert run_cli("migrate", database_url=url).returncode == 0
+    result = run_cli("serve", database_url=url,
+                     DATABASE_ASYNC_URL=f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/x.db")
+    assert_one_line(result, "Cannot reach the database", "DATABASE_ASYNC_URL")
 
 
 def test_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
