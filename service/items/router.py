@@ -119,7 +119,22 @@ def _item_response(response: Response, item: Item) -> ItemOut:
     "",
     response_model=ItemPage,
     summary="List items, a page at a time",
-    responses=problem_responses(422),
+    responses={
+        200: {
+            "headers": {
+                "Preference-Applied": {
+                    "description": "`count=...` when the `Prefer` header chose the count "
+                    "mode (RFC 7240).",
+                    "schema": {"type": "string"},
+                },
+                "Vary": {
+                    "description": "`Prefer`: the body depends on it.",
+                    "schema": {"type": "string"},
+                },
+            }
+        },
+        **problem_responses(422),
+    },
 )
 async def list_items(
     filters: Filters,

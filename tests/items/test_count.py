@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
 from sqlalchemy import Engine, text
 
 from service.config import Settings
@@ -346,3 +347,20 @@ async def test_unknown_count_parameter_is_a_422_listing_the_modes(
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     assert "exact" in str(response.json()["errors"])
+
+
+async def test_the_largest_threshold_allowed_counts_exactly(
+    settings: Settings, engine: Engine, backend: str
+) -> None:
+    """COUNT_THRESHOLD as high as it goes ("always exact" by setting): the count query's
+    bound is a 32-bit parameter on PostgreSQL (2**31 - 1 answered 500); past it, the
+    setting is refused at start."""
+    add(engine, ["lamp", "vase"], backend)
+    largest = create_app(settings.model_copy(update={"count_threshold": 2**31 - 2}))
+    transport = httpx.ASGITransport(app=largest)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/items")
+    assert response.status_code == 200
+    assert totals(response.json()) == (2, 1, True)
+    with pytest.raises(ValidationError, match="count_threshold"):
+        Settings(**{**settings.model_dump(), "count_threshold": 2**31 - 1})

@@ -123,6 +123,8 @@ async def test_item_responses_declare_their_etag_and_location(
     }
     assert all("ETag" in headers for headers in declared.values())
     assert "Location" in declared["post", 201]
+    listed = paths["/items"]["get"]["responses"]["200"]["headers"]
+    assert {"Preference-Applied", "Vary"} <= set(listed)
 
 
 async def test_operation_ids_name_what_each_operation_does(openapi: dict[str, Any]) -> None:
