@@ -79,10 +79,10 @@ class ServiceHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_head(len(name) + len(value) + 4)  # "name: value\r\n"
         if len(name) == 12 and self._request_id is None and name.lower() == _REQUEST_ID_HEADER:
-            # Kept for a refusal of this request, as the app would keep it (the first sane).
+            # Kept for a refusal of this request, as the app would keep it: the first line,
+            # if sane; else a new id ("" here: no later line counts).
             text = value.decode("latin-1")
-            if is_sane(text):
-                self._request_id = text
+            self._request_id = text if is_sane(text) else ""
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:

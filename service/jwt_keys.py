@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,17 +198,29 @@ class RemoteKeys:
                             ", ".join(sorted(self._keys)))
 
     async def _fetch(self) -> Any:
+        headers = {"Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
         async with (
             httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client,
-            client.stream("GET", self.url, headers={"Accept": "application/json"}) as response,
+            client.stream("GET", self.url, headers=headers) as response,
         ):
             response.raise_for_status()
-            # Read as it comes, decompressed, and given up past the bound: a provider (or
-            # what answers in its place) sending a huge or gzip-bombed body is not held
-            # in memory whole.
+            # Read as it comes and given up past the bound, decompressed here no further
+            # than the bound: a provider (or what answers in its place) sending a huge or
+            # gzip-bombed body is never held in memory whole.
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
+                raise InvalidKeySet(f"sent in an encoding not asked for ({encoding!r})")
+            # gzip or zlib (HTTP's deflate), told apart by their headers.
+            inflate = None if encoding == "identity" else zlib.decompressobj(zlib.MAX_WBITS | 32)
             body = bytearray()
-            async for part in response.aiter_bytes():
+            async for part in response.aiter_raw():
+                if inflate is not None:
+                    part = inflate.decompress(part, MAX_JWKS_BYTES + 1 - len(body))
                 body += part
+                if len(body) > MAX_JWKS_BYTES:
+                    raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
+            if inflate is not None:
+                body += inflate.flush()
                 if len(body) > MAX_JWKS_BYTES:
                     raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
             return json.loads(body)

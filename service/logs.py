@@ -22,6 +22,7 @@ import json
 import logging
 import logging.config
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,15 @@ def _utc_time(record: logging.LogRecord) -> str:
 
 class TextFormatter(logging.Formatter):
     """`2026-11-30T04:58:01.123Z INFO service.access [3f2a...] GET /items 200 ...`: the time
-    in UTC as in JSON lines (unless a `datefmt` is given), `[-]` outside requests."""
+    in UTC as in JSON lines (a `datefmt` given chooses the format, still in UTC), `[-]`
+    outside requests."""
 
     def __init__(self, fmt: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(fmt or TEXT_FORMAT, *args, **kwargs)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt:
-            return super().formatTime(record, datefmt)
+            return time.strftime(datefmt, time.gmtime(record.created))
         return _utc_time(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:

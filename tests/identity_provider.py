@@ -3,6 +3,7 @@
 127.0.0.1 (a thread of this process; no internet)."""
 
 import contextlib
+import gzip
 import json
 import threading
 import time
@@ -93,7 +94,9 @@ class JwksServer:
     """Serves `provider.jwks()` at http://127.0.0.1:<port>/jwks.json. `fetches` counts the
     requests; `down` makes it answer 503; `delay` seconds before answering; `trickle`
     seconds between the bytes of the body (a provider that is slow without ever going
-    quiet for long); `endless` answers a body that never ends, as fast as it is read."""
+    quiet for long); `endless` answers a body that never ends, as fast as it is read;
+    `gzip` compresses the answer; `gzipped` is an answer compressed already, sent as it is
+    (a gzip bomb: megabytes of spaces are kilobytes compressed)."""
 
     def __init__(self, provider: IdentityProvider) -> None:
         self.provider = provider
@@ -102,6 +105,8 @@ class JwksServer:
         self.delay = 0.0
         self.trickle = 0.0
         self.endless = False
+        self.gzip = False
+        self.gzipped: bytes | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -123,6 +128,9 @@ class JwksServer:
                 body = json.dumps(server.provider.jwks()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
+                if server.gzip or server.gzipped is not None:
+                    body = server.gzipped or gzip.compress(body)
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not server.trickle:

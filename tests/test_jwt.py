@@ -10,6 +10,7 @@ token never does.
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -729,6 +731,26 @@ async def test_a_jwks_answer_past_the_size_bound_is_given_up_as_it_comes(
         await keys.key("rsa-1")
     assert "larger than 1048576 bytes" in caplog.text
     assert "TimeoutError" not in caplog.text
+
+
+async def test_a_gzip_jwks_is_read_and_a_gzip_bomb_is_given_up_at_the_bound(
+    jwks_server: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    jwks_server.gzip = True
+    assert await RemoteKeys(jwks_server.url).key("rsa-1") is not None
+    # 64 MiB of spaces before the keys: ~64 KiB compressed.
+    jwks_server.gzipped = gzip.compress(b" " * 64 * 2**20 + b"{}", compresslevel=1)
+    keys = RemoteKeys(jwks_server.url)
+    tracemalloc.start()
+    try:
+        with (caplog.at_level(logging.WARNING, logger="service.auth.jwks"),
+              pytest.raises(KeysUnavailable)):
+            await keys.key("rsa-1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "larger than 1048576 bytes" in caplog.text
+    assert peak < 16 * 2**20  # never inflated whole, nor a network read's worth at once
 
 
 async def test_the_rate_limit_lets_a_refresh_through_after_a_minute(

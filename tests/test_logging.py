@@ -22,7 +22,7 @@ import pytest
 
 from bench.harness import free_port
 from service.config import Settings
-from service.logs import log_format
+from service.logs import TextFormatter, log_format
 from service.main import create_app
 from tests.conftest import AUTH, ROOT, TEST_TOKEN
 
@@ -463,3 +463,16 @@ def test_uvicorn_run_directly_logs_every_line_in_the_service_format_and_no_query
     statements = [line for line in lines if line["logger"].startswith("sqlalchemy.engine")]
     assert any(line["request_id"] == "direct-1" and "FROM items" in line["message"]
                for line in statements)
+
+
+def test_text_times_are_utc_with_a_datefmt_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        record = logging.makeLogRecord({"msg": "m", "created": 1764565200.0})  # 05:00 UTC
+        formatter = TextFormatter(datefmt="%Y-%m-%d %H:%M")
+        assert formatter.formatTime(record, formatter.datefmt) == "2025-12-01 05:00"
+        assert TextFormatter().formatTime(record) == "2025-12-01T05:00:00.000Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

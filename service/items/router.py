@@ -53,21 +53,43 @@ ItemId = Annotated[
     BeforeValidator(ascii_digits),
     Path(description="The item's id."),
 ]
-IfMatch = Annotated[
-    str | None,
-    Header(
-        alias="If-Match",
-        description='The ETag you read, e.g. "17-3" (several, comma-separated, or *).',
-    ),
-]
-IfNoneMatch = Annotated[
-    str | None,
-    Header(
-        alias="If-None-Match",
-        description='The ETag you hold, e.g. "17-3" (several, comma-separated, or *): '
-        "304 Not Modified, without a body, while the item is still at that version.",
-    ),
-]
+def _if_match(
+    request: Request,
+    if_match: Annotated[
+        str | None,
+        Header(
+            alias="If-Match",
+            description='The ETag you read, e.g. "17-3" (several, comma-separated, or *).',
+        ),
+    ] = None,
+) -> str | None:
+    return _every_line(request, b"if-match")
+
+
+def _if_none_match(
+    request: Request,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            alias="If-None-Match",
+            description='The ETag you hold, e.g. "17-3" (several, comma-separated, or *): '
+            "304 Not Modified, without a body, while the item is still at that version.",
+        ),
+    ] = None,
+) -> str | None:
+    return _every_line(request, b"if-none-match")
+
+
+def _every_line(request: Request, name: bytes) -> str | None:
+    """A list header sent on several lines, as one (RFC 9110 5.3: the lines joined with
+    commas); FastAPI's `Header` gives the last line only."""
+    lines = [value for key, value in request.scope["headers"] if key == name]
+    return b", ".join(lines).decode("latin-1") if lines else None
+
+
+# The parameters declare the headers in OpenAPI; the dependencies read every line of them.
+IfMatch = Annotated[str | None, Depends(_if_match)]
+IfNoneMatch = Annotated[str | None, Depends(_if_none_match)]
 Filters = Annotated[ItemFilters, Query()]
 Sort = Annotated[ItemSort, Query(description=SORT_HELP)]
 
@@ -234,7 +256,7 @@ _LOCATION = {
     },
 )
 async def get_item(
-    item_id: ItemId, response: Response, if_none_match: IfNoneMatch = None
+    item_id: ItemId, response: Response, if_none_match: IfNoneMatch
 ) -> ItemOut | Response:
     """With `If-None-Match`, a 304 without a body while the item is unchanged (a cache
     revalidating what it holds)."""
@@ -280,7 +302,7 @@ async def create_item(data: ItemCreate, request: Request, response: Response) ->
     dependencies=[Depends(json_body)],
 )
 async def update_item(
-    item_id: ItemId, update: ItemUpdate, response: Response, if_match: IfMatch = None
+    item_id: ItemId, update: ItemUpdate, response: Response, if_match: IfMatch
 ) -> ItemOut:
     """Needs `If-Match` or the body's `version` (428 without either); 412 if the item has
     changed since, 409 if the new name is taken."""
@@ -295,7 +317,7 @@ async def update_item(
     summary="Delete an item",
     responses=problem_responses(404, 412, 422),
 )
-async def delete_item(item_id: ItemId, if_match: IfMatch = None) -> Response:
+async def delete_item(item_id: ItemId, if_match: IfMatch) -> Response:
     """With `If-Match`, only if the item is still at that version (else 412)."""
     await service.delete_item(item_id, version_match(item_id, if_match))
     return Response(status_code=204)

@@ -247,6 +247,19 @@ async def test_get_with_another_etag_in_if_none_match_is_the_item(
     assert response.json() == created
 
 
+async def test_if_none_match_sent_on_two_lines_is_one_list(
+    client: httpx.AsyncClient, create_item: CreateItem
+) -> None:
+    """RFC 9110 5.3: a list header on two lines is the lines joined - either order."""
+    created = await create_item("Rug")
+    current, other = f'"{created["id"]}-1"', f'"{created["id"]}-9"'
+    for lines in ([current, other], [other, current]):
+        response = await client.get(
+            f"/items/{created['id']}", headers=[("If-None-Match", tag) for tag in lines]
+        )
+        assert response.status_code == 304, lines
+
+
 async def test_an_etag_held_in_if_none_match_is_stale_after_an_update(
     client: httpx.AsyncClient, create_item: CreateItem
 ) -> None:

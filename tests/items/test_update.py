@@ -156,6 +156,21 @@ async def test_patch_with_a_list_of_etags_updates_if_one_is_current(
     assert response.status_code == 200
 
 
+async def test_if_match_sent_on_two_lines_is_one_list(
+    client: httpx.AsyncClient, create_item: CreateItem
+) -> None:
+    """RFC 9110 5.3: the lines joined; FastAPI alone reads the last line only."""
+    item = await create_item("Lamp")
+    current, stale = f'"{item["id"]}-1"', f'"{item["id"]}-7"'
+
+    response = await client.patch(
+        f"/items/{item['id']}", json={"price": "3"},
+        headers=[("If-Match", current), ("If-Match", stale)],
+    )
+
+    assert response.status_code == 200
+
+
 @pytest.mark.parametrize(
     "if_match",
     ['W/"{id}-1"', '"{other}-1"', "{id}-1", "garbage", '""', '"0{id}-1"', '"{id}-01"'],
