@@ -77,7 +77,7 @@ def check_async_database(settings: Settings) -> None:
     name = "DATABASE_ASYNC_URL" if settings.database_async_url else "DATABASE_URL"
 
     async def connect() -> None:
-        engine = create_async_engine(url, **settings.engine_args())
+        engine = create_async_engine(url, **settings.async_engine_args())
         try:
             async with engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))

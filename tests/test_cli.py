@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from sqlalchemy.engine import make_url
 
-from bench.harness import free_port
+from bench.harness import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,3 +157,25 @@ def test_uvicorn_run_directly_explains_a_missing_token_without_a_traceback(
     assert result.returncode == 1
     assert "error: No API token" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_checks_the_postgresql_url_the_requests_use(
+    migrated_url: str, backend: str
+) -> None:
+    """On asyncpg, with the engine arguments the app gives it (a wrong DATABASE_ASYNC_URL
+    served 503s for ever); the right one starts."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL URLs")
+    wrong = make_url(migrated_url).set(drivername="postgresql+asyncpg", database="nowhere")
+    result = run_cli("serve", database_url=migrated_url,
+                     DATABASE_ASYNC_URL=wrong.render_as_string(hide_password=False))
+    assert_one_line(result, "Cannot reach the database", "DATABASE_ASYNC_URL", "nowhere")
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": migrated_url, "API_TOKENS": "cli-test-token-0123"}
+    server = ServerProcess([sys.executable, "-m", "service", "serve", "--port", str(port)],
+                           port, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        server.wait_until_answers("/health/ready", timeout=60)
+    finally:
+        server.stop()
