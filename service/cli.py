@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -170,6 +171,25 @@ def alembic_config(settings: Settings) -> Any:
     return config
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind the port once, as uvicorn will: one taken (another `make run`) is said before
+    "Serving on", not after it in a log line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CommandError(f"Cannot serve on {host}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CommandError(
+                f"Cannot serve on {host}:{port}: {exc.strerror or exc}. Is it serving "
+                "already? Choose another port: --port N (make run PORT=N)."
+            ) from None
+
+
 def check_jwks_file(settings: Settings) -> None:
     """Read JWT_JWKS_FILE once before any worker starts, or explain why it is unusable
     (each worker would fail at start, and uvicorn would start it again, for ever)."""
@@ -229,6 +249,7 @@ def serve(args: argparse.Namespace) -> None:
             "the next. Set it (environment or .env), the same on every instance, e.g.:\n"
             "    CURSOR_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
+    check_port_free(args.host, args.port)
     check_database(settings)
     check_migrated(settings)
     check_async_database(settings)

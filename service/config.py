@@ -376,9 +376,11 @@ class Settings(BaseSettings):
     @field_validator("cursor_secret")
     @classmethod
     def _long_enough_cursor_secret(cls, value: SecretStr) -> SecretStr:
-        if len(value.get_secret_value().encode()) < MIN_CURSOR_SECRET_BYTES:
+        # Spaces around it (a quoted value in .env, padding) are no secret.
+        if len(value.get_secret_value().strip().encode()) < MIN_CURSOR_SECRET_BYTES:
             raise ValueError(
-                f"CURSOR_SECRET must be at least {MIN_CURSOR_SECRET_BYTES} bytes: it signs "
+                f"CURSOR_SECRET must be at least {MIN_CURSOR_SECRET_BYTES} bytes besides "
+                "surrounding spaces: it signs "
                 "cursors and consistency tokens, and a short key can be guessed (unset it "
                 "to have one made up per process)"
             )
@@ -387,9 +389,11 @@ class Settings(BaseSettings):
     @field_validator("jwt_secret")
     @classmethod
     def _long_enough_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+        secret = value.get_secret_value().strip() if value is not None else None
+        if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ValueError(
-                f"JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes (HS256 with a "
+                f"JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes besides surrounding "
+                "spaces (HS256 with a "
                 "shorter key can be brute-forced)"
             )
         return value

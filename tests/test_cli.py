@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +78,18 @@ def test_a_driver_sqlalchemy_does_not_know_or_that_is_missing_is_explained() -> 
 def test_heroku_style_postgres_urls_are_told_the_scheme_sqlalchemy_knows() -> None:
     result = run_cli("migrate", database_url="postgres://app@127.0.0.1:5/x")
     assert_one_line(result, "postgres:// is not a SQLAlchemy URL scheme", "postgresql://")
+
+
+def test_serve_on_a_port_taken_says_so_before_it_says_it_serves(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    assert run_cli("migrate", database_url=url).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), database_url=url)
+    assert_one_line(result, f"Cannot serve on 127.0.0.1:{port}", "--port")
+    assert "Serving on" not in result.stdout
 
 
 def test_a_database_in_memory_is_refused(tmp_path: Path) -> None:

@@ -373,7 +373,10 @@ def test_several_workers_without_a_cursor_secret_refuse_to_start(
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("secret", ["", "short"], ids=["empty", "short"])
+@pytest.mark.parametrize(
+    "secret", ["", "short", " " * 20, "  short padded  " + " " * 10],
+    ids=["empty", "short", "spaces", "short-padded"],
+)
 def test_an_empty_or_short_cursor_secret_is_a_configuration_error(
     migrated_url: str, secret: str
 ) -> None:
