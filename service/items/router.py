@@ -196,10 +196,14 @@ async def list_items(
     )
 
 
+# The comma-separated preferences of a header; a comma inside a quoted value is the value's.
+_PREFERENCES = re.compile(r'(?:[^,"]|"[^"]*"?)+')
+
+
 def preferred_count(prefer: str | None) -> CountMode | None:
     """The `count=` preference of a `Prefer` header; an unknown value is ignored, as RFC 7240
     asks of preferences a server does not understand."""
-    for preference in (prefer or "").split(","):
+    for preference in _PREFERENCES.findall(prefer or ""):
         # `count=exact; foo=bar`: a preference may carry parameters (RFC 7240 2), ignored.
         token = preference.split(";", 1)[0]
         name, _, value = token.strip().partition("=")

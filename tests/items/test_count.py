@@ -290,7 +290,7 @@ async def test_the_estimate_is_asked_for_only_above_the_threshold(
 
 
 @pytest.mark.parametrize("mode", ["exact", "none"])
-@pytest.mark.parametrize("parameters", ["", "; strict", ' ; x="a;b"'])
+@pytest.mark.parametrize("parameters", ["", "; strict", ' ; x="a;b"', '; x="a, count=none"'])
 async def test_prefer_header_chooses_the_mode_and_is_acknowledged(
     reader: httpx.AsyncClient, engine: Engine, backend: str, mode: str, parameters: str
 ) -> None:
@@ -301,6 +301,17 @@ async def test_prefer_header_chooses_the_mode_and_is_acknowledged(
     )
     assert response.headers["preference-applied"] == f"count={mode}"
     assert response.json()["total"] == (12 if mode == "exact" else None)
+
+
+async def test_a_comma_in_a_quoted_value_does_not_start_a_preference(
+    reader: httpx.AsyncClient, engine: Engine, backend: str
+) -> None:
+    add(engine, [f"lamp {n}" for n in range(12)], backend)
+    response = await reader.get(
+        "/items", headers={"Prefer": 'foo="a,count=none", count=exact'}
+    )
+    assert response.headers["preference-applied"] == "count=exact"
+    assert response.json()["total"] == 12
 
 
 async def test_lists_say_their_body_varies_with_prefer(reader: httpx.AsyncClient) -> None:
