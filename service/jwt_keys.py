@@ -47,6 +47,15 @@ FETCH_TIMEOUT = 5.0  # seconds
 MAX_JWKS_BYTES = 1024 * 1024
 
 
+def _decompressor(first: bytes) -> Any:
+    """For a compressed answer starting with `first`: gzip or zlib, told apart by their
+    headers - or raw deflate, which some servers send as HTTP's deflate."""
+    zlib_header = len(first) >= 2 and first[0] & 0x0F == 8 and int.from_bytes(first[:2]) % 31 == 0
+    if first[:2] == b"\x1f\x8b" or zlib_header:
+        return zlib.decompressobj(zlib.MAX_WBITS | 32)
+    return zlib.decompressobj(-zlib.MAX_WBITS)
+
+
 class KeySource(Protocol):
     async def key(self, kid: str) -> PyJWK | None:
         """The key with id `kid`, or None if there is none."""
@@ -210,17 +219,20 @@ class RemoteKeys:
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
                 raise InvalidKeySet(f"sent in an encoding not asked for ({encoding!r})")
-            # gzip or zlib (HTTP's deflate), told apart by their headers.
-            inflate = None if encoding == "identity" else zlib.decompressobj(zlib.MAX_WBITS | 32)
+            inflate: Any = None
             body = bytearray()
-            async for part in response.aiter_raw():
+            try:
+                async for part in response.aiter_raw():
+                    if encoding != "identity":
+                        inflate = inflate or _decompressor(part)
+                        part = inflate.decompress(part, MAX_JWKS_BYTES + 1 - len(body))
+                    body += part
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
                 if inflate is not None:
-                    part = inflate.decompress(part, MAX_JWKS_BYTES + 1 - len(body))
-                body += part
-                if len(body) > MAX_JWKS_BYTES:
-                    raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
-            if inflate is not None:
-                body += inflate.flush()
-                if len(body) > MAX_JWKS_BYTES:
-                    raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
+                    body += inflate.flush()
+            except zlib.error as error:
+                raise InvalidKeySet(f"not valid {encoding} ({error})") from None
+            if len(body) > MAX_JWKS_BYTES:
+                raise InvalidKeySet(f"larger than {MAX_JWKS_BYTES} bytes")
             return json.loads(body)

@@ -107,6 +107,7 @@ class JwksServer:
         self.endless = False
         self.gzip = False
         self.gzipped: bytes | None = None
+        self.encoding = "gzip"  # the Content-Encoding `gzipped` is sent with
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -130,7 +131,9 @@ class JwksServer:
                 self.send_header("Content-Type", "application/json")
                 if server.gzip or server.gzipped is not None:
                     body = server.gzipped or gzip.compress(body)
-                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header(
+                        "Content-Encoding", "gzip" if server.gzipped is None else server.encoding
+                    )
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not server.trickle:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -751,6 +752,20 @@ async def test_a_gzip_jwks_is_read_and_a_gzip_bomb_is_given_up_at_the_bound(
         tracemalloc.stop()
     assert "larger than 1048576 bytes" in caplog.text
     assert peak < 16 * 2**20  # never inflated whole, nor a network read's worth at once
+
+
+async def test_a_raw_deflate_jwks_is_read_and_a_corrupt_one_keeps_the_cached_keys(
+    jwks_server: JwksServer, provider: IdentityProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    jwks_server.gzipped = raw.compress(json.dumps(provider.jwks()).encode()) + raw.flush()
+    jwks_server.encoding = "deflate"  # as some servers send it: no zlib header
+    assert await RemoteKeys(jwks_server.url).key("rsa-1") is not None
+    jwks_server.gzipped, jwks_server.encoding = b"\x1f\x8b not gzip at all", "gzip"
+    with (caplog.at_level(logging.WARNING, logger="service.auth.jwks"),
+          pytest.raises(KeysUnavailable)):
+        await RemoteKeys(jwks_server.url).key("rsa-1")  # logged, not raised: retried later
+    assert "not valid gzip" in caplog.text
 
 
 async def test_the_rate_limit_lets_a_refresh_through_after_a_minute(
