@@ -57,7 +57,7 @@ def safe_url(url: str) -> str:
 
 def check_database(settings: Settings) -> None:
     """Connect once and run `SELECT 1`, or explain why that failed."""
-    refuse_in_memory_sqlite(settings)
+    refuse_in_memory_sqlite(settings.database_url)
     with _explained(settings.database_url, "DATABASE_URL"):
         engine = create_engine(settings.sync_database_url(), **settings.engine_args())
         try:
@@ -69,34 +69,53 @@ def check_database(settings: Settings) -> None:
 
 def check_async_database(settings: Settings) -> None:
     """The same for the URL the requests use (DATABASE_ASYNC_URL, or DATABASE_URL with its
-    async driver): a wrong password there made every request a 503 "try again shortly"."""
+    async driver): reachable, on an async driver, not in memory, and migrated - a wrong one
+    made every request a 503 "try again shortly"."""
     import asyncio
+
+    from alembic.runtime.migration import MigrationContext
 
     from service.db.asyncio import create_async_engine
 
     url = settings.async_database_url()
     name = "DATABASE_ASYNC_URL" if settings.database_async_url else "DATABASE_URL"
+    refuse_in_memory_sqlite(url, name)
 
-    async def connect() -> None:
+    async def revision() -> str | None:
         engine = create_async_engine(url, **settings.async_engine_args())
         try:
             async with engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
+                return await connection.run_sync(
+                    lambda sync: MigrationContext.configure(sync).get_current_revision()
+                )
         finally:
             await engine.dispose()
 
     with _explained(url, name):
+        dialect = make_url(url).get_dialect()
+        if not dialect.is_async:
+            raise CommandError(
+                f"{name}={safe_url(url)} names the sync driver '{dialect.driver}': the "
+                "requests need an async one (postgresql+asyncpg://, sqlite+aiosqlite://)."
+            )
         if make_url(url).get_backend_name() == "sqlite":
             # aiosqlite is sqlite3 in a thread, which a failed connect leaves behind to
             # write a traceback once the loop has closed: ask sqlite3 itself.
-            sync = create_engine(make_url(url).set(drivername="sqlite"))
-            try:
-                with sync.connect() as connection:
-                    connection.execute(text("SELECT 1"))
-            finally:
-                sync.dispose()
+            current = _revision_of(make_url(url).set(drivername="sqlite"))
         else:
-            asyncio.run(connect())
+            current = asyncio.run(revision())
+    require_newest(settings, url, current)
+
+
+def _revision_of(url: Any, **engine_args: Any) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(url, **engine_args)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
 
 
 @contextmanager
@@ -129,37 +148,37 @@ def _explained(url: str, name: str) -> Iterator[None]:
         ) from None
 
 
-def refuse_in_memory_sqlite(settings: Settings) -> None:
+def refuse_in_memory_sqlite(url: str, name: str = "DATABASE_URL") -> None:
     """`sqlite://` is a database in memory, a new one on every connection of every
     process: a migration there is gone when `migrate` ends, and `serve` would find no
     tables (a 503 on every request)."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise CommandError(
-            f"DATABASE_URL={settings.database_url} is a database in memory, which ends with "
-            "the process: use a file, e.g. DATABASE_URL=sqlite:///items.db."
+            f"{name}={url} is a database in memory, which ends with the process: use a "
+            "file, e.g. sqlite:///items.db."
         )
 
 
 def check_migrated(settings: Settings) -> None:
-    """The database is at the newest migration, or `serve` says to run `migrate` (an empty
-    database answered every request 503, "not available right now")."""
-    from alembic.runtime.migration import MigrationContext
+    """The database is at the newest migration, or `serve` (and `seed`) say to run
+    `migrate` (an empty database answered every request 503, "not available right now")."""
+    with _explained(settings.database_url, "DATABASE_URL"):
+        current = _revision_of(settings.sync_database_url(), **settings.engine_args())
+    require_newest(settings, settings.database_url, current)
+
+
+def require_newest(settings: Settings, url: str, current: str | None) -> None:
     from alembic.script import ScriptDirectory
 
     newest = ScriptDirectory.from_config(alembic_config(settings)).get_current_head()
-    engine = create_engine(settings.sync_database_url(), **settings.engine_args())
-    try:
-        with _explained(settings.database_url, "DATABASE_URL"), engine.connect() as connection:
-            current = MigrationContext.configure(connection).get_current_revision()
-    finally:
-        engine.dispose()
     if current != newest:
         raise CommandError(
-            f"The database at {safe_url(settings.database_url)} is "
+            f"The database at {safe_url(url)} is "
             + ("not migrated" if current is None else
                f"at migration {current}, not the newest ({newest})")
-            + ": run `python -m service migrate` first (`make run` does)."
+            + ": run `python -m service migrate` first (`make run` does; with "
+            "DATABASE_ASYNC_URL, on the database it names)."
         )
 
 
@@ -330,6 +349,7 @@ def seed(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     check_database(settings)
+    check_migrated(settings)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     started = time.perf_counter()
     done = 0

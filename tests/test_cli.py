@@ -118,9 +118,20 @@ def test_a_migration_the_database_refuses_is_explained(tmp_path: Path) -> None:
 def test_serve_checks_the_url_the_requests_use(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'served.db'}"
     assert run_cli("migrate", database_url=url).returncode == 0
-    result = run_cli("serve", database_url=url,
-                     DATABASE_ASYNC_URL=f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/x.db")
-    assert_one_line(result, "Cannot reach the database", "DATABASE_ASYNC_URL")
+    cases = {
+        f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/x.db": "Cannot reach the database",
+        f"sqlite+aiosqlite:///{tmp_path / 'other.db'}": "not migrated",
+        "sqlite+aiosqlite://": "in memory",
+        url: "names the sync driver 'pysqlite'",
+    }
+    for async_url, said in cases.items():
+        result = run_cli("serve", database_url=url, DATABASE_ASYNC_URL=async_url)
+        assert_one_line(result, said, "DATABASE_ASYNC_URL" if said != "not migrated" else "")
+
+
+def test_seed_refuses_a_database_that_is_not_migrated(tmp_path: Path) -> None:
+    result = run_cli("seed", "--items", "5", database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    assert_one_line(result, "not migrated", "python -m service migrate")
 
 
 def test_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
