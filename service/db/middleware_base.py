@@ -299,8 +299,11 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 _log_cut_off(scope)
             elif request.started and isinstance(exc, Exception):
                 logger.error(
-                    "%s failed after its response started; its later writes were rolled back",
+                    "%s failed after its response started; %s",
                     describe(scope),
+                    # Its body's writes were committed before its last part was sent.
+                    "the writes of its body were committed, what came after them was "
+                    "rolled back" if request.finished else "its later writes were rolled back",
                     exc_info=exc,
                 )
             # Not an Exception (a cancellation): a statement may have been cut off mid-way.
@@ -329,7 +332,10 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
             if had_work or unit.has_hooks():
                 await _deliver_due_cancellation()
                 try:
-                    await self._commit(request)
+                    # Cancelled meanwhile (a timeout around the app), the COMMIT would go on
+                    # (its job is shielded) and the request be counted as rolled back.
+                    with anyio.CancelScope(shield=True):
+                        await self._commit(request)
                 except Exception as exc:
                     request.replaced = True
                     self._transaction_ended(request, "commit_failed")
@@ -375,8 +381,12 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
                 self._transaction_ended(request, "commit_failed")
             logger.error(
                 "%s: commit of the writes made while the body streamed failed; that work "
-                "was not stored, and the body was cut off before its end",
-                describe(request.scope), exc_info=exc,
+                "was not stored, and %s",
+                describe(request.scope),
+                # Writes after the part that completed a Content-Length: the client has it.
+                "the client has the whole body" if request.finished
+                else "the body was cut off before its end",
+                exc_info=exc,
             )
             raise ResponseReplaced from None
         if had_work:

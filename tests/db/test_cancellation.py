@@ -14,13 +14,14 @@ from typing import Any
 import anyio
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, event, func, insert, select, text
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from service.db import DBSessionMiddleware, create_engine, db
 from service.db.testing import isolated
 from service.items.models import Item
 from tests.db.conftest import Mode, client_for, stored_names
+from tests.db.test_observer import Recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -254,6 +255,39 @@ async def test_an_anyio_deadline_that_ran_out_while_the_loop_was_blocked_stores_
         assert (await client.post("/blocking/cut?0.1")).status_code == 504
         assert (await client.post("/blocking/kept?5")).status_code == 200
     assert stored_names(engine) == {"kept"}
+    assert mode.checked_out() == 0
+
+
+async def test_a_deadline_running_out_during_the_commit_is_counted_as_the_commit_it_was(
+    mode: Mode, engine: Engine
+) -> None:
+    """Once begun, a COMMIT runs to its end (its connection must come back clean): a
+    deadline that runs out meanwhile cannot undo it, and the request is counted as
+    committed, not as rolled back with its work stored."""
+    recorder = Recorder()
+    app = mode.make_app(observer=recorder)
+    app.add_middleware(AnyioDeadline)
+
+    @app.post("/write/{tag}")
+    async def write(tag: str) -> JSONResponse:
+        mode.add_item(tag)
+        return JSONResponse({"tag": tag})
+
+    def slow_commit(connection: Any) -> None:
+        time.sleep(0.3)  # the 0.1 s deadline runs out meanwhile
+
+    event.listen(mode.pool_engine, "commit", slow_commit)
+    try:
+        async with client_for(app) as client:
+            response = await client.post("/write/late?0.1")
+    finally:
+        event.remove(mode.pool_engine, "commit", slow_commit)
+    # The cancellation comes after the COMMIT, at the next checkpoint: the 200 goes out
+    # first here (the test client's `send` never waits); a server whose `send` waits
+    # may answer the deadline's 504 instead. Either way the COMMIT stood.
+    assert response.status_code in (200, 504)
+    assert stored_names(engine) == {"late"}
+    assert [outcome for _, outcome in recorder.of("transaction")] == ["commit"]
     assert mode.checked_out() == 0
 
 
