@@ -330,12 +330,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         had_work = unit.has_work()
         if self.commit_on_exit and self.commit_policy(start["status"]):
             if had_work or unit.has_hooks():
-                await _deliver_due_cancellation()
                 try:
-                    # Cancelled meanwhile (a timeout around the app), the COMMIT would go on
-                    # (its job is shielded) and the request be counted as rolled back.
-                    with anyio.CancelScope(shield=True):
-                        await self._commit(request)
+                    await self._commit_to_the_end(request)
                 except Exception as exc:
                     request.replaced = True
                     self._transaction_ended(request, "commit_failed")
@@ -358,6 +354,16 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         timing = (b"server-timing", unit.stats.server_timing().encode())
         return {**start, "headers": [*start.get("headers", ()), timing]}
 
+    async def _commit_to_the_end(self, request: RequestState[UnitT, JobT]) -> None:
+        """COMMIT the request's work. A cancellation that is due is let in first (nothing
+        is stored); one that comes during the COMMIT - a timeout around the app, a client
+        leaving a streamed body - waits for it under an anyio shield: the COMMIT goes on
+        regardless (its job is shielded), and what it did is then known, logged and counted,
+        not taken for a rollback with the work stored."""
+        await _deliver_due_cancellation()
+        with anyio.CancelScope(shield=True):
+            await self._commit(request)
+
     def _transaction_ended(self, request: RequestState[UnitT, JobT], outcome: Outcome) -> None:
         if request.transactional:
             self.observer.transaction_ended(self.database.name, request.scope, outcome)
@@ -368,13 +374,8 @@ class SessionMiddlewareBase(Generic[UnitT, JobT]):
         part is never sent - the client sees a cut-off body, not a complete one for work
         that was lost - and the response's background tasks do not run."""
         had_work = request.unit.has_work()
-        await _deliver_due_cancellation()
         try:
-            # A client leaving now makes Starlette cancel the body: the COMMIT goes on
-            # regardless (its job is shielded), and this waits for it to tell what it did -
-            # or the request would be logged and counted as rolled back with its work stored.
-            with anyio.CancelScope(shield=True):
-                await self._commit(request)
+            await self._commit_to_the_end(request)
         except Exception as exc:
             request.replaced = True
             if had_work:
