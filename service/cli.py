@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from service.config import Settings
 from service.db import create_engine, db
+from service.db.engine import in_memory_sqlite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,16 +55,12 @@ def safe_url(url: str) -> str:
     return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
 
 
-def check_database(settings: Settings) -> None:
-    """Connect once and run `SELECT 1`, or explain why that failed."""
+def check_database(settings: Settings) -> str | None:
+    """Connect once and read the database's migration (None: not migrated), or explain
+    why that failed."""
     refuse_in_memory_sqlite(settings.database_url)
     with _explained(settings.database_url, "DATABASE_URL"):
-        engine = create_engine(settings.sync_database_url(), **settings.engine_args())
-        try:
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-        finally:
-            engine.dispose()
+        return _revision_of(settings.sync_database_url(), **settings.engine_args())
 
 
 def check_async_database(settings: Settings) -> None:
@@ -77,6 +73,10 @@ def check_async_database(settings: Settings) -> None:
 
     from service.db.asyncio import create_async_engine
 
+    if settings.database_async_url is None and (
+        make_url(settings.database_url).get_backend_name() == "sqlite"
+    ):
+        return  # aiosqlite on DATABASE_URL's own file: checked by check_migrated
     url = settings.async_database_url()
     name = "DATABASE_ASYNC_URL" if settings.database_async_url else "DATABASE_URL"
     refuse_in_memory_sqlite(url, name)
@@ -152,8 +152,7 @@ def refuse_in_memory_sqlite(url: str, name: str = "DATABASE_URL") -> None:
     """`sqlite://` is a database in memory, a new one on every connection of every
     process: a migration there is gone when `migrate` ends, and `serve` would find no
     tables (a 503 on every request)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+    if in_memory_sqlite(url):
         raise CommandError(
             f"{name}={url} is a database in memory, which ends with the process: use a "
             "file, e.g. sqlite:///items.db."
@@ -161,11 +160,10 @@ def refuse_in_memory_sqlite(url: str, name: str = "DATABASE_URL") -> None:
 
 
 def check_migrated(settings: Settings) -> None:
-    """The database is at the newest migration, or `serve` (and `seed`) say to run
-    `migrate` (an empty database answered every request 503, "not available right now")."""
-    with _explained(settings.database_url, "DATABASE_URL"):
-        current = _revision_of(settings.sync_database_url(), **settings.engine_args())
-    require_newest(settings, settings.database_url, current)
+    """`check_database`, and the database is at the newest migration, or `serve` (and
+    `seed`) say to run `migrate` (an empty database answered every request 503, "not
+    available right now")."""
+    require_newest(settings, settings.database_url, check_database(settings))
 
 
 def require_newest(settings: Settings, url: str, current: str | None) -> None:
@@ -269,7 +267,6 @@ def serve(args: argparse.Namespace) -> None:
             "    CURSOR_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     check_port_free(args.host, args.port)
-    check_database(settings)
     check_migrated(settings)
     check_async_database(settings)
     check_jwks_file(settings)
@@ -348,7 +345,6 @@ def seed(args: argparse.Namespace) -> None:
     from service.items.seed import seed_items
 
     settings = load_settings()
-    check_database(settings)
     check_migrated(settings)
     db.configure(settings.sync_database_url(), engine_args=settings.engine_args())
     started = time.perf_counter()

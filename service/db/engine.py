@@ -47,7 +47,7 @@ def backend_args(url: URL, engine_args: dict[str, Any]) -> dict[str, Any]:
     """`engine_args` adjusted for the backend: one shared connection, usable from any
     thread, for in-memory SQLite (which has no pool to size). Shared with the async
     `create_async_engine`."""
-    if url.get_backend_name() != "sqlite" or not _is_memory(url):
+    if not in_memory_sqlite(url):
         return engine_args
     engine_args = {k: v for k, v in engine_args.items() if k not in _POOL_SIZING_ARGS}
     engine_args.setdefault("poolclass", StaticPool)
@@ -74,6 +74,13 @@ def enable_sqlite_savepoints(engine: Engine, *, wal: bool = False) -> None:
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
     event.listen(engine, "invalidate", _roll_back_before_closing)
+
+
+def in_memory_sqlite(url: str | URL) -> bool:
+    """Whether `url` is a SQLite database in memory (`sqlite://`, `:memory:`, a
+    `mode=memory` URI): one per connection, gone with it."""
+    url = make_url(url)
+    return url.get_backend_name() == "sqlite" and _is_memory(url)
 
 
 def _is_memory(url: URL) -> bool:

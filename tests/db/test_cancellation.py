@@ -170,25 +170,21 @@ class CutOffAfter:
         if scope["type"] != "http" or not scope["query_string"]:
             await self.app(scope, receive, send)
             return
+        await self.cut_off(float(scope["query_string"].decode()), scope, receive, send)
+
+    async def cut_off(self, seconds: float, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await asyncio.wait_for(self.app(scope, receive, send),
-                                   float(scope["query_string"].decode()))
+            await asyncio.wait_for(self.app(scope, receive, send), seconds)
         except TimeoutError:
             await PlainTextResponse("timed out", 504)(scope, receive, send)
 
 
-class AnyioDeadline:
-    """A per-request timeout written with anyio (`fail_after`), outside the session
-    middleware: unlike `asyncio.wait_for` it cannot interrupt a sync route's thread, and
-    the cancellation waits for the request's next checkpoint once the thread returns."""
+class AnyioDeadline(CutOffAfter):
+    """The same written with anyio (`fail_after`): unlike `asyncio.wait_for` it cannot
+    interrupt a sync route's thread, and the cancellation waits for the request's next
+    checkpoint once the thread returns."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["query_string"]:
-            await self.app(scope, receive, send)
-            return
+    async def cut_off(self, seconds: float, scope: Any, receive: Any, send: Any) -> None:
         started = False
 
         async def watched(message: Any) -> None:
@@ -197,7 +193,7 @@ class AnyioDeadline:
             await send(message)
 
         try:
-            with anyio.fail_after(float(scope["query_string"].decode())):
+            with anyio.fail_after(seconds):
                 await self.app(scope, receive, watched)
         except TimeoutError:
             if not started:
