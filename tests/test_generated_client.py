@@ -96,6 +96,10 @@ def test_a_consumer_session_through_the_generated_client(
     assert all(isinstance(page.parsed, models.ItemPage) for page in pages)
     assert [len(page.parsed.items) for page in pages] == [10, 10, 5]
     assert pages[0].parsed.total == 25 and pages[0].parsed.pages == 3
+    # Without a count, total and pages are null - always sent, so never "unset".
+    uncounted = list_items.sync_detailed(client=client, size=10, count=models.CountMode.NONE)
+    assert isinstance(uncounted.parsed, models.ItemPage)
+    assert (uncounted.parsed.total, uncounted.parsed.pages) == (None, None)
 
     names: list[str] = []
     cursor = None

@@ -13,6 +13,7 @@ from fastapi_pagination.customization import (
     CustomizedPage,
     UseAdditionalFields,
     UseFieldTypeAnnotations,
+    UseModelConfig,
     UseName,
     UseOptionalFields,
     UseParams,
@@ -397,6 +398,9 @@ ItemPage = CustomizedPage[
     UseFieldTypeAnnotations(items=list[ItemOut]),
     # With count=none there is no total, so no number of pages either.
     UseOptionalFields(fields=("total", "pages")),
+    # They are always sent, null or not: required in the response schema, so a generated
+    # client types them `int | None`, not "maybe unset".
+    UseModelConfig(json_schema_serialization_defaults_required=True),
     UseAdditionalFields(
         total_is_exact=Annotated[
             bool,

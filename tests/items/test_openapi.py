@@ -165,3 +165,12 @@ async def test_writes_declare_the_bearer_scheme(openapi: dict[str, Any]) -> None
         security = openapi["paths"][path][method]["security"]
         assert {name for requirement in security for name in requirement} <= set(schemes)
         assert security
+
+
+async def test_a_page_always_carries_total_and_pages_null_or_not(
+    openapi: dict[str, Any]
+) -> None:
+    page = openapi["components"]["schemas"]["ItemPage"]
+    assert {"items", "total", "pages", "page", "size", "total_is_exact"} <= set(page["required"])
+    for name in ("total", "pages"):
+        assert {"type": "null"} in page["properties"][name]["anyOf"]
