@@ -232,25 +232,37 @@ def _note_commit_position(session: Session) -> None:
     bind = session._primary_in_transaction or session._wrote_on_autocommit
     session._primary_in_transaction = session._wrote_on_autocommit = None
     written, session._written = session._written, False
-    route = _route.get()
     # Only a transaction that wrote needs a token: a read on the primary (in a
     # transaction, as behind PgBouncer) would cost a round trip for nothing.
-    if bind is None or not written or route is None or session.replicas is None:
+    if bind is not None and written:
+        _note_position(session, bind)
+
+
+@event.listens_for(RoutingSession, "after_rollback")
+def _forget_writes(session: Session) -> None:
+    """A ROLLBACK undoes the transaction's writes - but not those that ran in autocommit (a
+    GET's): each committed on its own, and still earns the response its token."""
+    assert isinstance(session, RoutingSession)
+    stored = session._wrote_on_autocommit
+    session._primary_in_transaction = session._wrote_on_autocommit = None
+    session._written = False
+    if stored is not None:
+        _note_position(session, stored)
+
+
+def _note_position(session: RoutingSession, bind: Engine) -> None:
+    """Note on the request's route the primary's WAL position, read on the session's
+    connection to `bind` (the primary's engine) as its transaction ends."""
+    route = _route.get()
+    if route is None or session.replicas is None:
         return
-    transaction = session._transaction  # still the committed one, its connections held
+    transaction = session._transaction  # still the one that ended, its connections held
     entry = transaction._connections.get(bind) if transaction is not None else None
     if entry is None:
         return
     position = session.replicas.position_on(entry[0])
     if position is not None:
         route.commit_position = max(route.commit_position or 0, position)
-
-
-@event.listens_for(RoutingSession, "after_rollback")
-def _forget_writes(session: Session) -> None:
-    assert isinstance(session, RoutingSession)
-    session._primary_in_transaction = session._wrote_on_autocommit = None
-    session._written = False
 
 
 def _writes_or_locks(clause: Any) -> bool:

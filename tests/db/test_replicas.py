@@ -109,9 +109,11 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
         return {"standby": await mode.scalar(ON_STANDBY)}
 
     @app.get("/write-in-a-get/{name}")
-    async def write_in_a_get(name: str) -> dict[str, Any]:
+    async def write_in_a_get(name: str, fail: bool = False) -> Any:
         item = mode.add_item(name)
         await mode.flush()
+        if fail:  # too late to undo: the write committed on its own
+            return JSONResponse({"id": item.id}, 409)
         return {"id": item.id, "standby": await mode.scalar(ON_STANDBY)}
 
     @app.get("/read-explicitly-from-primary")
@@ -220,6 +222,20 @@ async def test_a_get_that_writes_gets_a_token_its_client_reads_with(
             f"/items/{written.json()['id']}", headers={HEADER: token}
         )
         assert with_token.json()["name"] == f"get-{n}"
+
+
+async def test_a_get_that_writes_and_then_fails_still_gets_a_token(
+    routed: Routed, standby: Standby
+) -> None:
+    """Its failure rolls back nothing that autocommit already stored: the write stands, so
+    its client needs the token to read it as much as after a success."""
+    standby.pause_replay()
+    written = await routed.client.get("/write-in-a-get/get-then-409?fail=1")
+    assert written.status_code == 409
+    with_token = await routed.client.get(
+        f"/items/{written.json()['id']}", headers={HEADER: written.headers[HEADER]}
+    )
+    assert with_token.json() == {"name": "get-then-409", "standby": False}
 
 
 async def test_primary_and_replica_can_be_chosen_explicitly(routed: Routed) -> None:
