@@ -313,6 +313,7 @@ def serve(args: argparse.Namespace) -> None:
                 access_log=False,
                 log_config=None,
                 log_level=settings.log_level.lower(),
+                timeout_keep_alive=args.timeout_keep_alive,
             )
     finally:
         if metrics_dir is not None and own_metrics_dir:
@@ -397,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         "CURSOR_SECRET",
     )
     serve_parser.add_argument("--no-access-log", action="store_true")
+    serve_parser.add_argument(
+        "--timeout-keep-alive", type=_positive, default=5, metavar="SECONDS",
+        help="close a connection idle this long (default 5, uvicorn's); behind a load "
+        "balancer or a client pool that keeps connections longer, set it above theirs",
+    )
     serve_parser.set_defaults(handler=serve)
 
     seed_parser = commands.add_parser("seed", help=seed.__doc__)

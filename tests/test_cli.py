@@ -203,3 +203,41 @@ def test_serve_checks_the_postgresql_url_the_requests_use(
         server.wait_until_answers("/health/ready", timeout=60)
     finally:
         server.stop()
+
+
+def test_serve_closes_idle_connections_after_timeout_keep_alive(tmp_path: Path) -> None:
+    """Behind a load balancer that keeps idle connections for 60 s, the server must keep
+    them longer, or the balancer sends a request down one the server is closing."""
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    assert run_cli("migrate", database_url=url).returncode == 0
+    env = {**os.environ, "DATABASE_URL": url, "API_TOKENS": "cli-test-token-0123456789"}
+    servers = {
+        keep: ServerProcess(
+            [sys.executable, "-m", "service", "serve", "--port", str(port := free_port()),
+             "--timeout-keep-alive", str(keep)],
+            port, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for keep in (1, 30)
+    }
+    try:
+        idle: dict[int, socket.socket] = {}
+        for keep, server in servers.items():
+            server.wait_until_answers("/health/live")
+            idle[keep] = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            idle[keep].sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle[keep].recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(3)
+        assert idle[1].recv(1) == b""  # closed by the server
+        idle[30].sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle[30].recv(65536).startswith(b"HTTP/1.1 200")  # still open, reused
+        for connection in idle.values():
+            connection.close()
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_timeout_keep_alive_must_be_a_whole_number_of_seconds() -> None:
+    result = run_cli("serve", "--timeout-keep-alive", "0", database_url="sqlite:///x.db")
+    assert result.returncode == 2
+    assert "--timeout-keep-alive: must be at least 1, not 0" in result.stderr
