@@ -12,13 +12,21 @@ Two more fixes:
   SQLAlchemy discards such a connection with asyncpg's graceful close, which waits up to 2 s
   more for the server to acknowledge the cancelled statement - from a server that hangs,
   a read replica's read timeout would take twice as long;
+- an asyncpg connection works only on the event loop that made it; pooled on one loop and
+  handed out on another (tests that run each on a loop of their own with one app, scripts
+  calling `asyncio.run()` twice) it failed, and then stayed in the pool mid-protocol:
+  every later checkout failed with "another operation is in progress". It is discarded
+  instead, and a new one made on the running loop;
 - `pool_pre_ping=True` costs asyncpg three round trips per checkout (SQLAlchemy pings
   inside BEGIN ... ROLLBACK, for PgBouncer), as many as the request's own BEGIN, query and
   COMMIT. For asyncpg it becomes `discard_closed_connections`: no round trip, the same
   guarantee that connections the server dropped (a restart) are replaced unseen.
 """
 
+import asyncio
+import contextlib
 import select
+import socket
 import time
 from typing import Any
 
@@ -45,6 +53,7 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     event.listen(engine.sync_engine, "do_connect", _connect_failures_are_operational)
     if url.get_driver_name() == "asyncpg":
         event.listen(engine.sync_engine, "handle_error", _abort_after_a_timeout)
+        event.listen(engine.sync_engine.pool, "checkout", _replace_if_of_another_loop)
     if cheap_ping:
         connect_timeout = engine_args.get("connect_args", {}).get("timeout") or PING_TIMEOUT
         discard_closed_connections(engine, ping_timeout=min(connect_timeout, PING_TIMEOUT))
@@ -64,6 +73,27 @@ def _abort_after_a_timeout(context: Any) -> exc.OperationalError | None:
         if driver is not None:
             driver.terminate()  # asyncpg's abort: no waiting; SQLAlchemy then discards it
     return exc.OperationalError(context.statement, context.parameters, timeout)
+
+
+def _replace_if_of_another_loop(
+    dbapi_connection: Any, connection_record: Any, proxy: Any
+) -> None:
+    """A pooled asyncpg connection made on another event loop is dropped (see the module
+    docstring), without a round trip: its loop may be closed, or busy in another thread."""
+    driver = dbapi_connection.driver_connection
+    made_on = getattr(driver, "_loop", None)
+    if made_on is None or made_on is asyncio.get_running_loop():
+        return
+    transport = getattr(driver, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # the server ends that session now
+    # Marked aborted first, so SQLAlchemy's close does not try it on this loop; its own
+    # loop then closes the socket, or the garbage collector does if that loop is closed.
+    with contextlib.suppress(RuntimeError):
+        driver.terminate()
+    raise exc.DisconnectionError("a pooled connection made on another event loop")
 
 
 # A connection idle this long is pinged for real before use: it may be half-open (a

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db.asyncio.database import ASYNC_SESSION_DEFAULTS, Database
 from service.db.asyncio.database import db as default_database
@@ -80,6 +80,7 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
             if custom_engine is not None
             else create_async_engine(db_url, **(engine_args or {}))  # type: ignore[arg-type]
         )
+        self._owns_engine = custom_engine is None
         session_args = {**ASYNC_SESSION_DEFAULTS, **(session_args or {})}
         factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
             bind=self.engine, **session_args
@@ -103,6 +104,24 @@ class DBSessionMiddleware(SessionMiddlewareBase[AsyncUnitOfWork, "asyncio.Task[N
             error_response=error_response,
             observer=observer,
         )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self._owns_engine:
+            await self.app(scope, receive, self._dispose_at_shutdown(send))
+            return
+        await super().__call__(scope, receive, send)
+
+    def _dispose_at_shutdown(self, send: Send) -> Send:
+        """The engine made from `db_url` is the middleware's: its connections are closed
+        when the app shuts down (as fastapi-async-sqlalchemy 0.8 does), on the loop that
+        made them. A `custom_engine` is its owner's to dispose of."""
+
+        async def send_after_disposing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.engine.dispose()
+            await send(message)
+
+        return send_after_disposing
 
     async def _commit(self, request: _Request) -> None:
         await self._in_task(request, request.unit.commit)
