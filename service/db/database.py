@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
@@ -46,6 +46,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
     unit_class: type[UnitT]
     block = "with"  # how a scope is opened, in error messages
+    module = "service.db"  # where its middleware is, in error messages
     # The current unit's statement counts, for statements on engines no single database
     # claims (`service.db.accounting`): the innermost unit of the mode.
     mode_stats_var: ContextVar[QueryStats | None] = current_stats
@@ -76,7 +77,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
 
     def _default_factory(self) -> FactoryT:
         if self._default is None:
-            raise SessionNotInitialisedError(self.name)
+            raise SessionNotInitialisedError(self.name, self.module)
         return self._default
 
     def _require_unit(self) -> UnitT:
@@ -85,8 +86,8 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         unit = self._current.get()
         if unit is None or unit.closed:  # closed: a task its request left running
             if self._default is None:
-                raise SessionNotInitialisedError(self.name)
-            raise MissingSessionError(self.name, self.block)
+                raise SessionNotInitialisedError(self.name, self.module)
+            raise MissingSessionError(self.name, self.block, self.module)
         return unit
 
     def on_commit(self, hook: CommitHook) -> None:
@@ -105,7 +106,7 @@ class DatabaseBase(Generic[UnitT, FactoryT, ConnectionT]):
         """
         unit = self._current.get()
         if unit is None or unit.closed:  # closed: a task its request left running
-            raise MissingSessionError(self.name, self.block)
+            raise MissingSessionError(self.name, self.block, self.module)
         unit.on_commit(hook)
 
     def primary(self) -> AbstractContextManager[None]:
@@ -222,7 +223,7 @@ class Database(DatabaseBase[UnitOfWork, sessionmaker[Session], Connection]):
         """The default engine. Raises `SessionNotInitialisedError` if none is configured."""
         bind = self._default_factory().kw.get("bind")
         if not isinstance(bind, Engine):
-            raise SessionNotInitialisedError(self.name)
+            raise SessionNotInitialisedError(self.name, self.module)
         return bind
 
     @property
@@ -321,6 +322,15 @@ class UnitOfWorkBlock(BlockBase[Database]):
 
     def __enter__(self) -> Database:
         return self._enter()
+
+    async def __aenter__(self) -> NoReturn:
+        raise TypeError(
+            f"`{self._database.name}` is service.db's, a sync one: open it with `with "
+            f"{self._database.name}():`; `async with` is service.db.asyncio's `db`"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Never reached: `__aenter__` refuses."""
 
     def __exit__(
         self,

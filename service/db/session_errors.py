@@ -9,11 +9,13 @@ from sqlalchemy.engine import URL, make_url
 class MissingSessionError(Exception):
     """`db.session` was read where no session scope is open."""
 
-    def __init__(self, name: str = "db", block: str = "with") -> None:
-        # `block`: how a scope is opened in the caller's mode - "with" or "async with".
+    def __init__(self, name: str = "db", block: str = "with", module: str = "service.db") -> None:
+        # `block`, `module`: how a scope is opened in the caller's mode - "with" or "async
+        # with" - and the package of its middleware.
         super().__init__(
-            f"No database session is open here. Inside a request, add DBSessionMiddleware to "
-            f"the app (requests to its `sessionless_paths` get no session); anywhere else "
+            f"No database session is open here. Inside a request, add {module}."
+            f"DBSessionMiddleware to the app (the other mode's middleware opens no session "
+            f"for this `{name}`; requests to its `sessionless_paths` get none); anywhere else "
             f"(scripts, jobs, tests) open one with `{block} {name}():`."
         )
 
@@ -21,13 +23,12 @@ class MissingSessionError(Exception):
 class SessionNotInitialisedError(Exception):
     """A session was asked for before any engine was configured."""
 
-    def __init__(self, name: str = "db") -> None:
+    def __init__(self, name: str = "db", module: str = "service.db") -> None:
         super().__init__(
-            f"No database engine is configured for `{name}`. Call "
-            f"`{name}.configure(url_or_engine)` first, or add DBSessionMiddleware(app, "
-            f"db_url=...) to the app and let it serve a request."
+            f"No database engine is configured for `{name}` ({module}). Call "
+            f"`{name}.configure(url_or_engine)` first, or add {module}.DBSessionMiddleware("
+            f"app, db_url=...) to the app and let it serve a request."
         )
-
 
 
 def require_mode(what: str, value: object, expected: type | UnionType, belongs: str) -> None:

@@ -459,3 +459,37 @@ async def test_a_sync_and_an_async_session_in_one_request_are_two_transactions(
     expected = {"kept-async", "kept-sync"} if backend == "postgresql" else {"kept-async"}
     assert stored_names(engine) == expected
     assert engine.pool.checkedout() == 0 and async_engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_a_db_of_the_other_mode_says_which_middleware_and_block_it_needs(
+    engine: Engine, async_engine: Any
+) -> None:
+    """The two `db` objects share a name: an error must say which package's is missing."""
+    from service.db import Database, DBSessionMiddleware, SessionNotInitialisedError
+    from service.db import asyncio as async_mode
+
+    sync_db, async_db = Database("mixed"), async_mode.Database("mixed")
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, custom_engine=engine, database=sync_db)
+    errors: list[str] = []
+
+    @app.get("/")
+    async def read() -> None:
+        try:
+            _ = async_db.session
+        except SessionNotInitialisedError as exc:
+            errors.append(str(exc))
+
+    async with client_for(app) as client:
+        assert (await client.get("/")).status_code == 200
+    assert "add service.db.asyncio.DBSessionMiddleware(app" in errors[0]
+
+    async_db.configure(async_engine)
+    with pytest.raises(MissingSessionError) as missing:
+        _ = async_db.session
+    assert "add service.db.asyncio.DBSessionMiddleware to the app" in str(missing.value)
+    with pytest.raises(TypeError, match=r"open it with `async with mixed\(\):`"), async_db():
+        pass
+    with pytest.raises(TypeError, match=r"open it with `with mixed\(\):`"):
+        async with sync_db():
+            pass

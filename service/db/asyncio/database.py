@@ -3,7 +3,7 @@
 joining, the errors outside one) is `DatabaseBase`'s, shared with the sync `Database`."""
 
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -35,6 +35,7 @@ class Database(
     unit_class = AsyncUnitOfWork
     mode_stats_var = current_async_stats
     block = "async with"
+    module = "service.db.asyncio"
 
     def __init__(self, name: str = "db") -> None:
         super().__init__(name)
@@ -81,7 +82,7 @@ class Database(
         """The default engine. Raises `SessionNotInitialisedError` if none is configured."""
         bind = self._default_factory().kw.get("bind")
         if not isinstance(bind, AsyncEngine):
-            raise SessionNotInitialisedError(self.name)
+            raise SessionNotInitialisedError(self.name, self.module)
         return bind
 
     @property
@@ -120,6 +121,15 @@ class AsyncUnitOfWorkBlock(BlockBase[Database]):
 
     async def __aenter__(self) -> Database:
         return self._enter()
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(
+            f"`{self._database.name}` is service.db.asyncio's, an async one: open it with "
+            f"`async with {self._database.name}():`; `with` is service.db's `db`"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Never reached: `__enter__` refuses."""
 
     async def __aexit__(
         self,
