@@ -356,7 +356,7 @@ def seed(args: argparse.Namespace) -> None:
         done += stored
         _progress(done, args.items, started)
 
-    seed_items(args.items, args.batch, args.writers, progress)
+    seed_items(args.items, args.batch, args.writers, progress, online=args.online)
     elapsed = time.perf_counter() - started
     print(file=sys.stderr)  # end the progress line
     print(
@@ -416,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     seed_parser.add_argument(
         "--writers", type=_positive, default=2, metavar="W",
         help="batches stored at once on PostgreSQL, each on its own connection (default 2)",
+    )
+    seed_parser.add_argument(
+        "--online", action="store_true",
+        help="keep the table usable meanwhile (a service is running): each batch commits "
+        "on its own. Without it, a PostgreSQL seed at least as big as the table locks the "
+        "table for the whole run, to rebuild its indexes once",
     )
     seed_parser.set_defaults(handler=seed)
     return parser

@@ -12,8 +12,8 @@ How the rows get in, fastest first:
     far cheaper than maintaining four indexes row by row, and the unique index is checked
     over everything when it is rebuilt). Other sessions wait for the table meanwhile; if
     anything fails, nothing of it stays.
-  - Otherwise: batches inserted by `writers` connections at once, each batch its own
-    transaction.
+  - Otherwise, or `--online` (a service is using the table): batches inserted by `writers`
+    connections at once, each batch its own transaction.
 - SQLite: rows made up here (`fake_items`, the same kinds of rows), batches of multi-row
   INSERTs, one writer.
 """
@@ -87,8 +87,11 @@ def run_token() -> str:
 Progress = Callable[[int], None]
 
 
-def seed_items(count: int, batch: int, writers: int, progress: Progress) -> None:
+def seed_items(
+    count: int, batch: int, writers: int, progress: Progress, online: bool = False
+) -> None:
     """Insert `count` made-up items, `batch` rows at a time; `progress(n)` after each batch.
+    `online`: never the bulk load that locks the table (a service using it meanwhile).
 
     Needs `db` configured. See the module docstring for how the rows get in.
     """
@@ -96,7 +99,7 @@ def seed_items(count: int, batch: int, writers: int, progress: Progress) -> None
     numbered = [range(first, min(first + batch, count + 1)) for first in range(1, count + 1, batch)]
     with db():
         made_in_database = seed_dao.bulk_load_supported()
-        rebuild = made_in_database and count >= seed_dao.count_all()
+        rebuild = made_in_database and not online and count >= seed_dao.count_all()
 
     def store(numbers: range) -> int:
         seed_dao.insert_made_up(

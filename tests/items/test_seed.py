@@ -5,7 +5,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from service.cli import main
 from service.db import create_engine
@@ -131,3 +132,34 @@ def test_a_seed_failing_halfway_keeps_only_whole_batches(
         assert stored(engine) == {}
     else:
         assert len(stored(engine)) == 200  # each batch its own transaction
+
+
+@pytest.mark.usefixtures("database_env")
+@pytest.mark.parametrize("online", [False, True])
+def test_an_online_seed_leaves_the_table_usable_between_its_batches(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, online: bool
+) -> None:
+    """A service reading the table while it is seeded: after each batch, a reader that
+    waits at most 0.3 s for a lock counts the items."""
+    import service.cli
+
+    seen: list[int | str] = []
+
+    def read_after_each_batch(done: int, total: int, started: float) -> None:
+        try:
+            with engine.connect() as connection:
+                if engine.dialect.name == "postgresql":
+                    connection.execute(text("SET lock_timeout = '300ms'"))
+                seen.append(int(connection.scalar(text("SELECT count(*) FROM items"))))
+        except OperationalError:
+            seen.append("waited")
+
+    monkeypatch.setattr(service.cli, "_progress", read_after_each_batch)
+    assert main(["seed", "--items", "300", "--batch", "100", *(["--online"] * online)]) == 0
+    if online or engine.dialect.name != "postgresql":
+        # Each batch committed, readable at once (later ones may be in already: writers).
+        assert all(isinstance(n, int) and n >= 100 * i for i, n in enumerate(seen, 1)), seen
+        assert len(seen) == 3
+    else:  # the bulk load: one transaction holding the table
+        assert seen == ["waited"] * 3
+    assert len(stored(engine)) == 300
