@@ -1,5 +1,6 @@
 """`python -m service` explains set-up mistakes in a line, without a traceback."""
 
+import http.client
 import os
 import signal
 import socket
@@ -220,16 +221,26 @@ def test_serve_closes_idle_connections_after_timeout_keep_alive(tmp_path: Path) 
         for keep in (1, 30)
     }
     try:
-        idle: dict[int, socket.socket] = {}
+        idle: dict[int, http.client.HTTPConnection] = {}
         for keep, server in servers.items():
             server.wait_until_answers("/health/live")
-            idle[keep] = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            idle[keep].sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert idle[keep].recv(65536).startswith(b"HTTP/1.1 200")
+            idle[keep] = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            idle[keep].request("GET", "/health/live")
+            response = idle[keep].getresponse()
+            assert (response.status, response.read()) == (200, b'{"status":"ok"}')
         time.sleep(3)
-        assert idle[1].recv(1) == b""  # closed by the server
-        idle[30].sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert idle[30].recv(65536).startswith(b"HTTP/1.1 200")  # still open, reused
+        for keep, connection in idle.items():
+            assert connection.sock is not None  # kept open after the response
+            # An idle connection the server closed reads as the end of the stream.
+            connection.sock.setblocking(False)
+            try:
+                closed = connection.sock.recv(1) == b""
+            except BlockingIOError:
+                closed = False  # open, nothing to read
+            connection.sock.settimeout(10)
+            assert closed == (keep == 1), keep
+        idle[30].request("GET", "/health/live")  # still open: reused
+        assert idle[30].getresponse().status == 200
         for connection in idle.values():
             connection.close()
     finally:

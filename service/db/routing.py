@@ -256,8 +256,12 @@ def _note_position(session: RoutingSession, bind: Engine) -> None:
     route = _route.get()
     if route is None or session.replicas is None:
         return
-    transaction = session._transaction  # still the one that ended, its connections held
-    entry = transaction._connections.get(bind) if transaction is not None else None
+    # Still the transaction that ended, its connections held - or, in a flush that failed,
+    # the flush's own, whose connections are its parent's.
+    transaction, entry = session._transaction, None
+    while transaction is not None and entry is None:
+        entry = transaction._connections.get(bind)
+        transaction = transaction._parent
     if entry is None:
         return
     position = session.replicas.position_on(entry[0])

@@ -109,11 +109,14 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
         return {"standby": await mode.scalar(ON_STANDBY)}
 
     @app.get("/write-in-a-get/{name}")
-    async def write_in_a_get(name: str, fail: bool = False) -> Any:
+    async def write_in_a_get(name: str, fail: bool = False, again: bool = False) -> Any:
         item = mode.add_item(name)
         await mode.flush()
         if fail:  # too late to undo: the write committed on its own
             return JSONResponse({"id": item.id}, 409)
+        if again:  # the same name twice: the database refuses the second (a 409)
+            mode.add_item(name)
+            await mode.flush()
         return {"id": item.id, "standby": await mode.scalar(ON_STANDBY)}
 
     @app.get("/read-explicitly-from-primary")
@@ -137,6 +140,12 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
         with database.replica():
             after = await mode.scalar(ON_STANDBY)
         return {"id": item.id, "standby_after_write": after}
+
+    @app.get("/items/by-name/{name}")
+    async def read_by_name(name: str, response: Response) -> dict[str, Any]:
+        found = await mode.scalar(select(Item.name).where(Item.name == name))
+        response.status_code = 200 if found else 404
+        return {"name": found, "standby": await mode.scalar(ON_STANDBY)}
 
     @app.get("/items/{item_id}")
     async def read(item_id: int, response: Response) -> dict[str, Any]:
@@ -236,6 +245,19 @@ async def test_a_get_that_writes_and_then_fails_still_gets_a_token(
         f"/items/{written.json()['id']}", headers={HEADER: written.headers[HEADER]}
     )
     assert with_token.json() == {"name": "get-then-409", "standby": False}
+
+
+async def test_a_get_whose_second_write_is_refused_still_gets_a_token_for_its_first(
+    routed: Routed, standby: Standby
+) -> None:
+    """The refused INSERT rolls back (a failed flush, then the request's rollback); the
+    first one, committed on its own, stands - and the 409 carries its token."""
+    standby.pause_replay()
+    refused = await routed.client.get("/write-in-a-get/twice?again=1")
+    assert refused.status_code == 409
+    token = refused.headers[HEADER]
+    with_token = await routed.client.get("/items/by-name/twice", headers={HEADER: token})
+    assert with_token.json() == {"name": "twice", "standby": False}
 
 
 async def test_primary_and_replica_can_be_chosen_explicitly(routed: Routed) -> None:
