@@ -5,6 +5,9 @@ An asyncpg connection works only on the loop that made it: pooled on one and han
 the next, it failed, and then stayed in the pool broken for every later request."""
 
 import asyncio
+import os
+import signal
+import threading
 import time
 from decimal import Decimal
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db.asyncio import Database, DBSessionMiddleware
 from service.items.models import Item
@@ -113,3 +117,68 @@ def test_the_engine_made_from_db_url_closes_its_connections_at_shutdown(
         while sessions_of_the_app(engine, backend) not in (0, None):
             assert time.monotonic() < deadline, "the app's sessions outlived its shutdown"
             time.sleep(0.05)
+
+
+def test_an_engine_made_with_sqlalchemys_own_function_serves_loop_after_loop(
+    migrated_url: str, engine: Engine, backend: str
+) -> None:
+    """A `custom_engine` from `sqlalchemy.ext.asyncio.create_async_engine`, as users of
+    fastapi-async-sqlalchemy pass one."""
+    if backend != "postgresql":
+        pytest.skip("asyncpg's; the schema's SQLite functions need the service's engine")
+    database = Database("loops")
+    app = FastAPI()
+    custom = create_async_engine(async_url(migrated_url))
+    app.add_middleware(DBSessionMiddleware, custom_engine=custom, database=database)
+
+    @app.post("/items/{name}")
+    async def create(name: str) -> None:
+        database.session.add(Item(name=name, price=Decimal("1.00")))
+
+    client = starlette_client(app)
+    assert [client.post(f"/items/custom-{n}").status_code for n in range(3)] == [200] * 3
+    assert stored_names(engine) == {f"custom-{n}" for n in range(3)}
+
+
+def test_a_configured_db_works_in_one_uvloop_run_after_another(migrated_url: str) -> None:
+    """uvloop (uvicorn's, with uvicorn[standard]) hands out sockets without `shutdown()`."""
+    uvloop = pytest.importorskip("uvloop")
+    database = Database("loops")
+    database.configure(async_url(migrated_url))
+
+    async def job(n: int) -> int:
+        async with database():
+            return int(await database.session.scalar(text(f"SELECT {n}")))
+
+    assert [uvloop.run(job(n)) for n in range(4)] == [0, 1, 2, 3]
+
+
+def test_a_shutdown_is_not_held_up_by_a_server_that_hangs(
+    migrated_url: str, engine: Engine, backend: str
+) -> None:
+    """Closing a pooled connection waits for the server's goodbye: a frozen server (a VM
+    paused, a network partition) must not keep the app from ever shutting down."""
+    if backend != "postgresql":
+        pytest.skip("a server process to freeze: PostgreSQL")
+    app = loop_app(async_url(migrated_url), Database("loops"), backend, APP_NAME)
+    frozen: list[int] = []
+
+    def serve_then_shut_down() -> None:
+        with starlette_client(app) as client:
+            assert client.post("/items/frozen").status_code == 200
+            with engine.connect() as connection:
+                frozen.append(connection.scalar(text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = :name"
+                ), {"name": APP_NAME}))
+            os.kill(frozen[0], signal.SIGSTOP)
+        # Leaving the block shuts the app down.
+
+    lifetime = threading.Thread(target=serve_then_shut_down, daemon=True)
+    try:
+        lifetime.start()
+        lifetime.join(timeout=30)  # a close waits 1 s for the frozen server
+        assert frozen and not lifetime.is_alive(), "the shutdown waited for a frozen server"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        lifetime.join()

@@ -2,7 +2,7 @@
 accounting, and SQLite (aiosqlite) made savepoint-safe, WAL for files, one shared
 connection for `:memory:` - applied to its `sync_engine`, where SQLAlchemy's events live.
 
-Two more fixes:
+And fixes:
 
 - a failed connect is an `OperationalError`, as with psycopg2. asyncpg lets
   `ConnectionRefusedError`, a connect `TimeoutError` or "the database system is starting
@@ -16,7 +16,11 @@ Two more fixes:
   handed out on another (tests that run each on a loop of their own with one app, scripts
   calling `asyncio.run()` twice) it failed, and then stayed in the pool mid-protocol:
   every later checkout failed with "another operation is in progress". It is discarded
-  instead, and a new one made on the running loop;
+  instead, and a new one made on the running loop. Also for engines made with
+  SQLAlchemy's own `create_async_engine` and given as `custom_engine` or to `configure`;
+- SQLAlchemy closes a connection (at `dispose()`, so at shutdown) by waiting for the
+  server's goodbye, for ever: a server that hangs held up a shutdown for good. A close
+  waits `CLOSE_TIMEOUT` (1 s), then aborts the connection;
 - `pool_pre_ping=True` costs asyncpg three round trips per checkout (SQLAlchemy pings
   inside BEGIN ... ROLLBACK, for PgBouncer), as many as the request's own BEGIN, query and
   COMMIT. For asyncpg it becomes `discard_closed_connections`: no round trip, the same
@@ -25,6 +29,7 @@ Two more fixes:
 
 import asyncio
 import contextlib
+import os
 import select
 import socket
 import time
@@ -34,7 +39,7 @@ from sqlalchemy import Dialect, event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util.concurrency import await_only
+from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from service.db.accounting import instrument
 from service.db.engine import backend_args, prepared
@@ -53,7 +58,7 @@ def create_async_engine(url: str | URL, **engine_args: Any) -> AsyncEngine:
     event.listen(engine.sync_engine, "do_connect", _connect_failures_are_operational)
     if url.get_driver_name() == "asyncpg":
         event.listen(engine.sync_engine, "handle_error", _abort_after_a_timeout)
-        event.listen(engine.sync_engine.pool, "checkout", _replace_if_of_another_loop)
+    _guard_asyncpg_pool(engine)
     if cheap_ping:
         connect_timeout = engine_args.get("connect_args", {}).get("timeout") or PING_TIMEOUT
         discard_closed_connections(engine, ping_timeout=min(connect_timeout, PING_TIMEOUT))
@@ -75,25 +80,63 @@ def _abort_after_a_timeout(context: Any) -> exc.OperationalError | None:
     return exc.OperationalError(context.statement, context.parameters, timeout)
 
 
+def _guard_asyncpg_pool(engine: AsyncEngine) -> None:
+    """On an asyncpg engine's pool (once): a connection pooled on another event loop is
+    replaced at checkout, and a close waits `CLOSE_TIMEOUT` at most (see the module
+    docstring)."""
+    pool = engine.sync_engine.pool
+    if engine.dialect.driver != "asyncpg" or event.contains(
+        pool, "checkout", _replace_if_of_another_loop
+    ):
+        return
+    event.listen(pool, "checkout", _replace_if_of_another_loop)
+    event.listen(pool, "close", _close_within_timeout)
+
+
 def _replace_if_of_another_loop(
     dbapi_connection: Any, connection_record: Any, proxy: Any
 ) -> None:
-    """A pooled asyncpg connection made on another event loop is dropped (see the module
-    docstring), without a round trip: its loop may be closed, or busy in another thread."""
     driver = dbapi_connection.driver_connection
-    made_on = getattr(driver, "_loop", None)
-    if made_on is None or made_on is asyncio.get_running_loop():
+    if _of_another_loop(driver):
+        _abandon(driver)
+        raise exc.DisconnectionError("a pooled connection made on another event loop")
+
+
+def _close_within_timeout(dbapi_connection: Any, connection_record: Any) -> None:
+    """Before SQLAlchemy closes a connection (dispose, recycle, a reset that failed), which
+    waits for the server's goodbye without a limit: close it here with a limit, then
+    abort it; SQLAlchemy's close then finds it closed. Outside a greenlet (garbage
+    collection) SQLAlchemy aborts it itself."""
+    driver = dbapi_connection.driver_connection
+    if driver is None or driver.is_closed() or not in_greenlet():
         return
+    if _of_another_loop(driver):
+        _abandon(driver)
+        return
+    try:
+        await_only(driver.close(timeout=CLOSE_TIMEOUT))
+    except Exception:  # timed out or broken: asyncpg has aborted it already
+        driver.terminate()
+
+
+def _of_another_loop(driver: Any) -> bool:
+    made_on = getattr(driver, "_loop", None)
+    return made_on is not None and made_on is not asyncio.get_running_loop()
+
+
+def _abandon(driver: Any) -> None:
+    """Drop an asyncpg connection of another event loop without touching that loop (it may
+    be closed, or running in another thread): its socket is shut down through a duplicate
+    of its descriptor (the server ends that session now; uvloop's transport socket has no
+    `shutdown`), and the connection marked aborted - its own loop, or the garbage
+    collector if that loop is closed, frees the descriptor."""
     transport = getattr(driver, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)  # the server ends that session now
-    # Marked aborted first, so SQLAlchemy's close does not try it on this loop; its own
-    # loop then closes the socket, or the garbage collector does if that loop is closed.
-    with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(RuntimeError):  # that loop is closed
         driver.terminate()
-    raise exc.DisconnectionError("a pooled connection made on another event loop")
 
 
 # A connection idle this long is pinged for real before use: it may be half-open (a
@@ -101,6 +144,8 @@ def _replace_if_of_another_loop(
 PING_AFTER_IDLE = 30.0
 # How long a ping waits for its answer at most (less if the engine's connect timeout is).
 PING_TIMEOUT = 2.0
+# How long closing a connection waits for the server's goodbye before aborting it.
+CLOSE_TIMEOUT = 1.0
 
 
 def discard_closed_connections(engine: AsyncEngine, ping_timeout: float = PING_TIMEOUT) -> None:
@@ -157,8 +202,10 @@ def _has_unread_input(driver: Any) -> bool:
     readable, _, _ = select.select([sock.fileno()], [], [], 0)
     return bool(readable)
 def instrument_async(engine: AsyncEngine) -> AsyncEngine:
-    """Count `engine`'s statements (`service.db.instrument` on its `sync_engine`)."""
+    """Count `engine`'s statements (`service.db.instrument` on its `sync_engine`); an
+    asyncpg engine made elsewhere also gets its pool guarded (`_guard_asyncpg_pool`)."""
     instrument(engine.sync_engine)
+    _guard_asyncpg_pool(engine)
     return engine
 
 
