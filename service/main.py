@@ -73,7 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.authenticator.start()  # the identity provider's keys, if fetched
         if app.state.replicas is not None:
             # Poll from the start (not from the first request), and wait for the first
-            # answers, so that /health/ready does not call fresh replicas down.
+            # answers, so that /health/ready does not call fresh replicas down. Started
+            # again in one process (tests), it polls afresh.
+            app.state.replicas.reopen()
             await asyncio.to_thread(
                 app.state.replicas.wait_until_polled, settings.db_connect_timeout + 1.0
             )

@@ -9,6 +9,7 @@ available too.
 import os
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,17 @@ def http_scope(
         "root_path": "", "headers": headers or [], "client": ("127.0.0.1", 1),
         "server": ("test", 80), **extra,
     }
+
+
+def starlette_client(app: FastAPI) -> Any:
+    """FastAPI's `TestClient` for `app` (its docs' pattern; `with` runs the lifespan).
+    Starlette 1.10 asks for httpx2 when the module is first imported: not this suite's
+    concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+    return TestClient(app)
 
 
 def pytest_report_header() -> str:

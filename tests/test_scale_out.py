@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from service.db.asyncio import db
 from service.db.consistency import HEADER
 from service.db.replicas import poll_url
 from service.main import close_engines, create_app
-from tests.conftest import AUTH, ROOT, TEST_TOKEN
+from tests.conftest import AUTH, ROOT, TEST_TOKEN, starlette_client
 from tests.items.helpers import insert_items
 from tests.standby import Standby
 
@@ -599,3 +600,22 @@ async def test_openapi_documents_the_token_and_its_400(
     assert HEADER in [p["name"] for p in listing["parameters"] if p["in"] == "header"]
     assert "application/problem+json" in listing["responses"]["400"]["content"]
     assert HEADER in schema["paths"]["/items"]["post"]["responses"]["201"]["headers"]
+
+
+def test_an_app_started_again_in_one_process_polls_its_replicas_afresh(
+    migrated_url: str, standby: Standby
+) -> None:
+    """Its lifespan, run a second and third time (as tests run it): the replicas are
+    polled again, not left with what the first run saw until they look down."""
+    def pollers() -> int:
+        return sum(t.name.startswith("replicas-poll") for t in threading.enumerate())
+
+    before = pollers()
+    app = create_app(replicated_settings(migrated_url, standby))
+    for _ in range(3):
+        with starlette_client(app) as client:
+            time.sleep(1.2)  # longer than a poll may be late before a replica is "down"
+            ready = client.get("/health/ready").json()
+            assert [r["state"] for r in ready["replicas"]] == ["ok"], ready
+            assert pollers() == before + 2  # the primary's and the replica's, once
+    assert pollers() == before  # and none left behind

@@ -297,16 +297,18 @@ class Replicas:
     # -- the poller -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start polling (idempotent); the threads are daemons and stop with `close()`."""
+        """Start polling (idempotent); the threads are daemons and stop with `close()`
+        (and do not start again, but through `reopen()`)."""
         if self._threads or self._stop.is_set():
             return
         with self._lock:
-            if self._threads:
+            if self._threads or self._stop.is_set():
                 return
+            stop = self._stop  # each thread keeps its own: a reopen makes a new one
             self._threads = [
-                threading.Thread(target=self._poll_primary, name="replicas-poll-primary",
-                                 daemon=True),
-                *(threading.Thread(target=self._poll_replica, args=(replica,),
+                threading.Thread(target=self._poll_primary, args=(stop,),
+                                 name="replicas-poll-primary", daemon=True),
+                *(threading.Thread(target=self._poll_replica, args=(replica, stop),
                                    name=f"replicas-poll-{i}", daemon=True)
                   for i, replica in enumerate(self.replicas)),
             ]
@@ -319,6 +321,21 @@ class Replicas:
         for thread in self._threads:
             thread.join(timeout=self.connect_timeout + 2)
 
+    def reopen(self) -> None:
+        """After `close()`, poll afresh from the next `start()` - an app started again in
+        the same process (its lifespan, as tests run it) - forgetting what was seen: until
+        polled again, every replica is down."""
+        with self._lock:
+            if not self._stop.is_set():
+                return
+            self._stop, self._threads = threading.Event(), []
+            primary = self.primary
+            primary.up, primary.checked_at, primary.error, primary.history = False, 0.0, None, ()
+            for replica in self.replicas:
+                replica.up, replica.position, replica.checked_at, replica.error = (
+                    False, None, 0.0, None
+                )
+
     def wait_until_polled(self, timeout: float = 5.0) -> bool:
         """Block until every server has been polled once (tests, start-up); whether it was."""
         self.start()
@@ -329,11 +346,11 @@ class Replicas:
             time.sleep(0.02)
         return False
 
-    def _poll_primary(self) -> None:
+    def _poll_primary(self, stop: threading.Event) -> None:
         engine = self._poll_engine(self.primary_engine.url)
         state = self.primary
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 try:
                     with engine.connect() as connection:
                         lsn = connection.scalar(text("SELECT pg_current_wal_lsn()::text"))
@@ -344,14 +361,14 @@ class Replicas:
                     state.up, state.error = True, None
                 except Exception as exc:  # any failure means "not answering"
                     self._note_failure(state, engine, exc, "primary")
-                self._stop.wait(self.poll_interval)
+                stop.wait(self.poll_interval)
         finally:
             engine.dispose()
 
-    def _poll_replica(self, replica: ReplicaState) -> None:
+    def _poll_replica(self, replica: ReplicaState, stop: threading.Event) -> None:
         engine = self._poll_engine(replica.engine.url)
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 try:
                     with engine.connect() as connection:
                         lsn = connection.scalar(text("SELECT pg_last_wal_replay_lsn()::text"))
@@ -365,7 +382,7 @@ class Replicas:
                     replica.up, replica.error = True, None
                 except Exception as exc:  # any failure means "not answering"
                     self._note_failure(replica, engine, exc, "replica")
-                self._stop.wait(self.poll_interval)
+                stop.wait(self.poll_interval)
         finally:
             engine.dispose()
 

@@ -19,19 +19,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db.asyncio import Database, DBSessionMiddleware
 from service.items.models import Item
+from tests.conftest import starlette_client
 from tests.db.conftest import async_url, client_for, stored_names
 
 APP_NAME = "service-event-loops-test"  # the shutdown test's app only
-
-# TestClient as FastAPI's docs use it (Starlette 1.10 asks for httpx2 when it is imported).
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
-
-
-def starlette_client(app: FastAPI) -> Any:
-    from fastapi.testclient import TestClient
-
-    return TestClient(app)
-
 
 def loop_app(url: str, database: Database, backend: str, name: str = "") -> FastAPI:
     app = FastAPI()
