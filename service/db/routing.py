@@ -243,11 +243,23 @@ def _forget_writes(session: Session) -> None:
     """A ROLLBACK undoes the transaction's writes - but not those that ran in autocommit (a
     GET's): each committed on its own, and still earns the response its token."""
     assert isinstance(session, RoutingSession)
+    if _to_a_savepoint(session):
+        return  # the transaction goes on, with the writes made before the savepoint
     stored = session._wrote_on_autocommit
     session._primary_in_transaction = session._wrote_on_autocommit = None
     session._written = False
     if stored is not None:
         _note_position(session, stored)
+
+
+def _to_a_savepoint(session: Session) -> bool:
+    """Whether the rollback under way undoes a savepoint only (`begin_nested()`, or a
+    flush inside one), not the transaction: the first transaction up from the current one
+    that is a savepoint or the outermost is the one rolled back."""
+    transaction = session._transaction
+    while transaction is not None and not transaction.nested and transaction._parent:
+        transaction = transaction._parent
+    return transaction is not None and transaction.nested
 
 
 def _note_position(session: RoutingSession, bind: Engine) -> None:

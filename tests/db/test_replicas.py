@@ -4,6 +4,7 @@ a consistency token while the standby's replay is paused, and a standby that sto
 back under load. Which server answered is asked of the server itself: `pg_is_in_recovery()`
 is true only on the standby."""
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine, delete, false, select, text, update
+from sqlalchemy import Engine, delete, false, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service.db import create_engine
 from service.db.asyncio import create_async_engine
@@ -141,6 +144,17 @@ def routed_app(mode: Mode, replicas: Replicas) -> FastAPI:
             after = await mode.scalar(ON_STANDBY)
         return {"id": item.id, "standby_after_write": after}
 
+    @app.post("/items/{name}/and-a-refused-savepoint")
+    async def create_then_refused_savepoint(name: str) -> None:
+        mode.add_item(name)
+        await mode.flush()
+
+        def insert_again(session: Session) -> None:  # the same name again: refused
+            with contextlib.suppress(IntegrityError), session.begin_nested():
+                session.execute(insert(Item).values(name=name, price=1))
+
+        await mode.run(insert_again)
+
     @app.get("/items/by-name/{name}")
     async def read_by_name(name: str, response: Response) -> dict[str, Any]:
         found = await mode.scalar(select(Item.name).where(Item.name == name))
@@ -258,6 +272,20 @@ async def test_a_get_whose_second_write_is_refused_still_gets_a_token_for_its_fi
     token = refused.headers[HEADER]
     with_token = await routed.client.get("/items/by-name/twice", headers={HEADER: token})
     assert with_token.json() == {"name": "twice", "standby": False}
+
+
+async def test_a_savepoint_rolled_back_keeps_the_token_of_the_writes_before_it(
+    routed: Routed, standby: Standby
+) -> None:
+    """Only the savepoint's work is undone: the request commits its first INSERT, and its
+    client needs the token to read it."""
+    standby.pause_replay()
+    created = await routed.client.post("/items/kept/and-a-refused-savepoint")
+    assert created.status_code == 200
+    with_token = await routed.client.get(
+        "/items/by-name/kept", headers={HEADER: created.headers[HEADER]}
+    )
+    assert with_token.json() == {"name": "kept", "standby": False}
 
 
 async def test_primary_and_replica_can_be_chosen_explicitly(routed: Routed) -> None:

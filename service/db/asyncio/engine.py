@@ -20,7 +20,8 @@ And fixes:
   SQLAlchemy's own `create_async_engine` and given as `custom_engine` or to `configure`;
 - SQLAlchemy closes a connection (at `dispose()`, so at shutdown) by waiting for the
   server's goodbye, for ever: a server that hangs held up a shutdown for good. A close
-  waits `CLOSE_TIMEOUT` (1 s), then aborts the connection;
+  waits `CLOSE_TIMEOUT` (1 s), then aborts the connection, and so do the pool's next
+  closes at once (`_BoundedClose`);
 - `pool_pre_ping=True` costs asyncpg three round trips per checkout (SQLAlchemy pings
   inside BEGIN ... ROLLBACK, for PgBouncer), as many as the request's own BEGIN, query and
   COMMIT. For asyncpg it becomes `discard_closed_connections`: no round trip, the same
@@ -90,7 +91,7 @@ def _guard_asyncpg_pool(engine: AsyncEngine) -> None:
     ):
         return
     event.listen(pool, "checkout", _replace_if_of_another_loop)
-    event.listen(pool, "close", _close_within_timeout)
+    event.listen(pool, "close", _BoundedClose())
 
 
 def _replace_if_of_another_loop(
@@ -102,21 +103,32 @@ def _replace_if_of_another_loop(
         raise exc.DisconnectionError("a pooled connection made on another event loop")
 
 
-def _close_within_timeout(dbapi_connection: Any, connection_record: Any) -> None:
-    """Before SQLAlchemy closes a connection (dispose, recycle, a reset that failed), which
-    waits for the server's goodbye without a limit: close it here with a limit, then
-    abort it; SQLAlchemy's close then finds it closed. Outside a greenlet (garbage
-    collection) SQLAlchemy aborts it itself."""
-    driver = dbapi_connection.driver_connection
-    if driver is None or driver.is_closed() or not in_greenlet():
-        return
-    if _of_another_loop(driver):
-        _abandon(driver)
-        return
-    try:
-        await_only(driver.close(timeout=CLOSE_TIMEOUT))
-    except Exception:  # timed out or broken: asyncpg has aborted it already
-        driver.terminate()
+class _BoundedClose:
+    """A pool's "close" listener. SQLAlchemy closes a connection (dispose, recycle, a reset
+    that failed) by waiting for the server's goodbye without a limit: this closes it first,
+    waiting `CLOSE_TIMEOUT`, then aborts it, and SQLAlchemy's close finds it closed. Once a
+    close of this pool's has timed out, the next ones for `GIVE_UP_FOR` seconds abort at
+    once: a shutdown closing 20 connections to a server that hangs waits 1 s, not 20.
+    Outside a greenlet (garbage collection) SQLAlchemy aborts the connection itself."""
+
+    def __init__(self) -> None:
+        self.gave_up_at = -GIVE_UP_FOR
+
+    def __call__(self, dbapi_connection: Any, connection_record: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver is None or driver.is_closed() or not in_greenlet():
+            return
+        if _of_another_loop(driver):
+            _abandon(driver)
+            return
+        if time.monotonic() - self.gave_up_at < GIVE_UP_FOR:
+            driver.terminate()
+            return
+        try:
+            await_only(driver.close(timeout=CLOSE_TIMEOUT))
+        except Exception:  # timed out or broken: asyncpg has aborted it already
+            self.gave_up_at = time.monotonic()
+            driver.terminate()
 
 
 def _of_another_loop(driver: Any) -> bool:
@@ -144,8 +156,10 @@ def _abandon(driver: Any) -> None:
 PING_AFTER_IDLE = 30.0
 # How long a ping waits for its answer at most (less if the engine's connect timeout is).
 PING_TIMEOUT = 2.0
-# How long closing a connection waits for the server's goodbye before aborting it.
+# How long closing a connection waits for the server's goodbye before aborting it; after
+# one such wait, how long the pool's other closes abort at once.
 CLOSE_TIMEOUT = 1.0
+GIVE_UP_FOR = 10.0
 
 
 def discard_closed_connections(engine: AsyncEngine, ping_timeout: float = PING_TIMEOUT) -> None:
