@@ -85,7 +85,11 @@ def test_testclient_without_with_runs_each_request_on_a_new_loop(
     assert stored_names(engine) == {f"tc-{n}" for n in range(4)}
 
 
-def test_a_configured_db_works_in_one_asyncio_run_after_another(migrated_url: str) -> None:
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop"])
+def test_a_configured_db_works_in_one_run_after_another(migrated_url: str, runner: str) -> None:
+    """`asyncio.run()`, and uvloop's (uvicorn's, with uvicorn[standard]), whose sockets
+    have no `shutdown()`."""
+    run = asyncio.run if runner == "asyncio" else pytest.importorskip("uvloop").run
     database = Database("loops")
     database.configure(async_url(migrated_url))
 
@@ -93,7 +97,7 @@ def test_a_configured_db_works_in_one_asyncio_run_after_another(migrated_url: st
         async with database():
             return int(await database.session.scalar(text(f"SELECT {n}")))
 
-    assert [asyncio.run(job(n)) for n in range(4)] == [0, 1, 2, 3]
+    assert [run(job(n)) for n in range(4)] == [0, 1, 2, 3]
 
 
 def test_the_engine_made_from_db_url_closes_its_connections_at_shutdown(
@@ -130,19 +134,6 @@ def test_an_engine_made_with_sqlalchemys_own_function_serves_loop_after_loop(
     client = starlette_client(app)
     assert [client.post(f"/items/custom-{n}").status_code for n in range(3)] == [200] * 3
     assert stored_names(engine) == {f"custom-{n}" for n in range(3)}
-
-
-def test_a_configured_db_works_in_one_uvloop_run_after_another(migrated_url: str) -> None:
-    """uvloop (uvicorn's, with uvicorn[standard]) hands out sockets without `shutdown()`."""
-    uvloop = pytest.importorskip("uvloop")
-    database = Database("loops")
-    database.configure(async_url(migrated_url))
-
-    async def job(n: int) -> int:
-        async with database():
-            return int(await database.session.scalar(text(f"SELECT {n}")))
-
-    assert [uvloop.run(job(n)) for n in range(4)] == [0, 1, 2, 3]
 
 
 def test_a_shutdown_is_not_held_up_by_a_server_that_hangs(
